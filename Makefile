@@ -1,0 +1,39 @@
+# The two commands of the README.  Each does its own set-up on a fresh machine: a .venv with a CPU torch
+# (pinned to the torch 2.13.0 wheel this machine image ships; pyproject.toml states the supported range)
+# and ckptcheck with its dev extras.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+TORCH  ?= torch==2.13.0
+JOBS   ?= 2
+CFG    := fixtures/configs
+
+.PHONY: demo test test-fast fixtures clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	@echo "== 1. a good checkpoint: every check passes =="
+	$(BIN)/pytest -p no:cacheprovider -q --ckpt fixtures/good/consolidated.pth --model-config $(CFG)/lingua_params.json
+	@echo
+	@echo "== 2. a broken checkpoint: NaN weights, a missing tensor, a wrong dtype (this run is meant to fail) =="
+	@$(BIN)/pytest -p no:cacheprovider -q -rf --ckpt fixtures/broken/damaged.pth --model-config $(CFG)/lingua_params.json; \
+	  status=$$?; if [ $$status -eq 1 ]; then echo "(exit status 1: the checks caught it)"; else exit $$status; fi
+
+test: $(STAMP)
+	$(BIN)/pytest -n $(JOBS) tests
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -n $(JOBS) -m "not slow" tests
+
+fixtures: $(STAMP)
+	$(BIN)/python fixtures/make_fixtures.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,24 @@
+"""Check planning: each category contributes checks from the session, in a fixed category order."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .keys import plan_key_checks, plan_naming
+from .model import Check
+from .state import plan_resume
+from .tensors import plan_config, plan_dtype, plan_finite, plan_shape
+
+if TYPE_CHECKING:
+    from ..engine import Session
+
+PLANNERS = (plan_naming, plan_config, plan_key_checks, plan_shape, plan_dtype, plan_finite, plan_resume)
+
+
+def plan_checks(session: Session) -> list[Check]:
+    checks: list[Check] = []
+    for planner in PLANNERS:
+        checks.extend(planner(session))
+    ids = [c.id for c in checks]
+    assert len(ids) == len(set(ids)), "check ids must be unique"
+    return checks

@@ -1,0 +1,112 @@
+"""Which tensors are there: naming scheme, expected keys present, no unexpected keys."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..naming import WRAPPER_TITLES, layer_of
+from . import repairs
+from .model import Check, Verdict
+
+if TYPE_CHECKING:
+    from ..engine import Session
+
+
+def plan_naming(session: Session) -> list[Check]:
+    target = session.spec.scheme
+    if target.is_custom:
+        return []
+
+    def evaluate() -> Verdict:
+        found = session.mapping.scheme
+        problems = []
+        if found.name != target.name:
+            if found.is_custom:
+                problems.append("no key follows a Llama-family naming scheme")
+            else:
+                problems.append(f"keys use {found.title} naming; the config loads {target.title} names")
+        if session.mapping.wrappers:
+            titles = ", ".join(WRAPPER_TITLES[w] for w in session.mapping.wrappers)
+            problems.append(f"keys carry wrapper prefixes: {titles}")
+        if not problems:
+            return Verdict.ok(f"keys use {target.title} naming", expected=target.name, obtained=found.name)
+        fix = []
+        if found.name != target.name and not found.is_custom:
+            fix.append(repairs.rename_keys(session))
+        if session.mapping.wrappers:
+            fix.append(repairs.strip_wrappers(session))
+        obtained = found.name + "".join(f" + {w!r}" for w in session.mapping.wrappers)
+        return Verdict.fail("; ".join(problems), expected=target.name, obtained=obtained,
+                            repair="; ".join(fix) or None)
+
+    return [Check("naming", target.name, evaluate)]
+
+
+def plan_key_checks(session: Session) -> list[Check]:
+    spec, mapping = session.spec, session.mapping
+    checks: list[Check] = []
+    for key in spec.tensors:
+        checks.append(Check("key_present", spec.display(key), _present(session, key)))
+    expected = set(spec.tensors)
+    extras: list[tuple[str, str | None]] = []  # (stored key, canonical or None)
+    for stored, canonical in mapping.canonical.items():
+        if canonical not in expected:
+            extras.append((stored, canonical))
+    extras += [(k, None) for k in mapping.unknown]
+    for stored in mapping.buffers:
+        checks.append(Check("unexpected_key", stored, lambda: Verdict.skip(
+            "a buffer (rotary frequencies) that loaders recompute and ignore")))
+    for stored, canonical in sorted(extras):
+        checks.append(Check("unexpected_key", stored, _unexpected(session, stored, canonical)))
+    return checks
+
+
+def _present(session: Session, key: str):
+    def evaluate() -> Verdict:
+        stored = session.mapping.stored_for(key)
+        shown = session.spec.display(key)
+        if stored is not None:
+            note = "" if stored == shown else f" (stored as {stored})"
+            return Verdict.ok(f"{shown} is present{note}", expected="present", obtained="present")
+        cfg = session.config
+        why = f"{shown} is missing"
+        if key == "output.weight" and cfg is not None and "tok_embeddings.weight" in session.by_canonical:
+            why += (f"; the config does not tie embeddings ({cfg.field_name('tie_embeddings')} is false) "
+                    "but the checkpoint looks like it came from a tied model")
+            fix = repairs.fix_config(session, {cfg.field_name("tie_embeddings"): True})
+        else:
+            layer = layer_of(key)
+            layers = {n for k in session.by_canonical if (n := layer_of(k)) is not None}
+            if layer is not None and layer not in layers:
+                why += f"; the checkpoint has no layer {layer} at all ({len(layers)} layers present)"
+            fix = "use the checkpoint this config describes, or the config that describes this checkpoint"
+        return Verdict.fail(why, expected="present", obtained="missing", repair=fix)
+
+    return evaluate
+
+
+def _unexpected(session: Session, stored: str, canonical: str | None):
+    def evaluate() -> Verdict:
+        spec = session.spec
+        if canonical is not None and canonical in spec.tied:
+            primary = spec.tied[canonical]
+            info = session.manifest.tensors[stored]
+            primary_stored = session.mapping.stored_for(primary)
+            if info.alias_of is not None and info.alias_of == primary_stored:
+                return Verdict.skip(f"shares its storage with {primary_stored}: the tie the config asks for")
+            field = session.config.field_name("tie_embeddings") if session.config else "weight tying"
+            return Verdict.fail(
+                f"the config ties {spec.display(canonical)} to {spec.display(primary)} ({field}), "
+                f"but the checkpoint stores a separate {stored}",
+                expected=f"absent (tied to {spec.display(primary)})", obtained="a separate tensor",
+                repair=f"{repairs.drop_key(stored)}, or set {field} = false if the model is untied",
+            )
+        message = f"{stored} is not a tensor of the configured model"
+        layer = layer_of(canonical) if canonical else None
+        if layer is not None and session.config is not None and layer >= session.config.n_layers:
+            message += f" (layer {layer}, but the config has {session.config.n_layers} layers)"
+        elif canonical is None:
+            message += f" (not a {session.mapping.scheme.title} key)" if not session.mapping.scheme.is_custom else ""
+        return Verdict.fail(message, expected="absent", obtained="present", repair=repairs.drop_key(stored))
+
+    return evaluate

@@ -1,0 +1,114 @@
+"""The records that flow out of the engine: planned checks and their results."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from enum import Enum
+from typing import Any
+
+
+class Status(str, Enum):
+    PASS = "pass"
+    FAIL = "fail"
+    SKIP = "skip"
+    UNSAFE = "unsafe"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a check concluded; the planner adds the identity to make a ``CheckResult``."""
+
+    status: Status
+    message: str = ""
+    expected: str | None = None
+    obtained: str | None = None
+    repair: str | None = None
+
+    @classmethod
+    def ok(cls, message: str = "", *, expected: Any = None, obtained: Any = None) -> Verdict:
+        return cls(Status.PASS, message, _text(expected), _text(obtained))
+
+    @classmethod
+    def fail(cls, message: str, *, expected: Any = None, obtained: Any = None, repair: str | None = None) -> Verdict:
+        return cls(Status.FAIL, message, _text(expected), _text(obtained), repair)
+
+    @classmethod
+    def skip(cls, message: str) -> Verdict:
+        return cls(Status.SKIP, message)
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return "[" + ", ".join("?" if v is None else str(v) for v in value) + "]"
+    return str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    id: str
+    category: str
+    key: str
+    status: Status
+    expected: str | None
+    obtained: str | None
+    message: str
+    why: str
+    repair: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = self.status.value
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One planned check.  Planning is cheap and deterministic; ``run`` does the work (maybe reading data)."""
+
+    category: str
+    key: str
+    evaluate: Callable[[], Verdict]
+    reads_data: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.category}[{self.key}]"
+
+    def run(self) -> CheckResult:
+        """Evaluate; unsafe input met while reading data becomes an ``unsafe`` result, other input
+        errors propagate (the CLI exits 2, the pytest item fails with the one line)."""
+        from ..errors import UnsafeInputError
+
+        try:
+            verdict = self.evaluate()
+        except UnsafeInputError as exc:
+            verdict = Verdict(Status.UNSAFE, exc.line(), obtained=exc.culprit,
+                              repair="do not load this file; obtain the checkpoint from a trusted source")
+        return CheckResult(
+            id=self.id, category=self.category, key=self.key, status=verdict.status,
+            expected=verdict.expected, obtained=verdict.obtained, message=verdict.message,
+            why=WHY.get(self.category, ""), repair=verdict.repair,
+        )
+
+
+# Why each category matters, said once and shown with every failure of it.
+WHY: dict[str, str] = {
+    "safety": "a pickle that names code outside the allowlist runs that code the moment torch.load opens it",
+    "naming": "loaders match tensors by name: under another naming a strict load fails and a lenient one "
+    "leaves every weight at its initial value",
+    "config": "the config builds the model: where it disagrees with the weights, the weights cannot load",
+    "key_present": "a missing tensor fails a strict load, or stays randomly initialised in a lenient one",
+    "unexpected_key": "a strict load_state_dict fails on extra keys; a lenient one drops them, which hides a "
+    "checkpoint of another model",
+    "shape": "a shape mismatch fails the load, and only after the job has started on the cluster",
+    "dtype": "a tensor of another dtype is cast on load: silent precision loss, or twice the memory",
+    "finite": "one NaN or Inf weight spreads to every activation: the loss is NaN from the first step",
+    "resume": "resuming without optimizer state restarts AdamW's moments from zero: a loss spike and a "
+    "different run",
+}
+
+# The order categories are planned and reported in.
+CATEGORIES = tuple(WHY)

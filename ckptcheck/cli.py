@@ -1,0 +1,151 @@
+"""``ckptcheck``: the engine from a shell.  Exit 0 all pass, 1 a check failed or found unsafe input,
+2 usage error or unreadable input (one line on stderr), 3 an internal error (a bug: rerun with --debug)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .errors import CkptError, UnsafeInputError
+from .options import CHECK_OPTIONS, add_options, engine_options
+
+EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_BUG = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own exit status is 2 as well; keep one line
+        self.exit(EXIT_INPUT, f"ckptcheck: error: {message} (see ckptcheck {self.prog.split()[-1]} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ckptcheck", description="Prove a checkpoint is the one a training run expects.")
+    parser.add_argument("--version", action="version", version=f"ckptcheck {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    check = sub.add_parser("check", help="run every check of a checkpoint against a model config")
+    add_options(check.add_argument, pytest=False, options=CHECK_OPTIONS)
+    check.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
+    check.add_argument("-v", "--verbose", action="store_true", help="list passing and skipped checks too")
+    check.add_argument("--debug", action="store_true", help="show tracebacks")
+    check.set_defaults(func=cmd_check)
+
+    inspect = sub.add_parser("inspect", help="describe a checkpoint: format, naming, tensors, inferred config")
+    inspect.add_argument("ckpt", metavar="CKPT", help=CHECK_OPTIONS[0].help)
+    inspect.add_argument("--format", choices=("text", "json"), default="text")
+    inspect.add_argument("--params", choices=("lingua", "meta"),
+                         help="print only the config inferred from the weights, as that params.json")
+    inspect.add_argument("--debug", action="store_true", help="show tracebacks")
+    inspect.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .engine import plan, run, summarize
+    from .report import json_report, text
+
+    options = engine_options(lambda name: getattr(args, name))
+    the_plan = plan(args.ckpt, args.model_config, options)
+    try:
+        results = run(the_plan)
+    finally:
+        the_plan.close()
+    summary = summarize(results)
+    notes = the_plan.session.notes if the_plan.session else []
+    for note in notes:
+        print(f"ckptcheck: {note}", file=sys.stderr)
+    if args.format == "json":
+        doc = json_report.document(the_plan.checkpoint_info, the_plan.config_info, results, summary)
+        sys.stdout.write(json_report.dumps(doc))
+    else:
+        sys.stdout.write(text.render_check(the_plan.checkpoint_info, the_plan.config_info, results, summary,
+                                           verbose=args.verbose))
+    return EXIT_OK if summary["verdict"] == "pass" else EXIT_FAIL
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .formats import open_checkpoint
+    from .infer import guess_params, infer_dims
+    from .naming import map_keys
+    from .report.text import human_bytes
+
+    with open_checkpoint(args.ckpt) as ckpt:
+        m = ckpt.manifest
+        mapping = map_keys(m.tensors)
+        by_canonical = {c: m.tensors[s] for s, c in mapping.canonical.items()}
+        inferred = infer_dims(by_canonical)
+        params = guess_params(inferred)
+    if args.params == "lingua":
+        print(json.dumps({"model": params}, indent=2))
+        return EXIT_OK
+    if args.params == "meta":
+        print(json.dumps({k: v for k, v in params.items() if k != "weight_tying"}, indent=2))
+        return EXIT_OK
+    doc: dict[str, Any] = {
+        "path": args.ckpt, "format": m.format, "naming": mapping.scheme.name, "naming_title": mapping.scheme.title,
+        "wrappers": list(mapping.wrappers), "nesting": m.nesting, "sections": list(m.sections),
+        "facts": m.facts, "tensor_count": len(m.tensors), "bytes": m.total_bytes,
+        "tensors": [{"key": t.key, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes,
+                     **({"alias_of": t.alias_of} if t.alias_of else {})} for t in m.tensors.values()],
+        "extra_tensors": len(m.extra_tensors), "inferred_params": params,
+        "inferred_params_note": "head counts are guessed from common head sizes: shapes fix only n_heads*head_dim",
+    }
+    if args.format == "json":
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    from tabulate import tabulate
+
+    print(f"checkpoint  {args.ckpt}")
+    print(f"format      {m.format}")
+    print(f"naming      {mapping.scheme.name} ({mapping.scheme.title})"
+          + (f", wrappers {', '.join(mapping.wrappers)}" if mapping.wrappers else ""))
+    if m.nesting:
+        print(f"nesting     model tensors under {m.nesting!r}")
+    if m.sections:
+        print(f"sections    {', '.join(m.sections)} ({len(m.extra_tensors)} tensors outside the model)")
+    for k, v in m.facts.items():
+        print(f"{k:<11} {v}" if len(k) <= 11 else f"{k}: {v}")
+    print()
+    rows = [[t.key, "[" + ", ".join(map(str, t.shape)) + "]", t.dtype, human_bytes(t.nbytes)
+             + (f" (= {t.alias_of})" if t.alias_of else "")] for t in m.tensors.values()]
+    print(tabulate(rows, headers=["key", "shape", "dtype", "bytes"], tablefmt="simple"))
+    print()
+    print(f"total       {len(m.tensors)} tensors, {human_bytes(m.total_bytes)}")
+    print("inferred    " + json.dumps(params))
+    print("            (head counts guessed from common head sizes; --params lingua|meta prints a params.json)")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UnsafeInputError as exc:
+        if args.debug:
+            raise
+        print(f"ckptcheck: unsafe: {exc.line()}", file=sys.stderr)
+        return EXIT_FAIL
+    except CkptError as exc:
+        if args.debug:
+            raise
+        print(f"ckptcheck: error: {exc.line()}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("ckptcheck: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as exc:  # a bug in ckptcheck, not a problem with the input
+        if args.debug:
+            raise
+        print(f"ckptcheck: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return EXIT_BUG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

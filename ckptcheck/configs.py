@@ -1,0 +1,259 @@
+"""Model configs: lingua ``params.json``, Meta ``params.json`` and Hugging Face ``config.json``.
+
+All three become one ``ModelConfig`` with the dimensions a Llama-family model needs.  The config
+remembers which field of its own file each dimension came from, so a mismatch can name that field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import dtypes
+from .errors import InputError
+
+MAX_CONFIG_BYTES = 16 << 20
+CONFIG_NAMES = ("params.json", "config.json")
+HF_LLAMA_TYPES = ("llama", "mistral")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    source: str
+    schema: str  # "lingua", "meta" or "hf"
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int | None  # None: the config leaves it to the tokenizer (Meta's -1)
+    ffn_dim: int
+    tie_embeddings: bool
+    # The storage dtype the config states (HF torch_dtype), or None when it states none.
+    dtype: str | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # canonical dimension name -> how this file spells it, for messages ("dim" -> "hidden_size").
+    fields: dict[str, str] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                self._bad(name, f"must be a positive integer, got {value!r}")
+        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
+            self._bad("vocab_size", f"must be a positive integer, got {self.vocab_size!r}")
+        if self.n_heads % self.n_kv_heads:
+            self._bad("n_kv_heads", f"{self.n_kv_heads} does not divide n_heads={self.n_heads}")
+
+    def _bad(self, name: str, why: str) -> None:
+        raise InputError(self.source, f"field {self.fields.get(name, name)}", why)
+
+    @property
+    def target_scheme(self) -> str:
+        return "hf" if self.schema == "hf" else "meta"
+
+    def field_name(self, canonical: str) -> str:
+        return self.fields.get(canonical, canonical)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "path": self.source, "schema": self.schema, "dim": self.dim, "n_layers": self.n_layers,
+            "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size, "ffn_dim": self.ffn_dim, "tie_embeddings": self.tie_embeddings,
+            "dtype": self.dtype,
+        }
+
+
+def ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta/lingua FFN width: 2/3 of 4*dim, scaled, rounded up to a multiple."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def find_config(path: str | Path) -> Path:
+    """A config file path, or the config inside a folder (params.json, then config.json)."""
+    p = Path(path)
+    if p.is_dir():
+        for name in CONFIG_NAMES:
+            if (p / name).is_file():
+                return p / name
+        raise InputError(p, None, f"no {' or '.join(CONFIG_NAMES)} in this folder")
+    if not p.exists():
+        raise InputError(p, None, "no such file")
+    return p
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise InputError(path, None, f"{size} bytes is too large for a config (limit {MAX_CONFIG_BYTES})")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(path, None, f"not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise InputError(path, None, exc.strerror or str(exc)) from None
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as exc:
+        raise InputError(path, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}") from None
+    except ValueError as exc:
+        raise InputError(path, None, str(exc)) from None
+    if not isinstance(data, dict):
+        raise InputError(path, None, f"expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read and validate a model config of any supported schema."""
+    p = find_config(path)
+    data = read_json(p)
+    if isinstance(data.get("model"), dict):
+        return _from_meta_like(p, data["model"], schema="lingua", raw=data)
+    if "hidden_size" in data or "model_type" in data or "architectures" in data:
+        return _from_hf(p, data)
+    if "dim" in data and "n_layers" in data:
+        return _from_meta_like(p, data, schema="meta", raw=data)
+    raise InputError(
+        p, None,
+        "not a model config ckptcheck knows: expected lingua params.json ({\"model\": {...}}), "
+        "Meta params.json (dim, n_layers, ...) or Hugging Face config.json (hidden_size, ...)",
+    )
+
+
+class _Fields:
+    """Typed access to a config's fields with errors that name the field."""
+
+    def __init__(self, path: Path, data: dict[str, Any], prefix: str = "") -> None:
+        self.path, self.data, self.prefix = path, data, prefix
+
+    def _err(self, name: str, why: str) -> InputError:
+        return InputError(self.path, f"field {self.prefix}{name}", why)
+
+    def int(self, name: str, default: Any = ...) -> Any:
+        value = self.data.get(name, default)
+        if value is ...:
+            raise self._err(name, "missing")
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise self._err(name, f"must be an integer, got {value!r}")
+
+    def float(self, name: str, default: Any = None) -> Any:
+        value = self.data.get(name, default)
+        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return None if value is None else float(value)
+        raise self._err(name, f"must be a number, got {value!r}")
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.data.get(name, default)
+        if isinstance(value, bool):
+            return value
+        raise self._err(name, f"must be true or false, got {value!r}")
+
+
+def _positive(f: _Fields, name: str, value: Any) -> int:
+    if not isinstance(value, int) or value <= 0:
+        raise f._err(name, f"must be a positive integer, got {value!r}")
+    return value
+
+
+def _from_meta_like(path: Path, model: dict[str, Any], *, schema: str, raw: dict[str, Any]) -> ModelConfig:
+    prefix = "model." if schema == "lingua" else ""
+    f = _Fields(path, model, prefix)
+    dim = _positive(f, "dim", f.int("dim"))
+    n_heads = _positive(f, "n_heads", f.int("n_heads"))
+    n_kv = f.int("n_kv_heads", None)
+    n_kv = n_heads if n_kv is None else _positive(f, "n_kv_heads", n_kv)
+    head_dim = f.int("head_dim", None)
+    if head_dim is None:
+        if dim % n_heads:
+            raise f._err("n_heads", f"{n_heads} does not divide dim={dim} and no head_dim is given")
+        head_dim = dim // n_heads
+    vocab = f.int("vocab_size", None)
+    if vocab is not None and vocab < 0:
+        vocab = None  # Meta's -1: set from the tokenizer at load time
+    multiple_of = _positive(f, "multiple_of", f.int("multiple_of", 256))
+    multiplier = f.float("ffn_dim_multiplier", None)
+    if multiplier is not None and multiplier <= 0:
+        raise f._err("ffn_dim_multiplier", f"must be positive, got {multiplier}")
+    ffn_dim = ffn_hidden(dim, multiple_of, multiplier)
+    # Neither schema states a storage dtype: Meta's has none, and lingua's distributed.model_dtype is the
+    # mixed-precision compute dtype (lingua keeps fp32 master weights), not what the checkpoint holds.
+    return ModelConfig(
+        source=str(path), schema=schema, dim=dim,
+        n_layers=_positive(f, "n_layers", f.int("n_layers")),
+        n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, vocab_size=vocab, ffn_dim=ffn_dim,
+        tie_embeddings=f.bool("weight_tying", False) if schema == "lingua" else False,
+        norm_eps=f.float("norm_eps", 1e-5) or 1e-5,
+        rope_theta=f.float("rope_theta", 10000.0) or 10000.0,
+        fields={
+            "dim": prefix + "dim", "n_layers": prefix + "n_layers", "n_heads": prefix + "n_heads",
+            "n_kv_heads": prefix + "n_kv_heads", "head_dim": prefix + "head_dim",
+            "vocab_size": prefix + "vocab_size",
+            "ffn_dim": f"{prefix}ffn_dim_multiplier/{prefix}multiple_of",
+            "tie_embeddings": prefix + "weight_tying",
+        },
+        raw=raw,
+    )
+
+
+def _from_hf(path: Path, data: dict[str, Any]) -> ModelConfig:
+    f = _Fields(path, data)
+    model_type = data.get("model_type")
+    if model_type is not None and model_type not in HF_LLAMA_TYPES:
+        raise InputError(
+            path, "field model_type",
+            f"{model_type!r} is not a Llama-family architecture ({', '.join(HF_LLAMA_TYPES)}); "
+            "describe other models with --model-factory",
+        )
+    dim = _positive(f, "hidden_size", f.int("hidden_size"))
+    n_heads = _positive(f, "num_attention_heads", f.int("num_attention_heads"))
+    n_kv = f.int("num_key_value_heads", None)
+    n_kv = n_heads if n_kv is None else _positive(f, "num_key_value_heads", n_kv)
+    head_dim = f.int("head_dim", None)
+    if head_dim is None:
+        if dim % n_heads:
+            raise f._err("num_attention_heads", f"{n_heads} does not divide hidden_size={dim}")
+        head_dim = dim // n_heads
+    dtype_name = data.get("torch_dtype", data.get("dtype"))
+    dtype = None
+    if dtype_name is not None:
+        try:
+            dtype = dtypes.canonical(str(dtype_name))
+        except InputError:
+            raise f._err("torch_dtype", f"unknown dtype {dtype_name!r}") from None
+    return ModelConfig(
+        source=str(path), schema="hf", dim=dim,
+        n_layers=_positive(f, "num_hidden_layers", f.int("num_hidden_layers")),
+        n_heads=n_heads, n_kv_heads=n_kv, head_dim=_positive(f, "head_dim", head_dim),
+        vocab_size=_positive(f, "vocab_size", f.int("vocab_size")),
+        ffn_dim=_positive(f, "intermediate_size", f.int("intermediate_size")),
+        tie_embeddings=f.bool("tie_word_embeddings", False),
+        dtype=dtype,
+        norm_eps=f.float("rms_norm_eps", 1e-6) or 1e-6,
+        rope_theta=f.float("rope_theta", 10000.0) or 10000.0,
+        fields={
+            "dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+            "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
+            "ffn_dim": "intermediate_size", "tie_embeddings": "tie_word_embeddings",
+        },
+        raw=data,
+    )

@@ -1,0 +1,177 @@
+"""The engine's front door: open a checkpoint and a config, plan the checks, run them.
+
+Both the pytest plugin and the CLI go through ``plan``; neither knows about formats or checks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from . import dtypes
+from .checks.model import Check, CheckResult, Status, Verdict
+from .configs import CONFIG_NAMES, ModelConfig, load_config
+from .errors import InputError, UnsafeInputError
+from .formats import Checkpoint, open_checkpoint
+from .manifest import Manifest, TensorInfo
+from .naming import CUSTOM, KeyMapping, map_keys
+from .spec import ModelSpec, spec_from_config, spec_from_factory
+
+TARGETS = ("init", "resume")
+
+
+@dataclass(frozen=True)
+class Options:
+    target: str = "init"
+    dtype: str | None = None
+    metadata_only: bool = False
+    model_factory: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise InputError(None, "--target", f"must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.dtype is not None:
+            object.__setattr__(self, "dtype", dtypes.canonical(self.dtype))
+
+
+@dataclass
+class Session:
+    """An opened checkpoint checked against a spec: the context every check reads."""
+
+    checkpoint: Checkpoint
+    spec: ModelSpec
+    options: Options
+    config: ModelConfig | None
+    ckpt_arg: str
+    config_arg: str | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.checkpoint.manifest
+
+    @cached_property
+    def mapping(self) -> KeyMapping:
+        return map_keys(self.manifest.tensors, CUSTOM if self.spec.scheme.is_custom else None)
+
+    @cached_property
+    def by_canonical(self) -> dict[str, TensorInfo]:
+        return {c: self.manifest.tensors[s] for s, c in self.mapping.canonical.items()}
+
+    @cached_property
+    def expected_dtype(self) -> tuple[str | None, str]:
+        """The dtype every tensor should have, and where that expectation comes from."""
+        if self.options.dtype:
+            return self.options.dtype, "--ckpt-dtype"
+        if self.spec.dtype:
+            field_name = "torch_dtype" if self.config and self.config.schema == "hf" else "dtype"
+            return self.spec.dtype, f"the config's {field_name}"
+        counts: Counter[str] = Counter()
+        for t in self.manifest.tensors.values():
+            counts[t.dtype] += t.numel
+        if not counts:
+            return None, "no tensors"
+        top = max(sorted(counts), key=lambda d: counts[d])
+        return top, "the checkpoint's dominant dtype"
+
+    def describe_checkpoint(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "path": self.ckpt_arg, "format": m.format, "naming": self.mapping.scheme.name,
+            "wrappers": list(self.mapping.wrappers), "nesting": m.nesting, "sections": list(m.sections),
+            "tensors": len(m.tensors), "bytes": m.total_bytes,
+            "dtypes": dict(sorted(Counter(t.dtype for t in m.tensors.values()).items())),
+            "facts": dict(m.facts),
+        }
+
+    def describe_config(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"path": self.config_arg, "naming": self.spec.scheme.name,
+                                "expected_tensors": len(self.spec.tensors)}
+        if self.config is not None:
+            data.update(self.config.describe())
+            data["path"] = self.config.source
+        if self.options.model_factory:
+            data["model_factory"] = self.options.model_factory
+        return data
+
+
+@dataclass
+class Plan:
+    """The checks for one run, plus the session they read (None when the input was refused as unsafe)."""
+
+    checks: list[Check]
+    session: Session | None
+    checkpoint_info: dict[str, Any]
+    config_info: dict[str, Any]
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.checkpoint.close()
+
+
+def resolve_config_path(ckpt: str | os.PathLike[str], config: str | os.PathLike[str] | None) -> str | None:
+    """The config to use: the one given, else a params.json/config.json beside or inside the checkpoint."""
+    if config is not None:
+        return str(config)
+    p = Path(ckpt)
+    for folder in (p, p.parent) if p.is_dir() else (p.parent,):
+        for name in CONFIG_NAMES:
+            if (folder / name).is_file():
+                return str(folder / name)
+    return None
+
+
+def open_session(ckpt: str | os.PathLike[str], config: str | os.PathLike[str] | None, options: Options) -> Session:
+    """Open both inputs; raises ``InputError`` or ``UnsafeInputError``."""
+    config_arg = resolve_config_path(ckpt, config)
+    cfg = load_config(config_arg) if config_arg is not None else None
+    if options.model_factory:
+        spec = spec_from_factory(options.model_factory, cfg)
+    elif cfg is not None:
+        spec = spec_from_config(cfg)
+    else:
+        raise InputError(ckpt, None, "no model config: pass --model-config (params.json or config.json) or --model-factory")
+    checkpoint = open_checkpoint(ckpt)
+    session = Session(checkpoint, spec, options, cfg, str(ckpt), config_arg)
+    if config is None and config_arg is not None:
+        session.notes.append(f"using the config found beside the checkpoint: {config_arg}")
+    return session
+
+
+def plan(ckpt: str | os.PathLike[str], config: str | os.PathLike[str] | None, options: Options) -> Plan:
+    """Every check for this checkpoint and config, in a stable order.  Raises ``InputError``.
+
+    Input that tries to execute code is not an error to the caller but a plan of one ``unsafe`` check,
+    so it shows up as a failed item or a failed check like any other finding.
+    """
+    from .checks import plan_checks
+
+    try:
+        session = open_session(ckpt, config, options)
+    except UnsafeInputError as exc:
+        verdict = Verdict(Status.UNSAFE, exc.line(), expected="only allowlisted pickle globals and paths",
+                          obtained=exc.culprit, repair="do not load this file; obtain the checkpoint from a trusted source")
+        check = Check("safety", exc.path or str(ckpt), lambda: verdict)
+        return Plan([check], None, {"path": str(ckpt)}, {"path": None if config is None else str(config)})
+    return Plan(plan_checks(session), session, session.describe_checkpoint(), session.describe_config())
+
+
+def run(plan_: Plan) -> list[CheckResult]:
+    return [check.run() for check in plan_.checks]
+
+
+def summarize(results: list[CheckResult]) -> dict[str, Any]:
+    counts = Counter(r.status.value for r in results)
+    by_category: dict[str, dict[str, int]] = {}
+    for r in results:
+        by_category.setdefault(r.category, Counter())[r.status.value] += 1  # type: ignore[index]
+    verdict = "unsafe" if counts["unsafe"] else "fail" if counts["fail"] else "pass"
+    return {
+        "verdict": verdict, "total": len(results),
+        **{s.value: counts[s.value] for s in Status},
+        "by_category": {k: dict(v) for k, v in by_category.items()},
+    }

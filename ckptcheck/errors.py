@@ -1,0 +1,36 @@
+"""The two ways reading a checkpoint can go wrong, kept apart because they end differently.
+
+``InputError``: the file is unreadable or invalid (exit status 2, one line naming file, item and cause).
+``UnsafeInputError``: the file asks to run code or load something outside the allowlist; it is reported
+as a check with status ``unsafe`` (exit status 1), never loaded further.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CkptError(Exception):
+    """Base of every error ckptcheck reports to a user as one line."""
+
+    def __init__(self, path: str | Path | None, item: str | None, cause: str) -> None:
+        self.path = str(path) if path is not None else None
+        self.item = item
+        self.cause = cause
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        parts = [p for p in (self.path, self.item) if p]
+        return ": ".join([*parts, self.cause])
+
+
+class InputError(CkptError):
+    """Unreadable or invalid input: a checkpoint, a config or a command-line value."""
+
+
+class UnsafeInputError(CkptError):
+    """The input tried to reach code outside the allowlist (a pickle global, a path escaping its folder)."""
+
+    def __init__(self, path: str | Path | None, item: str | None, cause: str, culprit: str) -> None:
+        self.culprit = culprit
+        super().__init__(path, item, cause)

@@ -1,0 +1,114 @@
+"""Format detection: a path in, an opened ``Checkpoint`` out.
+
+Detection looks at names and first bytes only.  Everything that could be a checkpoint but cannot be
+read ends as one ``InputError`` line naming the path and what was found instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import InputError
+from .base import Checkpoint
+from .dcp import METADATA_NAME, DcpCheckpoint
+from .meta_shards import MetaShardsCheckpoint, shard_files
+from .safetensors_files import SafetensorsCheckpoint
+from .sharded import ShardedCheckpoint
+from .torchzip import ZIP_MAGIC, TorchFileCheckpoint
+
+__all__ = ["Checkpoint", "detect_format", "open_checkpoint"]
+
+ST_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# The legacy (torch < 1.6) format starts with a pickled magic number.
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+_MAGIC_NAMES = {
+    b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image", b"%PDF": "a PDF document",
+    b"\x1f\x8b": "a gzip archive", b"BZh": "a bzip2 archive", b"\xfd7zXZ": "an xz archive", b"7z\xbc\xaf": "a 7z archive",
+    b"\x7fELF": "an ELF executable", b"GGUF": "a GGUF file (llama.cpp)", b"\x93NUMPY": "a NumPy .npy file",
+}
+
+
+def _sniff(path: Path) -> str:
+    """'torch', 'safetensors', 'legacy' or a description of what else the file is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:
+        raise InputError(path, None, exc.strerror or str(exc)) from None
+    if not head:
+        return "an empty file"
+    if head.startswith(ZIP_MAGIC):
+        return "torch"
+    if head[:2] == b"\x80\x02" and _LEGACY_MAGIC in head[:16]:
+        return "legacy"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    for magic, name in _MAGIC_NAMES.items():
+        if head.startswith(magic):
+            return name
+    if head[:1] == b"\x80":
+        return "a bare pickle (not a torch.save zip archive)"
+    return f"unrecognised data (first bytes {head[:8].hex()})"
+
+
+def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
+    """The format name and the path its reader opens (a folder may hold the real file)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(p, None, "no such file or folder")
+    if p.is_dir():
+        return _detect_folder(p)
+    if p.name == METADATA_NAME:
+        return "dcp", p.parent
+    if p.name.endswith(".index.json"):
+        return ("hf-bin-sharded" if p.name == BIN_INDEX else "safetensors-sharded"), p
+    kind = _sniff(p)
+    if kind == "torch":
+        return "torch", p
+    if kind == "safetensors":
+        return "safetensors", p
+    if kind == "legacy":
+        raise InputError(
+            p, None,
+            "legacy torch serialization (torch < 1.6, not a zip archive) is not supported; "
+            "re-save it with a current torch.save",
+        )
+    raise InputError(p, None, f"not a checkpoint: the file is {kind}")
+
+
+def _detect_folder(p: Path) -> tuple[str, Path]:
+    if (p / METADATA_NAME).is_file():
+        return "dcp", p
+    shards = shard_files(p)
+    if len(shards) > 1:
+        return "meta-shards", p
+    if len(shards) == 1:
+        return "torch", shards[0]
+    for name, fmt in ((ST_INDEX, "safetensors-sharded"), (BIN_INDEX, "hf-bin-sharded")):
+        if (p / name).is_file():
+            return fmt, p / name
+    for name in ("model.safetensors", "consolidated.pth", "pytorch_model.bin"):
+        if (p / name).is_file():
+            return ("safetensors" if name.endswith(".safetensors") else "torch"), p / name
+    singles = sorted(q for q in p.iterdir() if q.suffix in (".safetensors", ".pth", ".pt", ".bin") and q.is_file())
+    if len(singles) == 1:
+        return detect_format(singles[0])
+    listing = ", ".join(sorted(q.name for q in p.iterdir())[:8]) or "nothing"
+    raise InputError(p, None, f"no checkpoint found in this folder (it holds {listing})")
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    fmt, target = detect_format(path)
+    if fmt == "dcp":
+        return DcpCheckpoint(target)
+    if fmt == "meta-shards":
+        return MetaShardsCheckpoint(target)
+    if fmt == "safetensors-sharded":
+        return ShardedCheckpoint(target, SafetensorsCheckpoint, fmt)
+    if fmt == "hf-bin-sharded":
+        return ShardedCheckpoint(target, TorchFileCheckpoint, fmt)
+    if fmt == "safetensors":
+        return SafetensorsCheckpoint(target)
+    return TorchFileCheckpoint(target)

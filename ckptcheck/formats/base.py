@@ -1,0 +1,135 @@
+"""The reader interface every format implements, and helpers they share."""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, BinaryIO
+
+from ..errors import InputError
+from ..manifest import MODEL_SECTIONS, OPTIMIZER_SECTIONS, Manifest, TensorInfo, natural_key
+
+if TYPE_CHECKING:
+    import torch
+
+# Top-level names that are training state rather than model tensors when a state dict is flat
+# (torchtitan saves model keys at the top level beside these).
+STATE_SECTIONS = frozenset((
+    *OPTIMIZER_SECTIONS, "lr_scheduler", "lr_schedulers", "scheduler", "dataloader", "data_loader",
+    "train_state", "trainer_state", "epoch", "global_step", "step", "args", "config", "hyper_parameters",
+    "rng_state", "rng_states", "loops", "callbacks", "pytorch-lightning_version",
+))
+
+
+class Checkpoint(ABC):
+    """An opened checkpoint: a manifest now, tensor data on demand, one tensor at a time."""
+
+    manifest: Manifest
+
+    @abstractmethod
+    def load(self, key: str) -> torch.Tensor:
+        """The tensor stored under ``key`` (a manifest key, model or extra), read from disk now."""
+
+    def close(self) -> None:
+        """Release open files; a closed checkpoint can still describe itself."""
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each flattened entry of a checkpoint belongs: the model, or training state beside it."""
+
+    nesting: str | None
+    sections: tuple[str, ...]
+    model: dict[str, TensorInfo]
+    extra: dict[str, TensorInfo]
+    others: tuple[str, ...]
+    # entry path -> its key in ``model`` or ``extra``
+    names: dict[tuple[str, ...], str]
+
+
+def split_sections(entries: Iterable[tuple[tuple[str, ...], TensorInfo | None]]) -> Layout:
+    """Sort flattened (path, tensor-or-None) entries into model tensors and training state.
+
+    A model section (lingua's "model") wins when present; otherwise every top-level name outside the
+    known training-state names is a model tensor (torchtitan saves model keys at the top level).
+    """
+    items = [(path, info) for path, info in entries if path]
+    firsts = {path[0] for path, info in items if info is not None and len(path) > 1}
+    nesting = next((name for name in MODEL_SECTIONS if name in firsts), None)
+    model: dict[str, TensorInfo] = {}
+    extra: dict[str, TensorInfo] = {}
+    others: list[str] = []
+    sections: set[str] = set()
+    names: dict[tuple[str, ...], str] = {}
+    for path, info in items:
+        if nesting is not None:
+            in_model = path[0] == nesting and len(path) > 1
+            name = ".".join(path[1:]) if in_model else ".".join(path)
+        else:
+            in_model = path[0] not in STATE_SECTIONS
+            name = ".".join(path)
+        if not in_model:
+            sections.add(path[0])
+        if info is None:
+            others.append(".".join(path))
+            continue
+        names[path] = name
+        (model if in_model else extra)[name] = _renamed(info, name)
+    return Layout(
+        nesting=nesting, sections=tuple(sorted(sections)), model=_sorted(model), extra=_sorted(extra), others=tuple(others), names=names,
+    )
+
+
+def _sorted(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    return {k: tensors[k] for k in sorted(tensors, key=natural_key)}
+
+
+def _renamed(info: TensorInfo, key: str) -> TensorInfo:
+    return info if info.key == key else TensorInfo(key, info.shape, info.dtype, info.alias_of)
+
+
+def open_binary(path: str | os.PathLike[str]) -> BinaryIO:
+    try:
+        return open(path, "rb")  # noqa: SIM115 - the caller owns and closes it
+    except OSError as exc:
+        raise InputError(path, None, exc.strerror or str(exc)) from None
+
+
+def read_exact(f: BinaryIO, offset: int, nbytes: int, *, path: str, item: str) -> torch.Tensor:
+    """``nbytes`` from ``offset`` into a fresh uint8 tensor, read straight into its memory."""
+    import torch
+
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    if nbytes:
+        f.seek(offset)
+        view = memoryview(buf.numpy()).cast("B")
+        got = 0
+        while got < nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                raise InputError(path, item, f"file ends {nbytes - got} bytes before the tensor's data does")
+            got += n
+    return buf
+
+
+def bytes_to_tensor(buf: torch.Tensor, dtype: str, shape: tuple[int, ...], stride: tuple[int, ...] | None = None,
+                    *, big_endian: bool = False) -> torch.Tensor:
+    """Reinterpret raw bytes as a tensor of ``dtype`` with ``shape`` (and ``stride`` for views)."""
+    import torch
+
+    from ..dtypes import itemsize, to_torch
+
+    if big_endian and itemsize(dtype) > 1:
+        buf = buf.view(-1, itemsize(dtype)).flip(-1).reshape(-1)
+    flat = buf.view(to_torch(dtype)) if buf.numel() else torch.empty(0, dtype=to_torch(dtype))
+    if stride is None:
+        return flat.view(shape)
+    return flat.as_strided(shape, stride, 0)

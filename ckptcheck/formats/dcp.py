@@ -1,0 +1,315 @@
+"""torch.distributed.checkpoint directories: ``.metadata`` through an allowlist, chunks on demand.
+
+``.metadata`` is a pickle that torch itself opens with ``pickle.load``; here it is unpickled into
+stand-in records (never torch's classes) and validated: every chunk inside its tensor, chunks covering
+each tensor exactly, storage files inside the folder and long enough for the ranges they are said to hold.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from .. import dtypes
+from ..errors import InputError, UnsafeInputError
+from ..manifest import Manifest, TensorInfo
+from ..safe_pickle import BASIC_GLOBALS, safe_loads
+from .base import Checkpoint, bytes_to_tensor, open_binary, read_exact, split_sections
+from .torchzip import ZIP_MAGIC, TorchArchive, single_tensor
+
+if TYPE_CHECKING:
+    import torch
+
+METADATA_NAME = ".metadata"
+MAX_METADATA = 512 << 20
+MAX_CHUNKS_FOR_OVERLAP_CHECK = 4096
+
+
+class _Record:
+    """Stand-in for DCP's dataclasses: accepts NEWOBJ and BUILD, keeps the state as attributes."""
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots) form
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if not isinstance(state, dict):
+            raise ValueError(f"{type(self).__name__} state is a {type(state).__name__}")
+        self.__dict__.update(state)
+
+
+class _Metadata(_Record):
+    pass
+
+
+class _TensorStorage(_Record):
+    pass
+
+
+class _BytesStorage(_Record):
+    pass
+
+
+class _Chunk(_Record):
+    pass
+
+
+class _StorageMeta(_Record):
+    pass
+
+
+class _StorageInfo(_Record):
+    pass
+
+
+class _TensorProperties(_Record):
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 5:  # torch >= 2.1 packs a tuple
+            self.__dict__["dtype"] = state[0]
+        else:
+            super().__setstate__(state)
+
+
+class _MetadataIndex(_Record):
+    def __hash__(self) -> int:
+        return hash((self.__dict__.get("fqn"), _as_tuple(self.__dict__.get("offset"))))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _MetadataIndex) and hash(self) == hash(other) and (
+            self.__dict__.get("fqn"), _as_tuple(self.__dict__.get("offset"))
+        ) == (other.__dict__.get("fqn"), _as_tuple(other.__dict__.get("offset")))
+
+
+def _as_tuple(value: Any) -> tuple[int, ...] | None:
+    return None if value is None else tuple(value)
+
+
+class _Dtype(str):
+    pass
+
+
+def _allowlist() -> dict[tuple[str, str], Any]:
+    md = "torch.distributed.checkpoint.metadata"
+    table: dict[tuple[str, str], Any] = dict(BASIC_GLOBALS)
+    table.update({
+        (md, "Metadata"): _Metadata,
+        (md, "TensorStorageMetadata"): _TensorStorage,
+        (md, "BytesStorageMetadata"): _BytesStorage,
+        (md, "ChunkStorageMetadata"): _Chunk,
+        (md, "TensorProperties"): _TensorProperties,
+        (md, "StorageMeta"): _StorageMeta,
+        (md, "MetadataIndex"): _MetadataIndex,
+        (md, "_MEM_FORMAT_ENCODING"): lambda value: int(value),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
+        # torch < 2.2 pickled TensorProperties from the sharded-tensor module.
+        ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"): _TensorProperties,
+        ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"): lambda value: int(value),
+        ("torch", "Size"): lambda *a: tuple(a[0]) if a else (),
+        ("torch.serialization", "_get_layout"): lambda *a: "strided",
+        ("torch", "strided"): "strided",
+        ("torch", "contiguous_format"): "contiguous_format",
+        ("pathlib", "PosixPath"): lambda *parts: "/".join(str(p) for p in parts),
+        ("pathlib", "PurePosixPath"): lambda *parts: "/".join(str(p) for p in parts),
+        ("pathlib", "WindowsPath"): lambda *parts: "\\".join(str(p) for p in parts),
+        ("pathlib", "PureWindowsPath"): lambda *parts: "\\".join(str(p) for p in parts),
+    })
+    for name in dtypes.ITEMSIZE:
+        table[("torch", name)] = _Dtype(name)
+    for alias in ("float", "double", "half", "long", "int", "short", "cfloat", "cdouble"):
+        table[("torch", alias)] = _Dtype(dtypes.torch_global_dtype(alias) or alias)
+    return table
+
+
+DCP_ALLOWLIST = _allowlist()
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    file: str  # relative to the checkpoint folder
+    start: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    fqn: str
+    path: tuple[str, ...]
+    info: TensorInfo | None  # None for a bytes item
+    chunks: tuple[Chunk, ...]
+
+
+def read_metadata(folder: Path) -> tuple[dict[str, Item], dict[str, str]]:
+    """Parse and validate ``.metadata``; returns items by fqn and facts about the checkpoint."""
+    meta_path = folder / METADATA_NAME
+    with open_binary(meta_path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_METADATA:
+            raise InputError(meta_path, None, f"{size} bytes exceeds the {MAX_METADATA} byte limit")
+        data = f.read()
+    if not data:
+        raise InputError(meta_path, None, "file is empty")
+    where = str(meta_path)
+    meta = safe_loads(data, path=where, member="pickle", allowed=DCP_ALLOWLIST)
+    if not isinstance(meta, _Metadata):
+        raise InputError(where, None, f"holds a {type(meta).__name__}, not DCP Metadata")
+    sdm = meta.__dict__.get("state_dict_metadata")
+    storage = meta.__dict__.get("storage_data") or {}
+    planner = meta.__dict__.get("planner_data") or {}
+    if not isinstance(sdm, dict) or not isinstance(storage, dict):
+        raise InputError(where, None, "Metadata lacks state_dict_metadata or storage_data")
+    by_index: dict[tuple[str, tuple[int, ...] | None], Any] = {}
+    for index, info in storage.items():
+        if not isinstance(index, _MetadataIndex) or not isinstance(info, _StorageInfo):
+            raise InputError(where, "storage_data", "entries are not MetadataIndex -> _StorageInfo")
+        by_index[(index.__dict__.get("fqn"), _as_tuple(index.__dict__.get("offset")))] = info
+    file_sizes: dict[str, int] = {}
+    items: dict[str, Item] = {}
+    for fqn, entry in sdm.items():
+        if not isinstance(fqn, str):
+            raise InputError(where, repr(fqn), "state_dict_metadata key is not a string")
+        path = planner.get(fqn) if isinstance(planner, dict) else None
+        path = tuple(str(p) for p in path) if isinstance(path, (tuple, list)) and path else (fqn,)
+        if isinstance(entry, _BytesStorage):
+            info = by_index.get((fqn, None))
+            chunk = _chunk(folder, where, fqn, (), (), info, file_sizes) if info is not None else None
+            items[fqn] = Item(fqn, path, None, (chunk,) if chunk else ())
+        elif isinstance(entry, _TensorStorage):
+            items[fqn] = _tensor_item(folder, where, fqn, path, entry, by_index, file_sizes)
+        else:
+            raise InputError(where, fqn, f"unknown storage metadata type {type(entry).__name__}")
+    facts = {"dcp metadata version": str(meta.__dict__.get("version") or "none (torch < 2.4)"),
+             "dcp storage files": str(len(file_sizes))}
+    return dict(sorted(items.items())), facts
+
+
+def _tensor_item(folder: Path, where: str, fqn: str, path: tuple[str, ...], entry: _TensorStorage,
+                 by_index: dict[Any, Any], file_sizes: dict[str, int]) -> Item:
+    props = entry.__dict__.get("properties")
+    dtype = props.__dict__.get("dtype") if isinstance(props, _TensorProperties) else None
+    if not isinstance(dtype, _Dtype):
+        raise InputError(where, fqn, "tensor without a known dtype")
+    size = entry.__dict__.get("size")
+    if not isinstance(size, tuple) or not all(isinstance(s, int) and s >= 0 for s in size):
+        raise InputError(where, fqn, f"tensor size {size!r} is not a tuple of non-negative integers")
+    chunks: list[Chunk] = []
+    for i, raw in enumerate(entry.__dict__.get("chunks") or ()):
+        if not isinstance(raw, _Chunk):
+            raise InputError(where, fqn, f"chunk {i} is not a ChunkStorageMetadata")
+        offsets, sizes = _as_tuple(raw.__dict__.get("offsets")), _as_tuple(raw.__dict__.get("sizes"))
+        if offsets is None or sizes is None or len(offsets) != len(size) or len(sizes) != len(size):
+            raise InputError(where, fqn, f"chunk {i} has offsets/sizes of the wrong rank")
+        if any(o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, size, strict=True)):
+            raise InputError(where, fqn, f"chunk {i} at {list(offsets)} of size {list(sizes)} lies outside {list(size)}")
+        info = by_index.get((fqn, offsets))
+        if info is None:
+            raise InputError(where, fqn, f"chunk {i} at {list(offsets)} has no storage entry")
+        chunks.append(_chunk(folder, where, fqn, offsets, sizes, info, file_sizes))
+    _check_coverage(where, fqn, size, chunks)
+    return Item(fqn, path, TensorInfo(fqn, size, str(dtype)), tuple(chunks))
+
+
+def _chunk(folder: Path, where: str, fqn: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
+           info: _StorageInfo, file_sizes: dict[str, int]) -> Chunk:
+    rel = info.__dict__.get("relative_path")
+    start, length = info.__dict__.get("offset"), info.__dict__.get("length")
+    if not isinstance(rel, str) or not rel:
+        raise InputError(where, fqn, "storage entry without a file name")
+    parts = Path(rel).parts
+    if Path(rel).is_absolute() or ".." in parts or "\\" in rel:
+        raise UnsafeInputError(where, fqn, f"storage path {rel!r} points outside the checkpoint folder", culprit=rel)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (start, length)):
+        raise InputError(where, fqn, "storage offset/length are not non-negative integers")
+    if info.__dict__.get("transform_descriptors"):
+        raise InputError(where, fqn, f"storage transforms {info.__dict__['transform_descriptors']} are not supported")
+    if rel not in file_sizes:
+        try:
+            file_sizes[rel] = (folder / rel).stat().st_size
+        except OSError:
+            raise InputError(folder / rel, None, f"storage file for {fqn} is missing") from None
+    if start + length > file_sizes[rel]:
+        raise InputError(
+            folder / rel, fqn, f"bytes {start}..{start + length} lie past the end of the {file_sizes[rel]} byte file",
+        )
+    return Chunk(offsets, sizes, rel, start, length)
+
+
+def _check_coverage(where: str, fqn: str, size: tuple[int, ...], chunks: list[Chunk]) -> None:
+    total = math.prod(size)
+    covered = sum(math.prod(c.sizes) for c in chunks)
+    if covered != total or (total and not chunks):
+        raise InputError(where, fqn, f"chunks cover {covered} of {total} elements")
+    if len(chunks) <= MAX_CHUNKS_FOR_OVERLAP_CHECK:
+        for i, a in enumerate(chunks):
+            for b in chunks[i + 1:]:
+                if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)):
+                    if math.prod(a.sizes) and math.prod(b.sizes):
+                        raise InputError(where, fqn, f"chunks at {list(a.offsets)} and {list(b.offsets)} overlap")
+
+
+class DcpCheckpoint(Checkpoint):
+    format_name = "dcp"
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.path = str(folder)
+        items, facts = read_metadata(self.folder)
+        layout = split_sections((it.path, it.info) for it in items.values())
+        self._items = {layout.names[it.path]: it for it in items.values() if it.info is not None}
+        self._handles: dict[str, BinaryIO] = {}
+        files = tuple(sorted({str(self.folder / c.file) for it in items.values() for c in it.chunks}))
+        self.manifest = Manifest(
+            path=self.path, format=self.format_name, tensors=layout.model,
+            files=(str(self.folder / METADATA_NAME), *files), nesting=layout.nesting, sections=layout.sections,
+            extra_tensors=layout.extra, extra_entries=layout.others, facts=facts,
+        )
+
+    def _handle(self, rel: str) -> BinaryIO:
+        h = self._handles.get(rel)
+        if h is None:
+            h = self._handles[rel] = open_binary(self.folder / rel)
+        return h
+
+    def load(self, key: str) -> torch.Tensor:
+        import torch
+
+        item = self._items.get(key)
+        if item is None or item.info is None:
+            raise InputError(self.path, key, "no such tensor in the checkpoint")
+        info = item.info
+        out = torch.empty(info.shape, dtype=dtypes.to_torch(info.dtype))
+        for chunk in item.chunks:
+            piece = self._read_chunk(item, chunk)
+            region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=True))
+            out[region] = piece
+        return out
+
+    def _read_chunk(self, item: Item, chunk: Chunk) -> torch.Tensor:
+        assert item.info is not None
+        where = str(self.folder / chunk.file)
+        f = self._handle(chunk.file)
+        f.seek(chunk.start)
+        head = f.read(4)
+        nbytes = math.prod(chunk.sizes) * dtypes.itemsize(item.info.dtype)
+        if head == ZIP_MAGIC:
+            archive = TorchArchive(f, path=f"{where}@{chunk.start}", base=chunk.start, length=chunk.length)
+            piece = single_tensor(archive, item.fqn)
+        elif chunk.length == nbytes:  # raw bytes (SerializationFormat.SAFETENSORS-style items)
+            buf = read_exact(f, chunk.start, nbytes, path=where, item=item.fqn)
+            piece = bytes_to_tensor(buf, item.info.dtype, chunk.sizes)
+        else:
+            raise InputError(where, item.fqn, "chunk is neither a torch.save blob nor raw tensor bytes")
+        if tuple(piece.shape) != chunk.sizes or dtypes.from_torch(piece.dtype) != item.info.dtype:
+            raise InputError(
+                where, item.fqn,
+                f"chunk holds {dtypes.from_torch(piece.dtype)}{list(piece.shape)}, metadata says "
+                f"{item.info.dtype}{list(chunk.sizes)}",
+            )
+        return piece
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.close()
+        self._handles.clear()

@@ -1,0 +1,122 @@
+"""Meta's model-parallel releases: ``consolidated.00.pth`` ... ``consolidated.NN.pth`` in one folder.
+
+Each file holds a slice of every split tensor.  Meta splits wq/wk/wv/w1/w3/output on dim 0 (column
+parallel), wo/w2 on dim 1 (row parallel), replicates the norms, and splits tok_embeddings on dim 1
+(Llama 1/2) or dim 0 (Llama 3).  The manifest shows the merged tensors; ``load`` concatenates slices.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import InputError
+from ..manifest import Manifest, TensorInfo
+from ..naming import map_keys, role_of
+from .base import Checkpoint
+from .torchzip import TorchFileCheckpoint
+
+if TYPE_CHECKING:
+    import torch
+
+SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
+_SPLIT_DIM = {
+    "layers.{i}.attention.wq.weight": 0, "layers.{i}.attention.wk.weight": 0,
+    "layers.{i}.attention.wv.weight": 0, "layers.{i}.feed_forward.w1.weight": 0,
+    "layers.{i}.feed_forward.w3.weight": 0, "output.weight": 0,
+    "layers.{i}.attention.wo.weight": 1, "layers.{i}.feed_forward.w2.weight": 1,
+}
+
+
+def split_dim(canonical_key: str | None, shape: tuple[int, ...], model_dim: int | None, shards: int) -> int | None:
+    """The dimension Meta splits this tensor on across ``shards`` files, or None if replicated.
+
+    ``shape`` is the full tensor's shape when writing and a shard's shape when reading: either way
+    only tok_embeddings needs it, to tell a dim-1 split (Llama 1/2) from a dim-0 split (Llama 3).
+    """
+    if shards == 1 or canonical_key is None:
+        return None
+    role = role_of(canonical_key)
+    if role == "tok_embeddings.weight" and len(shape) == 2:
+        return 1 if model_dim is not None and shape[1] != model_dim else 0
+    dim = _SPLIT_DIM.get(role)
+    return dim if dim is not None and dim < len(shape) else None
+
+
+def shard_files(folder: Path) -> list[Path]:
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := SHARD_RE.match(p.name)))
+    return [p for _, p in found]
+
+
+class MetaShardsCheckpoint(Checkpoint):
+    format_name = "meta-shards"
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.path = str(folder)
+        files = shard_files(self.folder)
+        numbers = [int(SHARD_RE.match(p.name).group(1)) for p in files]  # type: ignore[union-attr]
+        if numbers != list(range(len(files))):
+            raise InputError(self.folder, None, f"model-parallel shards are not numbered 00..{len(files) - 1:02d}: {numbers}")
+        self._shards: list[TorchFileCheckpoint] = []
+        try:
+            for p in files:
+                self._shards.append(TorchFileCheckpoint(p))
+            tensors, self._dims, facts = self._merge()
+        except BaseException:
+            self.close()
+            raise
+        self.manifest = Manifest(
+            path=self.path, format=self.format_name, tensors=tensors, files=tuple(str(p) for p in files), facts=facts,
+        )
+
+    def _merge(self) -> tuple[dict[str, TensorInfo], dict[str, int | None], dict[str, str]]:
+        first = self._shards[0].manifest
+        for shard in self._shards[1:]:
+            if set(shard.manifest.tensors) != set(first.tensors):
+                diff = sorted(set(shard.manifest.tensors) ^ set(first.tensors))
+                raise InputError(shard.path, diff[0], "key set differs from consolidated.00.pth")
+        mapping = map_keys(first.tensors)
+        norm = first.tensors.get(mapping.stored_for("norm.weight") or "norm.weight")
+        dim = norm.shape[0] if norm is not None and len(norm.shape) == 1 else None
+        facts = {"model-parallel shards": str(len(self._shards)), "serialization": "torch zip"}
+        tensors: dict[str, TensorInfo] = {}
+        dims: dict[str, int | None] = {}
+        n = len(self._shards)
+        for key, info in first.tensors.items():
+            canonical = mapping.canonical.get(key)
+            split = split_dim(canonical, info.shape, dim, n)
+            if canonical == "tok_embeddings.weight" and split is not None:
+                facts["tok_embeddings split"] = "dim 1 (Llama 1/2)" if split == 1 else "dim 0 (Llama 3)"
+            pieces = [s.manifest.tensors[key] for s in self._shards]
+            for p in pieces:
+                if p.dtype != info.dtype:
+                    raise InputError(self.path, key, f"dtype differs between shards ({info.dtype} vs {p.dtype})")
+            if split is None:
+                if any(p.shape != info.shape for p in pieces):
+                    raise InputError(self.path, key, "replicated tensor has different shapes in different shards")
+                shape = info.shape
+            else:
+                others = [tuple(d for j, d in enumerate(p.shape) if j != split) for p in pieces]
+                if len(set(others)) != 1:
+                    raise InputError(self.path, key, f"shards disagree outside the split dimension {split}")
+                shape = tuple(sum(p.shape[split] for p in pieces) if j == split else d for j, d in enumerate(info.shape))
+            tensors[key] = TensorInfo(key, shape, info.dtype)
+            dims[key] = split
+        return tensors, dims, facts
+
+    def load(self, key: str) -> torch.Tensor:
+        import torch
+
+        if key not in self._dims:
+            raise InputError(self.path, key, "no such tensor in the checkpoint")
+        split = self._dims[key]
+        if split is None:
+            return self._shards[0].load(key)
+        return torch.cat([s.load(key) for s in self._shards], dim=split)
+
+    def close(self) -> None:
+        for s in self._shards:
+            s.close()

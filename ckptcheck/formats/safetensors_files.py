@@ -1,0 +1,143 @@
+"""safetensors files (a shard of a sharded checkpoint is one of these, see ``sharded``).
+
+The header is parsed and validated here rather than by the safetensors library so that metadata needs
+no torch, every rule the reference enforces is checked up front, and each violation names its file
+and key (duplicate keys included, which JSON parsers accept silently).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from ..dtypes import SAFETENSORS_DTYPE, itemsize
+from ..errors import InputError
+from ..manifest import Manifest, TensorInfo, natural_key
+from .base import Checkpoint, bytes_to_tensor, open_binary, read_exact
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_HEADER = 100_000_000  # the reference implementation's limit
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    info: TensorInfo
+    start: int  # absolute offset in the file
+    nbytes: int
+
+
+class SafetensorsFile:
+    """One safetensors file's validated header."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        with open_binary(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise InputError(path, "header", f"file of {size} bytes is too short for a safetensors header")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER:
+                raise InputError(path, "header", f"declares a {n} byte header, over the {MAX_HEADER} byte limit")
+            if 8 + n > size:
+                raise InputError(path, "header", f"declares a {n} byte header but the file has {size - 8} bytes after it")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique)
+        except UnicodeDecodeError:
+            raise InputError(path, "header", "is not valid UTF-8") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(path, "header", f"is not valid JSON ({exc.msg} at {exc.pos})") from None
+        except ValueError as exc:
+            raise InputError(path, "header", str(exc)) from None
+        if not isinstance(header, dict):
+            raise InputError(path, "header", "is not a JSON object")
+        meta = header.pop("__metadata__", None)
+        if meta is not None and (
+            not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())
+        ):
+            raise InputError(path, "__metadata__", "must map strings to strings")
+        self.metadata: dict[str, str] = meta or {}
+        data_start = 8 + n
+        data_len = size - data_start
+        entries: list[Entry] = []
+        for key, value in header.items():
+            entries.append(_entry(path, key, value, data_start))
+        ordered = sorted(entries, key=lambda e: (e.start, e.start + e.nbytes))
+        cursor = data_start
+        for e in ordered:
+            if e.start != cursor:
+                what = "overlaps the previous tensor" if e.start < cursor else f"leaves a gap of {e.start - cursor} bytes"
+                raise InputError(path, e.info.key, f"data_offsets {what}")
+            cursor = e.start + e.nbytes
+        if cursor != size:
+            raise InputError(
+                path, "data", f"tensors end at byte {cursor - data_start} of {data_len}: "
+                + ("trailing bytes after the last tensor" if cursor < size else "file is truncated"),
+            )
+        self.entries = {e.info.key: e for e in sorted(entries, key=lambda e: natural_key(e.info.key))}
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _entry(path: str, key: str, value: Any, data_start: int) -> Entry:
+    if not isinstance(value, dict):
+        raise InputError(path, key, "header entry is not an object")
+    dtype = SAFETENSORS_DTYPE.get(value.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        raise InputError(path, key, f"unknown dtype {value.get('dtype')!r}")
+    shape = value.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+        raise InputError(path, key, f"shape {shape!r} is not a list of non-negative integers")
+    offsets = value.get("data_offsets")
+    if (
+        not isinstance(offsets, list) or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+        or offsets[1] < offsets[0]
+    ):
+        raise InputError(path, key, f"data_offsets {offsets!r} are not [begin, end] with begin <= end")
+    nbytes = math.prod(shape) * itemsize(dtype)
+    if offsets[1] - offsets[0] != nbytes:
+        raise InputError(
+            path, key, f"spans {offsets[1] - offsets[0]} bytes but shape {shape} of {dtype} needs {nbytes}",
+        )
+    return Entry(TensorInfo(key, tuple(shape), dtype), data_start + offsets[0], nbytes)
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    format_name = "safetensors"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        self.file = SafetensorsFile(self.path)
+        self._handle: BinaryIO | None = None
+        tensors = {k: e.info for k, e in self.file.entries.items()}
+        facts = {f"safetensors metadata {k}": v for k, v in sorted(self.file.metadata.items())[:20]}
+        self.manifest = Manifest(path=self.path, format=self.format_name, tensors=tensors, files=(self.path,), facts=facts)
+
+    def load(self, key: str) -> torch.Tensor:
+        entry = self.file.entries.get(key)
+        if entry is None:
+            raise InputError(self.path, key, "no such tensor in the checkpoint")
+        if self._handle is None:
+            self._handle = open_binary(self.path)
+        buf = read_exact(self._handle, entry.start, entry.nbytes, path=self.path, item=key)
+        return bytes_to_tensor(buf, entry.info.dtype, entry.info.shape)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None

@@ -1,0 +1,225 @@
+"""torch.save zip archives (``.pth``/``.pt``/``.bin``): data.pkl through the allowlist, tensors by offset.
+
+Reading the manifest touches the zip's central directory and ``data.pkl`` only.  A tensor is read by
+seeking to its storage record inside the (always uncompressed) archive and reading exactly its bytes.
+The same class reads a torch.save blob embedded in a larger file (DCP's ``.distcp``) through a window.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zipfile
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from ..errors import InputError
+from ..manifest import Manifest, TensorInfo
+from .base import Checkpoint, bytes_to_tensor, open_binary, read_exact, split_sections
+from .torch_pickle import StorageRef, TensorRef, load_torch_pickle, walk
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_DATA_PKL = 256 << 20
+ZIP_MAGIC = b"PK\x03\x04"
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra lengths at offset 26
+
+
+class Window(io.RawIOBase):
+    """A read-only view of bytes [start, start+length) of a file, seekable as if it were the file."""
+
+    def __init__(self, f: BinaryIO, start: int, length: int) -> None:
+        self._f, self._start, self._length, self._pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, b: Any) -> int:
+        n = min(len(b), self._length - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(b)[:n]) or 0
+        self._pos += got
+        return got
+
+
+class TorchArchive:
+    """The records of one torch.save archive, validated against its central directory."""
+
+    def __init__(self, f: BinaryIO, *, path: str, base: int = 0, length: int | None = None) -> None:
+        self.path = path
+        self._f = f
+        self._base = base
+        size = os.fstat(f.fileno()).st_size if length is None else length
+        self._size = size
+        stream: BinaryIO = f if length is None else Window(f, base, length)  # type: ignore[assignment]
+        try:
+            self._zip = zipfile.ZipFile(stream)
+            infos = self._zip.infolist()
+        except zipfile.BadZipFile as exc:
+            raise InputError(path, None, f"not a readable torch zip archive ({exc})") from None
+        except (OSError, ValueError, EOFError, struct.error) as exc:
+            raise InputError(path, None, f"damaged zip archive ({type(exc).__name__}: {exc})") from None
+        pickles = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            found = "no" if not pickles else f"{len(pickles)}"
+            raise InputError(path, None, f"{found} data.pkl records; a torch.save archive has exactly one")
+        pkl = pickles[0]
+        self.prefix = pkl.filename[: -len("data.pkl")]
+        self._members = {i.filename: i for i in infos}
+        self.facts: dict[str, str] = {"serialization": "torch zip"}
+        version = self._small_member("version")
+        if version is not None:
+            self.facts["torch zip version"] = version
+        byteorder = self._small_member("byteorder")
+        self.big_endian = byteorder == "big"
+        if byteorder:
+            self.facts["byteorder"] = byteorder
+        data = self._read_member(pkl, MAX_DATA_PKL)
+        self.obj, self.storages = load_torch_pickle(data, path=path, member=pkl.filename)
+        for key, storage in self.storages.items():
+            info = self._members.get(f"{self.prefix}data/{key}")
+            if info is None:
+                raise InputError(path, f"storage {key}", "data.pkl refers to a storage record the archive lacks")
+            if info.file_size != storage.nbytes:
+                raise InputError(
+                    path, f"{self.prefix}data/{key}",
+                    f"record holds {info.file_size} bytes, data.pkl declares {storage.nbytes}",
+                )
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise InputError(path, f"{self.prefix}data/{key}", "storage record is compressed; torch never does that")
+
+    def _read_member(self, info: zipfile.ZipInfo, limit: int) -> bytes:
+        if info.file_size > limit:
+            raise InputError(self.path, info.filename, f"{info.file_size} bytes exceeds the {limit} byte limit")
+        try:
+            with self._zip.open(info) as member:
+                data = member.read(limit + 1)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+            raise InputError(self.path, info.filename, f"cannot read record ({exc})") from None
+        if len(data) > limit:
+            raise InputError(self.path, info.filename, f"expands past the {limit} byte limit")
+        return data
+
+    def _small_member(self, name: str) -> str | None:
+        info = self._members.get(self.prefix + name)
+        if info is None:
+            return None
+        return self._read_member(info, 4096).decode("ascii", "replace").strip()
+
+    def check_ref(self, key: str, ref: TensorRef) -> None:
+        """A tensor's view must lie inside its storage."""
+        if ref.offset + ref.extent > ref.storage.numel and ref.numel:
+            raise InputError(
+                self.path, key,
+                f"tensor of shape {list(ref.shape)} at offset {ref.offset} runs past its storage "
+                f"of {ref.storage.numel} elements",
+            )
+
+    def _data_offset(self, storage: StorageRef) -> int:
+        info = self._members[f"{self.prefix}data/{storage.key}"]
+        self._f.seek(self._base + info.header_offset)
+        header = self._f.read(_LOCAL_HEADER.size)
+        if len(header) != _LOCAL_HEADER.size or not header.startswith(ZIP_MAGIC):
+            raise InputError(self.path, info.filename, "local zip header is missing or damaged")
+        _, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+        start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+        if start + info.file_size > self._size:
+            raise InputError(self.path, info.filename, "record runs past the end of the file")
+        return self._base + start
+
+    def read(self, key: str, ref: TensorRef) -> torch.Tensor:
+        from ..dtypes import itemsize
+
+        size = itemsize(ref.dtype)
+        offset = self._data_offset(ref.storage) + ref.offset * size
+        buf = read_exact(self._f, offset, ref.extent * size, path=self.path, item=key)
+        stride = None if ref.is_contiguous else ref.stride
+        return bytes_to_tensor(buf, ref.dtype, ref.shape, stride, big_endian=self.big_endian)
+
+
+def single_tensor(archive: TorchArchive, item: str) -> torch.Tensor:
+    """The one tensor a ``torch.save(tensor)`` blob holds (how DCP stores each chunk)."""
+    ref = archive.obj
+    if not isinstance(ref, TensorRef):
+        raise InputError(archive.path, item, f"blob holds a {type(ref).__name__}, not one tensor")
+    archive.check_ref(item, ref)
+    return archive.read(item, ref)
+
+
+def tensor_entries(archive: TorchArchive) -> tuple[list[tuple[tuple[str, ...], TensorInfo | None]], dict[str, TensorRef]]:
+    """Flatten an archive's object into (path, TensorInfo) entries, marking aliases (tied weights)."""
+    obj = archive.obj
+    if not isinstance(obj, dict):
+        raise InputError(archive.path, "data.pkl", f"holds a {type(obj).__name__}, not a state dict")
+    entries: list[tuple[tuple[str, ...], TensorInfo | None]] = []
+    refs: dict[str, TensorRef] = {}
+    first_view: dict[tuple[str, int, tuple[int, ...], tuple[int, ...]], str] = {}
+    try:
+        leaves = list(walk(obj))
+    except ValueError as exc:
+        raise InputError(archive.path, "data.pkl", str(exc)) from None
+    for path, leaf in leaves:
+        dotted = ".".join(path)
+        if isinstance(leaf, TensorRef):
+            archive.check_ref(dotted, leaf)
+            view = (leaf.storage.key, leaf.offset, leaf.shape, leaf.stride)
+            alias = first_view.setdefault(view, dotted)
+            refs[dotted] = leaf
+            entries.append((path, TensorInfo(dotted, leaf.shape, leaf.dtype, None if alias == dotted else alias)))
+        else:
+            entries.append((path, None))
+    return entries, refs
+
+
+class TorchFileCheckpoint(Checkpoint):
+    """A single torch.save file: a flat state dict, or one nested as {"model": ..., "optim": ...}."""
+
+    format_name = "torch"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        self._f = open_binary(self.path)
+        try:
+            self.archive = TorchArchive(self._f, path=self.path)
+            entries, refs = tensor_entries(self.archive)
+        except BaseException:
+            self._f.close()
+            raise
+        layout = split_sections(entries)
+        self._refs = {layout.names[path]: refs[".".join(path)] for path, info in entries if info is not None}
+        model = {k: _alias_renamed(v, layout.nesting) for k, v in layout.model.items()}
+        self.manifest = Manifest(
+            path=self.path, format=self.format_name, tensors=model, files=(self.path,), nesting=layout.nesting,
+            sections=layout.sections, extra_tensors=layout.extra, extra_entries=layout.others,
+            facts=dict(self.archive.facts),
+        )
+
+    def load(self, key: str) -> torch.Tensor:
+        ref = self._refs.get(key)
+        if ref is None:
+            raise InputError(self.path, key, "no such tensor in the checkpoint")
+        return self.archive.read(key, ref)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _alias_renamed(info: TensorInfo, nesting: str | None) -> TensorInfo:
+    """Alias targets were recorded with full paths; inside the model section drop the nesting."""
+    if info.alias_of and nesting and info.alias_of.startswith(nesting + "."):
+        return TensorInfo(info.key, info.shape, info.dtype, info.alias_of[len(nesting) + 1:])
+    return info

@@ -1,0 +1,119 @@
+"""Model dimensions read off the weights' shapes, for config consistency and ``inspect``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .configs import ffn_hidden
+from .manifest import TensorInfo
+from .naming import layer_of
+
+# Head sizes seen in Llama-family models, most common first; used only to guess heads for inspect.
+_HEAD_DIM_GUESSES = (128, 64, 256, 96, 80, 160, 32, 16, 8)
+
+
+@dataclass(frozen=True)
+class Inferred:
+    dim: int | None = None
+    n_layers: int | None = None
+    vocab_size: int | None = None
+    ffn_dim: int | None = None
+    q_rows: int | None = None  # n_heads * head_dim
+    kv_rows: int | None = None  # n_kv_heads * head_dim
+    tied: bool | None = None
+    # dimension -> the tensor and shape it was read from, for messages.
+    evidence: dict[str, str] = field(default_factory=dict)
+
+
+def _shape(t: TensorInfo | None, ndim: int) -> tuple[int, ...] | None:
+    return t.shape if t is not None and len(t.shape) == ndim else None
+
+
+def infer_dims(tensors: Mapping[str, TensorInfo], display: Mapping[str, str] | None = None) -> Inferred:
+    """Dimensions from canonical-keyed tensors; ``display`` maps canonical keys to names for evidence."""
+    show = (lambda k: display.get(k, k)) if display else (lambda k: k)
+    ev: dict[str, str] = {}
+
+    def seen(name: str, key: str) -> None:
+        ev[name] = f"{show(key)} {list(tensors[key].shape)}"
+
+    dim = vocab = ffn = q = kv = None
+    if (s := _shape(tensors.get("tok_embeddings.weight"), 2)) is not None:
+        vocab, dim = s
+        seen("dim", "tok_embeddings.weight")
+        seen("vocab_size", "tok_embeddings.weight")
+    elif (s := _shape(tensors.get("norm.weight"), 1)) is not None:
+        dim = s[0]
+        seen("dim", "norm.weight")
+    if vocab is None and (s := _shape(tensors.get("output.weight"), 2)) is not None:
+        vocab = s[0]
+        seen("vocab_size", "output.weight")
+    layers = {n for k in tensors if (n := layer_of(k)) is not None}
+    n_layers = max(layers) + 1 if layers else None
+    if n_layers is not None:
+        ev["n_layers"] = f"layer indices {min(layers)}..{max(layers)} ({len(layers)} present)"
+    first = min(layers) if layers else 0
+    for name, role, idx in (("ffn_dim", "feed_forward.w1.weight", 0), ("q_rows", "attention.wq.weight", 0),
+                            ("kv_rows", "attention.wk.weight", 0)):
+        key = f"layers.{first}.{role}"
+        if (s := _shape(tensors.get(key), 2)) is not None:
+            value = s[idx]
+            seen(name, key)
+            if name == "ffn_dim":
+                ffn = value
+            elif name == "q_rows":
+                q = value
+            else:
+                kv = value
+    out = tensors.get("output.weight")
+    tied = None
+    if "tok_embeddings.weight" in tensors:
+        tied = out is None or out.alias_of is not None
+    return Inferred(dim, n_layers, vocab, ffn, q, kv, tied, ev)
+
+
+def guess_params(inf: Inferred) -> dict[str, Any]:
+    """A Meta-style params dict that reproduces the inferred shapes; head counts are a guess.
+
+    Shapes fix n_heads * head_dim and n_kv_heads * head_dim, not the split, so head_dim is guessed
+    from common sizes; the caller must say so.
+    """
+    params: dict[str, Any] = {}
+    if inf.dim is not None:
+        params["dim"] = inf.dim
+    if inf.n_layers is not None:
+        params["n_layers"] = inf.n_layers
+    if inf.q_rows and inf.kv_rows:
+        head_dim = next((h for h in _HEAD_DIM_GUESSES if inf.q_rows % h == 0 and inf.kv_rows % h == 0),
+                        math.gcd(inf.q_rows, inf.kv_rows))
+        params["n_heads"] = inf.q_rows // head_dim
+        params["n_kv_heads"] = inf.kv_rows // head_dim
+        if inf.dim is not None and head_dim * params["n_heads"] != inf.dim:
+            params["head_dim"] = head_dim
+    if inf.vocab_size is not None:
+        params["vocab_size"] = inf.vocab_size
+    if inf.dim is not None and inf.ffn_dim is not None:
+        params.update(ffn_params(inf.dim, inf.ffn_dim))
+    params["norm_eps"] = 1e-5
+    params["rope_theta"] = 10000.0
+    if inf.tied is not None:
+        params["weight_tying"] = inf.tied
+    return params
+
+
+def ffn_params(dim: int, ffn_dim: int) -> dict[str, Any]:
+    """multiple_of / ffn_dim_multiplier that make the Meta formula give ``ffn_dim``."""
+    for multiple_of in (256, 1024, 512, 128, 64, 32, 16, 8, 4, 2, 1):
+        if ffn_dim % multiple_of:
+            continue
+        if ffn_hidden(dim, multiple_of, None) == ffn_dim:
+            return {"multiple_of": multiple_of, "ffn_dim_multiplier": None}
+        base = int(2 * (4 * dim) / 3)
+        for digits in (1, 2, 3, 4):
+            mult = round(ffn_dim / base, digits)
+            if mult > 0 and ffn_hidden(dim, multiple_of, mult) == ffn_dim:
+                return {"multiple_of": multiple_of, "ffn_dim_multiplier": mult}
+    return {"multiple_of": 1, "ffn_dim_multiplier": ffn_dim / int(2 * (4 * dim) / 3)}

@@ -1,0 +1,73 @@
+"""One definition of each option, shared by the pytest plugin (``--ckpt-*``) and the CLI.
+
+Kept free of heavy imports: pytest loads this module for every run, with or without ``--ckpt``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+DTYPE_CHOICES = ("bf16", "fp16", "fp32", "fp64", "bfloat16", "float16", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class OptionDef:
+    dest: str
+    cli: str | None  # None: a positional argument on the CLI
+    pytest: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    default: Any = None
+    flag: bool = False
+    metavar: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        if self.flag:
+            return {"action": "store_true", "default": False, "help": self.help}
+        kw: dict[str, Any] = {"default": self.default, "help": self.help}
+        if self.choices:
+            kw["choices"] = self.choices
+        if self.metavar:
+            kw["metavar"] = self.metavar
+        return kw
+
+
+CKPT = OptionDef("ckpt", None, "--ckpt", "checkpoint: a .pth/.pt/.bin file, Meta shards folder, safetensors "
+                 "file or index, DCP folder or Hugging Face folder", metavar="PATH")
+MODEL_CONFIG = OptionDef("model_config", "--model-config", "--model-config",
+                         "model config: lingua or Meta params.json, or Hugging Face config.json "
+                         "(default: one found beside the checkpoint)", metavar="PATH")
+MODEL_FACTORY = OptionDef("model_factory", "--model-factory", "--model-factory",
+                          "module:function returning the nn.Module to check against (built on the meta device)",
+                          metavar="MODULE:FUNC")
+TARGET = OptionDef("target", "--target", "--ckpt-target",
+                   "init: can training start from these weights; resume: also from its training state",
+                   choices=("init", "resume"), default="init")
+DTYPE = OptionDef("dtype", "--dtype", "--ckpt-dtype",
+                  "dtype every tensor should have (default: the config's, else the checkpoint's dominant one)",
+                  choices=DTYPE_CHOICES)
+METADATA_ONLY = OptionDef("metadata_only", "--metadata-only", "--ckpt-metadata-only",
+                          "read no tensor data: skip the value checks", flag=True)
+
+CHECK_OPTIONS = (CKPT, MODEL_CONFIG, MODEL_FACTORY, TARGET, DTYPE, METADATA_ONLY)
+
+
+def add_options(add: Callable[..., Any], *, pytest: bool, options: tuple[OptionDef, ...] = CHECK_OPTIONS) -> None:
+    """Register options with an argparse ``add_argument`` or a pytest group's ``addoption``."""
+    for opt in options:
+        if pytest:
+            add(opt.pytest, dest=opt.dest, **opt.kwargs())
+        elif opt.cli is None:
+            add(opt.dest, **{k: v for k, v in opt.kwargs().items() if k != "default"})
+        else:
+            add(opt.cli, dest=opt.dest, **opt.kwargs())
+
+
+def engine_options(get: Callable[[str], Any]) -> Any:
+    """Build ``engine.Options`` from a getter over either namespace (imports the engine lazily)."""
+    from .engine import Options
+
+    return Options(target=get("target"), dtype=get("dtype"), metadata_only=bool(get("metadata_only")),
+                   model_factory=get("model_factory"))

@@ -1,0 +1,1 @@
+"""Renderers: result records in, text out.  Nothing here reads a checkpoint."""

@@ -1,0 +1,159 @@
+"""An allowlisting unpickler: the only way ckptcheck ever reads a pickle.
+
+Every global a pickle names is looked up in an explicit table of stand-ins that ckptcheck wrote itself
+(plain records, never the real classes), so nothing from the file is imported or called.  The first
+global outside the table stops the load with ``UnsafeInputError`` naming it; nothing after it is read.
+Opcodes that build objects without a global (``NEWOBJ``, ``BUILD``, ``REDUCE``) can only reach callables
+that came out of this table, which is what makes the allowlist sufficient.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import InputError, UnsafeInputError
+
+# Globals that are known to run code or reach the system; named as such in the report.  Anything else
+# outside an allowlist is still refused, just described as "not on the allowlist".
+_DANGEROUS_MODULES = (
+    "os", "posix", "nt", "subprocess", "sys", "runpy", "pip", "importlib", "pkgutil", "shutil",
+    "socket", "webbrowser", "ctypes", "pty", "code", "codeop", "commands", "marshal", "pickle",
+    "_pickle", "dill", "cloudpickle", "asyncio", "multiprocessing", "signal", "tempfile", "requests",
+    "urllib", "http", "ftplib", "smtplib", "telnetlib", "platform", "types", "operator", "functools",
+)
+_DANGEROUS_NAMES = {
+    ("builtins", n) for n in (
+        "eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "delattr", "globals",
+        "locals", "vars", "breakpoint", "input", "help", "apply", "execfile", "file", "reload",
+    )
+} | {("__builtin__", n) for n in ("eval", "exec", "compile", "open", "__import__", "getattr", "apply")} | {
+    ("torch", "load"), ("torch.serialization", "load"), ("torch", "_load_global_deps"),
+    ("torch.hub", "load"), ("torch.jit", "load"), ("numpy", "load"), ("numpy.lib.npyio", "load"),
+}
+
+
+def is_dangerous(module: str, name: str) -> bool:
+    root = module.split(".", 1)[0]
+    return root in _DANGEROUS_MODULES or (module, name) in _DANGEROUS_NAMES
+
+
+def _codecs_encode(text: Any, encoding: str = "utf-8") -> bytes:
+    """Protocol-2 pickles spell ``bytes`` as ``_codecs.encode(str, 'latin1')``; allow only that."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+        raise pickle.UnpicklingError("_codecs.encode with unexpected arguments")
+    return text.encode(encoding)
+
+
+# Containers that any pickle may use; safe because calling them runs no user code.
+BASIC_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): dict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "complex"): complex,
+    ("builtins", "slice"): slice,
+    ("builtins", "bytearray"): bytearray,
+    ("_codecs", "encode"): _codecs_encode,
+    ("__builtin__", "set"): set,
+}
+
+MAX_PICKLE_BYTES = 1 << 30
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(
+        self,
+        stream: io.BytesIO,
+        *,
+        path: str,
+        member: str,
+        allowed: Mapping[tuple[str, str], Any],
+        persistent_load: Callable[[Any], Any] | None,
+    ) -> None:
+        super().__init__(stream)
+        self._path, self._member, self._allowed = path, member, allowed
+        self._persistent = persistent_load
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except (KeyError, TypeError):
+            pass
+        culprit = f"{module}.{name}"
+        why = "known to execute code or reach the system" if is_dangerous(module, name) else "not on the allowlist"
+        raise UnsafeInputError(self._path, self._member, f"pickle global {culprit} ({why}); refused to load", culprit)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if self._persistent is None:
+            raise pickle.UnpicklingError("persistent id in a pickle that allows none")
+        return self._persistent(pid)
+
+
+def safe_loads(
+    data: bytes,
+    *,
+    path: str,
+    member: str,
+    allowed: Mapping[tuple[str, str], Any],
+    persistent_load: Callable[[Any], Any] | None = None,
+    require_single: bool = True,
+) -> Any:
+    """Unpickle ``data`` through ``allowed`` only.  Errors come back as one-line ``CkptError``s.
+
+    ``require_single`` refuses bytes after the STOP opcode: a second pickle appended to a benign one is
+    how payloads hide from scanners that stop at the first.
+    """
+    if len(data) > MAX_PICKLE_BYTES:
+        raise InputError(path, member, f"pickle of {len(data)} bytes exceeds the {MAX_PICKLE_BYTES} byte limit")
+    stream = io.BytesIO(data)
+    unpickler = _Unpickler(stream, path=path, member=member, allowed=allowed, persistent_load=persistent_load)
+    try:
+        obj = unpickler.load()
+    except (UnsafeInputError, InputError):
+        raise
+    except RecursionError:
+        raise InputError(path, member, "pickle nests too deeply") from None
+    except MemoryError:
+        raise InputError(path, member, "pickle asks for more memory than it can hold") from None
+    except Exception as exc:  # malformed pickles raise anything from UnpicklingError to IndexError
+        raise InputError(path, member, f"malformed pickle ({type(exc).__name__}: {_short(exc)})") from None
+    if require_single and stream.tell() != len(data):
+        rest = data[stream.tell():]
+        if rest.strip(b"\x00"):
+            _scan_trailing(rest, path=path, member=member, allowed=allowed)
+            raise InputError(path, member, f"{len(rest)} unexpected bytes after the end of the pickle")
+    return obj
+
+
+def _scan_trailing(rest: bytes, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any]) -> None:
+    """Name the global of a second, appended pickle, if it has one, so it is reported as unsafe."""
+    import pickletools
+
+    last: list[str] = []
+    try:
+        for op, arg, _pos in pickletools.genops(io.BytesIO(rest)):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"):
+                last = (last + [str(arg)])[-2:]
+            elif op.name in ("GLOBAL", "INST"):
+                module, _, name = str(arg).partition(" ")
+                _check_global(module, name, path=path, member=member, allowed=allowed)
+            elif op.name == "STACK_GLOBAL" and len(last) == 2:
+                _check_global(last[0], last[1], path=path, member=member, allowed=allowed)
+    except UnsafeInputError:
+        raise
+    except Exception:
+        return
+
+
+def _check_global(module: str, name: str, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any]) -> None:
+    if (module, name) not in allowed:
+        culprit = f"{module}.{name}"
+        why = "known to execute code or reach the system" if is_dangerous(module, name) else "not on the allowlist"
+        raise UnsafeInputError(path, member, f"pickle global {culprit} ({why}) in a second pickle after the first", culprit)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
