@@ -20,9 +20,7 @@ from .formats import Checkpoint, open_checkpoint
 from .manifest import Manifest, TensorInfo
 from .naming import CUSTOM, KeyMapping, map_keys
 from .spec import ModelSpec, spec_from_config, spec_from_factory
-
-TARGETS = ("init", "resume")
-
+from .suite import Suite, load_suite
 
 @dataclass(frozen=True)
 class Options:
@@ -32,8 +30,7 @@ class Options:
     model_factory: str | None = None
 
     def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise InputError(None, "--target", f"must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        load_suite(self.target)  # validates the name against suites/
         if self.dtype is not None:
             object.__setattr__(self, "dtype", dtypes.canonical(self.dtype))
 
@@ -49,6 +46,10 @@ class Session:
     ckpt_arg: str
     config_arg: str | None
     notes: list[str] = field(default_factory=list)
+
+    @cached_property
+    def suite(self) -> Suite:
+        return load_suite(self.options.target)
 
     @property
     def manifest(self) -> Manifest:

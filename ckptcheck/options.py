@@ -43,8 +43,8 @@ MODEL_FACTORY = OptionDef("model_factory", "--model-factory", "--model-factory",
                           "module:function returning the nn.Module to check against (built on the meta device)",
                           metavar="MODULE:FUNC")
 TARGET = OptionDef("target", "--target", "--ckpt-target",
-                   "init: can training start from these weights; resume: also from its training state",
-                   choices=("init", "resume"), default="init")
+                   "the check suite (suites/NAME.json): init, can training start from these weights (default); "
+                   "resume, also from its training state", default="init", metavar="NAME")
 DTYPE = OptionDef("dtype", "--dtype", "--ckpt-dtype",
                   "dtype every tensor should have (default: the config's, else the checkpoint's dominant one)",
                   choices=DTYPE_CHOICES)

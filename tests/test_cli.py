@@ -64,6 +64,7 @@ def test_config_found_beside_checkpoint(capsys: pytest.CaptureFixture[str]) -> N
     (["check", GOOD, "--model-config", LINGUA, "--dtype", "int3"], "invalid choice"),
     (["check", GOOD, "--model-config", LINGUA, "--model-factory", "nomodule"], "expected module:function"),
     (["inspect", str(CONFIGS / "lingua_params.json")], "not a checkpoint"),
+    (["check", GOOD, "--model-config", LINGUA, "--target", "bogus"], "unknown target 'bogus'; known: init, resume"),
 ])
 def test_bad_input_exits_2_with_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) if "--dtype" in args else _nullcontext():

@@ -16,9 +16,10 @@ PLANNERS = (plan_naming, plan_config, plan_key_checks, plan_shape, plan_dtype, p
 
 
 def plan_checks(session: Session) -> list[Check]:
+    wanted = set(session.suite.categories)
     checks: list[Check] = []
     for planner in PLANNERS:
-        checks.extend(planner(session))
+        checks.extend(c for c in planner(session) if c.category in wanted)
     ids = [c.id for c in checks]
     assert len(ids) == len(set(ids)), "check ids must be unique"
     return checks

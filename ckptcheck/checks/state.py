@@ -14,9 +14,6 @@ if TYPE_CHECKING:
 
 
 def plan_resume(session: Session) -> list[Check]:
-    if session.options.target != "resume":
-        return []
-
     def evaluate() -> Verdict:
         m = session.manifest
         section = m.optimizer_section

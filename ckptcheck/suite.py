@@ -1,0 +1,39 @@
+"""Check suites as data: one JSON file per target in the top-level ``suites/`` folder.
+
+The folder is installed as the ``ckptcheck.suites`` package (see pyproject.toml), so a source checkout
+and an installed wheel read the same files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+
+from .checks.model import CATEGORIES
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    title: str
+    categories: tuple[str, ...]
+
+
+def available() -> tuple[str, ...]:
+    folder = resources.files("ckptcheck.suites")
+    return tuple(sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json")))
+
+
+def load_suite(name: str) -> Suite:
+    names = available()
+    if name not in names:
+        raise InputError(None, "--target", f"unknown target {name!r}; known: {', '.join(names)}")
+    source = resources.files("ckptcheck.suites") / f"{name}.json"
+    data = json.loads(source.read_text(encoding="utf-8"))
+    unknown = set(data.get("categories", ())) - set(CATEGORIES)
+    if data.get("name") != name or unknown:
+        raise InputError(f"suites/{name}.json", None, f"invalid suite (name {data.get('name')!r}, "
+                         f"unknown categories {sorted(unknown)})")
+    return Suite(name=name, title=data.get("title", ""), categories=tuple(data["categories"]))
