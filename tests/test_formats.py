@@ -119,3 +119,14 @@ def test_fixtures_are_reproducible(tmp_path: Path) -> None:
                     a.load(key).isnan(), b.load(key).isnan()), (name, key)
     for cfg in (FIXTURES / "configs").iterdir():
         assert cfg.read_text() == (tmp_path / "configs" / cfg.name).read_text()
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_read_rows_matches_slices_of_the_whole(fmt: str, tiny_cfg, tiny_state, tmp_path: Path) -> None:
+    state = named(tiny_state, FORMATS[fmt], tiny_cfg)
+    with open_checkpoint(write(fmt, state, tmp_path)) as ckpt:
+        for key, t in state.items():
+            rows = t.shape[0]
+            for start, stop in ((0, rows), (1, rows // 2 + 1), (rows - 1, rows), (3, 3)):
+                got = ckpt.read_rows(key, start, stop)
+                assert torch.equal(got, t[start:stop]), (key, start, stop)

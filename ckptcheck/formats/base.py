@@ -32,6 +32,14 @@ class Checkpoint(ABC):
     def load(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key`` (a manifest key, model or extra), read from disk now."""
 
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` along dim 0, reading no more than they need where the format allows.
+
+        This is what keeps conversion memory near one chunk instead of one whole tensor; formats
+        override it with direct byte-range reads.  This fallback reads the whole tensor.
+        """
+        return self.load(key)[start:stop]
+
     def close(self) -> None:
         """Release open files; a closed checkpoint can still describe itself."""
 
@@ -101,6 +109,19 @@ def open_binary(path: str | os.PathLike[str]) -> BinaryIO:
         return open(path, "rb")  # noqa: SIM115 - the caller owns and closes it
     except OSError as exc:
         raise InputError(path, None, exc.strerror or str(exc)) from None
+
+
+def row_span(shape: tuple[int, ...], start: int, stop: int) -> tuple[int, int]:
+    """(first element, element count) of rows start:stop of a contiguous tensor of ``shape``."""
+    per_row = 1
+    for d in shape[1:]:
+        per_row *= d
+    return start * per_row, (stop - start) * per_row
+
+
+def check_rows(path: str, key: str, shape: tuple[int, ...], start: int, stop: int) -> None:
+    if not shape or not 0 <= start <= stop <= shape[0]:
+        raise InputError(path, key, f"rows {start}:{stop} are outside shape {list(shape)}")
 
 
 def read_exact(f: BinaryIO, offset: int, nbytes: int, *, path: str, item: str) -> torch.Tensor:

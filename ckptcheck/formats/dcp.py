@@ -17,8 +17,8 @@ from .. import dtypes
 from ..errors import InputError, UnsafeInputError
 from ..manifest import Manifest, TensorInfo
 from ..safe_pickle import BASIC_GLOBALS, safe_loads
-from .base import Checkpoint, bytes_to_tensor, open_binary, read_exact, split_sections
-from .torchzip import ZIP_MAGIC, TorchArchive, single_tensor
+from .base import Checkpoint, bytes_to_tensor, check_rows, open_binary, read_exact, row_span, split_sections
+from .torchzip import ZIP_MAGIC, TorchArchive, single_tensor_ref
 
 if TYPE_CHECKING:
     import torch
@@ -272,42 +272,60 @@ class DcpCheckpoint(Checkpoint):
             h = self._handles[rel] = open_binary(self.folder / rel)
         return h
 
-    def load(self, key: str) -> torch.Tensor:
-        import torch
-
+    def _item(self, key: str) -> Item:
         item = self._items.get(key)
         if item is None or item.info is None:
             raise InputError(self.path, key, "no such tensor in the checkpoint")
+        return item
+
+    def load(self, key: str) -> torch.Tensor:
+        item = self._item(key)
+        assert item.info is not None
+        if not item.info.shape:
+            return self._read_chunk(item, item.chunks[0], None)
+        return self.read_rows(key, 0, item.info.shape[0])
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows of the tensor assembled from the chunks that overlap them, each read only in part."""
+        import torch
+
+        item = self._item(key)
         info = item.info
-        out = torch.empty(info.shape, dtype=dtypes.to_torch(info.dtype))
+        assert info is not None
+        check_rows(self.path, key, info.shape, start, stop)
+        out = torch.empty((stop - start, *info.shape[1:]), dtype=dtypes.to_torch(info.dtype))
         for chunk in item.chunks:
-            piece = self._read_chunk(item, chunk)
-            region = tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes, strict=True))
+            lo, hi = max(start, chunk.offsets[0]), min(stop, chunk.offsets[0] + chunk.sizes[0])
+            if lo >= hi:
+                continue
+            piece = self._read_chunk(item, chunk, (lo - chunk.offsets[0], hi - chunk.offsets[0]))
+            region = (slice(lo - start, hi - start), *(
+                slice(o, o + n) for o, n in zip(chunk.offsets[1:], chunk.sizes[1:], strict=True)))
             out[region] = piece
         return out
 
-    def _read_chunk(self, item: Item, chunk: Chunk) -> torch.Tensor:
+    def _read_chunk(self, item: Item, chunk: Chunk, rows: tuple[int, int] | None) -> torch.Tensor:
+        """A chunk, or rows of it: a torch.save blob (DCP's default) or raw bytes (safetensors items)."""
         assert item.info is not None
         where = str(self.folder / chunk.file)
         f = self._handle(chunk.file)
         f.seek(chunk.start)
         head = f.read(4)
-        nbytes = math.prod(chunk.sizes) * dtypes.itemsize(item.info.dtype)
+        dtype = item.info.dtype
+        shape = (rows[1] - rows[0], *chunk.sizes[1:]) if rows else chunk.sizes
         if head == ZIP_MAGIC:
             archive = TorchArchive(f, path=f"{where}@{chunk.start}", base=chunk.start, length=chunk.length)
-            piece = single_tensor(archive, item.fqn)
-        elif chunk.length == nbytes:  # raw bytes (SerializationFormat.SAFETENSORS-style items)
-            buf = read_exact(f, chunk.start, nbytes, path=where, item=item.fqn)
-            piece = bytes_to_tensor(buf, item.info.dtype, chunk.sizes)
-        else:
+            ref = single_tensor_ref(archive, item.fqn)
+            if ref.shape != chunk.sizes or ref.dtype != dtype:
+                raise InputError(where, item.fqn, f"chunk holds {ref.dtype}{list(ref.shape)}, metadata says "
+                                 f"{dtype}{list(chunk.sizes)}")
+            return archive.read(item.fqn, ref, rows)
+        if chunk.length != math.prod(chunk.sizes) * dtypes.itemsize(dtype):
             raise InputError(where, item.fqn, "chunk is neither a torch.save blob nor raw tensor bytes")
-        if tuple(piece.shape) != chunk.sizes or dtypes.from_torch(piece.dtype) != item.info.dtype:
-            raise InputError(
-                where, item.fqn,
-                f"chunk holds {dtypes.from_torch(piece.dtype)}{list(piece.shape)}, metadata says "
-                f"{item.info.dtype}{list(chunk.sizes)}",
-            )
-        return piece
+        first, count = row_span(chunk.sizes, *rows) if rows else (0, math.prod(chunk.sizes))
+        size = dtypes.itemsize(dtype)
+        buf = read_exact(f, chunk.start + first * size, count * size, path=where, item=item.fqn)
+        return bytes_to_tensor(buf, dtype, shape)
 
     def close(self) -> None:
         for h in self._handles.values():

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ..errors import InputError
 from ..manifest import Manifest, TensorInfo
 from ..naming import map_keys, role_of
-from .base import Checkpoint
+from .base import Checkpoint, check_rows
 from .torchzip import TorchFileCheckpoint
 
 if TYPE_CHECKING:
@@ -107,15 +107,38 @@ class MetaShardsCheckpoint(Checkpoint):
             dims[key] = split
         return tensors, dims, facts
 
+    def _split(self, key: str) -> int | None:
+        if key not in self._dims:
+            raise InputError(self.path, key, "no such tensor in the checkpoint")
+        return self._dims[key]
+
     def load(self, key: str) -> torch.Tensor:
         import torch
 
-        if key not in self._dims:
-            raise InputError(self.path, key, "no such tensor in the checkpoint")
-        split = self._dims[key]
+        split = self._split(key)
         if split is None:
             return self._shards[0].load(key)
         return torch.cat([s.load(key) for s in self._shards], dim=split)
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows of the merged tensor: from the shards that hold them (dim-0 splits), or the same rows
+        of every shard side by side (dim-1 splits)."""
+        import torch
+
+        split = self._split(key)
+        check_rows(self.path, key, self.manifest.tensors[key].shape, start, stop)
+        if split is None:
+            return self._shards[0].read_rows(key, start, stop)
+        if split == 1:
+            return torch.cat([s.read_rows(key, start, stop) for s in self._shards], dim=1)
+        pieces, offset = [], 0
+        for shard in self._shards:
+            rows = shard.manifest.tensors[key].shape[0]
+            lo, hi = max(start, offset), min(stop, offset + rows)
+            if lo < hi:
+                pieces.append(shard.read_rows(key, lo - offset, hi - offset))
+            offset += rows
+        return torch.cat(pieces, dim=0) if len(pieces) != 1 else pieces[0]
 
     def close(self) -> None:
         for s in self._shards:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from ..dtypes import SAFETENSORS_DTYPE, itemsize
 from ..errors import InputError
 from ..manifest import Manifest, TensorInfo, natural_key
-from .base import Checkpoint, bytes_to_tensor, open_binary, read_exact
+from .base import Checkpoint, bytes_to_tensor, check_rows, open_binary, read_exact, row_span
 
 if TYPE_CHECKING:
     import torch
@@ -129,13 +129,27 @@ class SafetensorsCheckpoint(Checkpoint):
         self.manifest = Manifest(path=self.path, format=self.format_name, tensors=tensors, files=(self.path,), facts=facts)
 
     def load(self, key: str) -> torch.Tensor:
+        entry = self._entry(key)
+        return self._read(entry, 0, entry.nbytes, entry.info.shape)
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        entry = self._entry(key)
+        check_rows(self.path, key, entry.info.shape, start, stop)
+        first, count = row_span(entry.info.shape, start, stop)
+        size = itemsize(entry.info.dtype)
+        return self._read(entry, first * size, count * size, (stop - start, *entry.info.shape[1:]))
+
+    def _entry(self, key: str) -> Entry:
         entry = self.file.entries.get(key)
         if entry is None:
             raise InputError(self.path, key, "no such tensor in the checkpoint")
+        return entry
+
+    def _read(self, entry: Entry, offset: int, nbytes: int, shape: tuple[int, ...]) -> torch.Tensor:
         if self._handle is None:
             self._handle = open_binary(self.path)
-        buf = read_exact(self._handle, entry.start, entry.nbytes, path=self.path, item=key)
-        return bytes_to_tensor(buf, entry.info.dtype, entry.info.shape)
+        buf = read_exact(self._handle, entry.start + offset, nbytes, path=self.path, item=entry.info.key)
+        return bytes_to_tensor(buf, entry.info.dtype, shape)
 
     def close(self) -> None:
         if self._handle is not None:

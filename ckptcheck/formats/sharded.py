@@ -54,11 +54,17 @@ class ShardedCheckpoint(Checkpoint):
             path=self.path, format=format_name, tensors=tensors, files=(self.path, *self._shards), facts=facts,
         )
 
-    def load(self, key: str) -> torch.Tensor:
+    def _shard(self, key: str) -> Checkpoint:
         shard = self._owner.get(key)
         if shard is None:
             raise InputError(self.path, key, "no such tensor in the checkpoint")
-        return shard.load(key)
+        return shard
+
+    def load(self, key: str) -> torch.Tensor:
+        return self._shard(key).load(key)
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self._shard(key).read_rows(key, start, stop)
 
     def close(self) -> None:
         for shard in self._shards.values():

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import InputError
 from ..manifest import Manifest, TensorInfo
-from .base import Checkpoint, bytes_to_tensor, open_binary, read_exact, split_sections
+from .base import Checkpoint, bytes_to_tensor, check_rows, open_binary, read_exact, row_span, split_sections
 from .torch_pickle import StorageRef, TensorRef, load_torch_pickle, walk
 
 if TYPE_CHECKING:
@@ -141,23 +141,30 @@ class TorchArchive:
             raise InputError(self.path, info.filename, "record runs past the end of the file")
         return self._base + start
 
-    def read(self, key: str, ref: TensorRef) -> torch.Tensor:
+    def read(self, key: str, ref: TensorRef, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or only rows ``rows`` of it (a direct byte-range read when it is contiguous)."""
         from ..dtypes import itemsize
 
         size = itemsize(ref.dtype)
-        offset = self._data_offset(ref.storage) + ref.offset * size
-        buf = read_exact(self._f, offset, ref.extent * size, path=self.path, item=key)
+        base = self._data_offset(ref.storage) + ref.offset * size
+        if rows is not None and ref.is_contiguous:
+            check_rows(self.path, key, ref.shape, *rows)
+            first, count = row_span(ref.shape, *rows)
+            buf = read_exact(self._f, base + first * size, count * size, path=self.path, item=key)
+            return bytes_to_tensor(buf, ref.dtype, (rows[1] - rows[0], *ref.shape[1:]), big_endian=self.big_endian)
+        buf = read_exact(self._f, base, ref.extent * size, path=self.path, item=key)
         stride = None if ref.is_contiguous else ref.stride
-        return bytes_to_tensor(buf, ref.dtype, ref.shape, stride, big_endian=self.big_endian)
+        tensor = bytes_to_tensor(buf, ref.dtype, ref.shape, stride, big_endian=self.big_endian)
+        return tensor if rows is None else tensor[rows[0]:rows[1]]
 
 
-def single_tensor(archive: TorchArchive, item: str) -> torch.Tensor:
+def single_tensor_ref(archive: TorchArchive, item: str) -> TensorRef:
     """The one tensor a ``torch.save(tensor)`` blob holds (how DCP stores each chunk)."""
     ref = archive.obj
     if not isinstance(ref, TensorRef):
         raise InputError(archive.path, item, f"blob holds a {type(ref).__name__}, not one tensor")
     archive.check_ref(item, ref)
-    return archive.read(item, ref)
+    return ref
 
 
 def tensor_entries(archive: TorchArchive) -> tuple[list[tuple[tuple[str, ...], TensorInfo | None]], dict[str, TensorRef]]:
@@ -208,11 +215,17 @@ class TorchFileCheckpoint(Checkpoint):
             facts=dict(self.archive.facts),
         )
 
-    def load(self, key: str) -> torch.Tensor:
+    def _ref(self, key: str) -> TensorRef:
         ref = self._refs.get(key)
         if ref is None:
             raise InputError(self.path, key, "no such tensor in the checkpoint")
-        return self.archive.read(key, ref)
+        return ref
+
+    def load(self, key: str) -> torch.Tensor:
+        return self.archive.read(key, self._ref(key))
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self.archive.read(key, self._ref(key), (start, stop))
 
     def close(self) -> None:
         self._f.close()
