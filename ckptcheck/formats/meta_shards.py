@@ -138,7 +138,9 @@ class MetaShardsCheckpoint(Checkpoint):
             if lo < hi:
                 pieces.append(shard.read_rows(key, lo - offset, hi - offset))
             offset += rows
-        return torch.cat(pieces, dim=0) if len(pieces) != 1 else pieces[0]
+        if not pieces:  # an empty row range
+            return self._shards[0].read_rows(key, 0, 0)
+        return torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0]
 
     def close(self) -> None:
         for s in self._shards:
