@@ -11,7 +11,9 @@ from typing import Any
 
 from . import __version__
 from .errors import CkptError, UnsafeInputError
-from .options import CHECK_OPTIONS, add_options, engine_options
+from .options import CHECK_OPTIONS, DTYPE, MODEL_CONFIG, MODEL_FACTORY, TARGET, add_options, engine_options
+
+OUTPUT_FORMATS = ("torch", "safetensors", "dcp", "hf")
 
 EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_BUG = 0, 1, 2, 3
 
@@ -33,6 +35,38 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--debug", action="store_true", help="show tracebacks")
     check.set_defaults(func=cmd_check)
 
+    conv = sub.add_parser("convert", help="convert a checkpoint to another format or naming, verified")
+    conv.add_argument("src", metavar="SRC", help="the input checkpoint (never modified)")
+    conv.add_argument("dst", metavar="DST", help="the output (written atomically; refused if it exists)")
+    conv.add_argument("--to", choices=OUTPUT_FORMATS, help="output format (default: from DST's suffix)")
+    conv.add_argument("--naming", choices=("meta", "lingua", "titan", "hf"),
+                      help="output key names (default: the input's; hf for --to hf). lingua nests under 'model'")
+    add_options(conv.add_argument, pytest=False, options=(MODEL_CONFIG, DTYPE))
+    _output_options(conv)
+    conv.set_defaults(func=cmd_convert)
+
+    rep = sub.add_parser("repair", help="run the checks and write a repaired copy that passes them")
+    rep.add_argument("src", metavar="SRC", help="the input checkpoint (never modified)")
+    rep.add_argument("dst", metavar="DST", help="the repaired output")
+    add_options(rep.add_argument, pytest=False, options=(MODEL_CONFIG, MODEL_FACTORY, TARGET, DTYPE))
+    rep.add_argument("--to", choices=OUTPUT_FORMATS, help="output format (default: the input's kind)")
+    rep.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    _output_options(rep)
+    rep.set_defaults(func=cmd_repair)
+
+    dif = sub.add_parser("diff", help="compare two checkpoints key by key, in any formats and namings")
+    dif.add_argument("a", metavar="A")
+    dif.add_argument("b", metavar="B")
+    add_options(dif.add_argument, pytest=False, options=(MODEL_CONFIG,))
+    dif.add_argument("--atol", type=float, default=0.0, help="absolute tolerance (default: bitwise)")
+    dif.add_argument("--rtol", type=float, default=0.0, help="relative tolerance (default: bitwise)")
+    dif.add_argument("--forward", action="store_true",
+                     help="also compare the logits of a reference Llama forward of each, in its own rotary convention")
+    dif.add_argument("--tokens", type=int, default=16, help="random token ids for --forward (default 16)")
+    dif.add_argument("--format", choices=("text", "json"), default="text")
+    dif.add_argument("--debug", action="store_true", help="show tracebacks")
+    dif.set_defaults(func=cmd_diff)
+
     inspect = sub.add_parser("inspect", help="describe a checkpoint: format, naming, tensors, inferred config")
     inspect.add_argument("ckpt", metavar="CKPT", help=CHECK_OPTIONS[0].help)
     inspect.add_argument("--format", choices=("text", "json"), default="text")
@@ -41,6 +75,68 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--debug", action="store_true", help="show tracebacks")
     inspect.set_defaults(func=cmd_inspect)
     return parser
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert.api import convert
+
+    report = convert(args.src, args.dst, to=args.to, naming=args.naming, config=args.model_config, dtype=args.dtype,
+                     force=args.force, progress=args.format == "text")
+    if args.format == "json":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print("\n".join(report.lines()))
+    return EXIT_OK
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from .repair import repair
+    from .report.text import failure_lines
+
+    options = engine_options(lambda name: getattr(args, name, None))
+    outcome = repair(args.src, args.dst, config=args.model_config, options=options, to=args.to,
+                     dry_run=args.dry_run, force=args.force, progress=args.format == "text")
+    if args.format == "json":
+        print(json.dumps(outcome.to_json(), indent=2))
+    else:
+        failed = [r for r in outcome.before if r.status.value in ("fail", "unsafe")]
+        print(f"{len(failed)} of {len(outcome.before)} checks fail on {args.src}")
+        for step in outcome.plan.steps:
+            print(f"  repair: {step}")
+        for why in outcome.plan.refusals:
+            print(f"  cannot repair: {why}")
+        if outcome.conversion is not None:
+            print("\n".join(outcome.conversion.lines()))
+            still = [r for r in outcome.after if r.status.value in ("fail", "unsafe")]
+            print(f"re-checked {args.dst}: {len(outcome.after) - len(still)} of {len(outcome.after)} checks pass")
+            for r in still:
+                print(f"FAIL   {r.id}")
+                print("\n".join("       " + line for line in failure_lines(r)))
+        elif outcome.plan.refusals:
+            print("nothing written")
+        else:
+            print(f"dry run: nothing written (would write {args.dst} as {outcome.plan.to})")
+    if not outcome.plan.possible:
+        return EXIT_FAIL
+    return EXIT_OK if args.dry_run or outcome.repaired else EXIT_FAIL
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .diff import diff, render
+
+    report = diff(args.a, args.b, config=args.model_config, atol=args.atol, rtol=args.rtol, forward=args.forward,
+                  tokens=args.tokens)
+    if args.format == "json":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        sys.stdout.write(render(report))
+    return EXIT_OK if report.equal else EXIT_FAIL
 
 
 def cmd_check(args: argparse.Namespace) -> int:

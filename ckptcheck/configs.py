@@ -257,3 +257,54 @@ def _from_hf(path: Path, data: dict[str, Any]) -> ModelConfig:
         },
         raw=data,
     )
+
+
+def to_lingua_params(cfg: ModelConfig) -> dict[str, Any]:
+    """The config as a lingua params.json (the raw file when it already is one)."""
+    if cfg.schema == "lingua":
+        return cfg.raw
+    return {"model": _meta_model_fields(cfg, lingua=True)}
+
+
+def to_meta_params(cfg: ModelConfig) -> dict[str, Any]:
+    if cfg.schema == "meta":
+        return cfg.raw
+    return _meta_model_fields(cfg, lingua=False)
+
+
+def _meta_model_fields(cfg: ModelConfig, *, lingua: bool) -> dict[str, Any]:
+    from .infer import ffn_params
+
+    out: dict[str, Any] = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+                           "n_kv_heads": cfg.n_kv_heads}
+    if cfg.head_dim * cfg.n_heads != cfg.dim:
+        out["head_dim"] = cfg.head_dim
+    out["vocab_size"] = cfg.vocab_size if cfg.vocab_size is not None else -1
+    out.update(ffn_params(cfg.dim, cfg.ffn_dim))
+    out.update({"norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta})
+    if lingua:
+        out["weight_tying"] = cfg.tie_embeddings
+    return out
+
+
+def to_hf_config(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
+    """The config as a transformers LlamaConfig config.json."""
+    if cfg.schema == "hf":
+        data = dict(cfg.raw)
+        if dtype:
+            data["torch_dtype"] = dtype
+        return data
+    model = cfg.raw.get("model", cfg.raw) if isinstance(cfg.raw.get("model"), dict) else cfg.raw
+    data: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "max_position_embeddings": int(model.get("max_seqlen") or 8192),
+        "torch_dtype": dtype or cfg.dtype or "bfloat16",
+    }
+    if model.get("use_scaled_rope"):
+        data["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    return data

@@ -69,5 +69,5 @@ def engine_options(get: Callable[[str], Any]) -> Any:
     """Build ``engine.Options`` from a getter over either namespace (imports the engine lazily)."""
     from .engine import Options
 
-    return Options(target=get("target"), dtype=get("dtype"), metadata_only=bool(get("metadata_only")),
+    return Options(target=get("target") or "init", dtype=get("dtype"), metadata_only=bool(get("metadata_only")),
                    model_factory=get("model_factory"))

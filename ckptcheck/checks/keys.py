@@ -30,14 +30,9 @@ def plan_naming(session: Session) -> list[Check]:
             problems.append(f"keys carry wrapper prefixes: {titles}")
         if not problems:
             return Verdict.ok(f"keys use {target.title} naming", expected=target.name, obtained=found.name)
-        fix = []
-        if found.name != target.name and not found.is_custom:
-            fix.append(repairs.rename_keys(session))
-        if session.mapping.wrappers:
-            fix.append(repairs.strip_wrappers(session))
+        fix = None if found.is_custom else repairs.naming(session)
         obtained = found.name + "".join(f" + {w!r}" for w in session.mapping.wrappers)
-        return Verdict.fail("; ".join(problems), expected=target.name, obtained=obtained,
-                            repair="; ".join(fix) or None)
+        return Verdict.fail("; ".join(problems), expected=target.name, obtained=obtained, repair=fix)
 
     return [Check("naming", target.name, evaluate)]
 
@@ -99,7 +94,8 @@ def _unexpected(session: Session, stored: str, canonical: str | None):
                 f"the config ties {spec.display(canonical)} to {spec.display(primary)} ({field}), "
                 f"but the checkpoint stores a separate {stored}",
                 expected=f"absent (tied to {spec.display(primary)})", obtained="a separate tensor",
-                repair=f"{repairs.drop_key(stored)}, or set {field} = false if the model is untied",
+                repair=f"set {field} = false if the model is untied (ckptcheck repair leaves this to you: "
+                f"dropping {stored} loses its values)",
             )
         message = f"{stored} is not a tensor of the configured model"
         layer = layer_of(canonical) if canonical else None
@@ -107,6 +103,6 @@ def _unexpected(session: Session, stored: str, canonical: str | None):
             message += f" (layer {layer}, but the config has {session.config.n_layers} layers)"
         elif canonical is None:
             message += f" (not a {session.mapping.scheme.title} key)" if not session.mapping.scheme.is_custom else ""
-        return Verdict.fail(message, expected="absent", obtained="present", repair=repairs.drop_key(stored))
+        return Verdict.fail(message, expected="absent", obtained="present", repair=repairs.drop_key(session, stored))
 
     return evaluate

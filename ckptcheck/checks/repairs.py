@@ -1,28 +1,59 @@
-"""The repair each failure names, in one place so every check words it the same way."""
+"""The repair each failure names, in one place so every check words it the same way.
+
+Failures a conversion can fix name the exact ``ckptcheck repair`` command; the others say what a
+person has to change.
+"""
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..engine import Session
 
 
-def rename_keys(session: Session) -> str:
-    scheme = session.spec.scheme
-    return (
-        f"rename the keys to {scheme.title} naming"
-        + (" and permute wq/wk rows between the interleaved and half rotary layouts"
-           if session.mapping.scheme.rotary != scheme.rotary and not scheme.is_custom else "")
-    )
+def repaired_path(ckpt: str) -> str:
+    """Where a repair writes by default: beside the input, marked as repaired."""
+    p = Path(ckpt)
+    if p.name == ".metadata":
+        p = p.parent
+    if p.is_dir() or not p.suffix:
+        return str(p.parent / f"{p.name}.repaired")
+    return str(p.with_name(f"{p.stem}.repaired{p.suffix}"))
 
 
-def strip_wrappers(session: Session) -> str:
-    return "remove the wrapper prefixes " + ", ".join(repr(w) for w in session.mapping.wrappers) + " from every key"
+def command(session: Session) -> str:
+    """The ``ckptcheck repair`` command line for this session's checkpoint and config."""
+    parts = ["ckptcheck", "repair", session.ckpt_arg, repaired_path(session.ckpt_arg)]
+    if session.config_arg:
+        parts += ["--model-config", session.config_arg]
+    if session.options.target != "init":
+        parts += ["--target", session.options.target]
+    if session.options.dtype:
+        parts += ["--dtype", session.options.dtype]
+    return shlex.join(parts)
 
 
-def cast(dtype: str) -> str:
-    return f"cast the tensor to {dtype}"
+def naming(session: Session) -> str:
+    """Rename to the config's scheme (permuting q/k across rotary layouts) and strip wrappers."""
+    scheme, found = session.spec.scheme, session.mapping.scheme
+    what = []
+    if found.name != scheme.name:
+        what.append(f"renames the keys to {scheme.title} naming"
+                    + (" and permutes wq/wk rows" if found.rotary != scheme.rotary else ""))
+    if session.mapping.wrappers:
+        what.append("strips " + ", ".join(repr(w) for w in session.mapping.wrappers))
+    return f"{command(session)}  ({'; '.join(what)})"
+
+
+def cast(session: Session, dtype: str) -> str:
+    return f"{command(session)}  (casts to {dtype})"
+
+
+def drop_key(session: Session, key: str) -> str:
+    return f"{command(session)}  (drops {key})"
 
 
 def fix_config(session: Session, assignments: dict[str, object]) -> str:
@@ -32,10 +63,6 @@ def fix_config(session: Session, assignments: dict[str, object]) -> str:
     where = session.config.source if session.config else "the config"
     sets = " and ".join(f"{field} = {json.dumps(value)}" for field, value in assignments.items())
     return f"set {sets} in {where}, if the weights are the model you meant"
-
-
-def drop_key(key: str) -> str:
-    return f"drop {key} from the checkpoint"
 
 
 def from_training() -> str:

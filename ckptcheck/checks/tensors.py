@@ -64,7 +64,7 @@ def plan_dtype(session: Session) -> list[Check]:
             return Verdict.fail(
                 f"{session.spec.display(key)} is {info.dtype}; {source} is {want}"
                 + (" (casting loses precision)" if loss else ""),
-                expected=want, obtained=info.dtype, repair=repairs.cast(want),
+                expected=want, obtained=info.dtype, repair=repairs.cast(session, want),
             )
 
         return evaluate

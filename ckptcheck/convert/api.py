@@ -1,0 +1,188 @@
+"""``convert``: the whole conversion, from the paths a user gives to a verified output in place."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import dtypes
+from ..configs import ModelConfig, load_config, to_hf_config, to_lingua_params
+from ..errors import InputError
+from ..formats import open_checkpoint
+from ..naming import HF, META, Scheme
+from .atomic import Staging, refuse_unsafe_destination
+from .plan import ConversionPlan, build_plan, scheme_named
+from .stream import ChunkSource
+from .verify import verify_output
+from .writers import DcpWriter, SafetensorsWriter, TorchZipWriter
+
+OUTPUT_FORMATS = ("torch", "safetensors", "dcp", "hf")
+_SUFFIX_FORMAT = {".pth": "torch", ".pt": "torch", ".bin": "torch", ".safetensors": "safetensors"}
+
+
+@dataclass
+class ConversionReport:
+    src: str
+    dst: str
+    to: str
+    naming: str
+    nesting: str | None
+    summary: dict[str, int]
+    bytes_written: int
+    bytes_verified: int
+    seconds: float
+    dropped: list[tuple[str, str]]
+    config_written: str | None = None
+    precision: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def lines(self) -> list[str]:
+        s = self.summary
+        out = [
+            f"wrote {self.dst} ({self.to}, {self.naming} naming"
+            + (f", model under {self.nesting!r}" if self.nesting else "") + f") from {self.src}",
+            f"  {s['tensors']} tensors, {self.bytes_written / 1e6:.1f} MB in {self.seconds:.2f} s: "
+            f"{s['renamed']} renamed, {s['permuted']} q/k permuted, {s['cast']} cast, {s['dropped']} dropped",
+            f"  verified: read back and compared bit for bit with the input ({self.bytes_verified / 1e6:.1f} MB)",
+        ]
+        for key, why in self.dropped:
+            out.append(f"  dropped {key}: {why}")
+        if self.precision:
+            worst = max(self.precision.items(), key=lambda kv: kv[1]["max_abs_error"])
+            changed = sum(v["changed"] for v in self.precision.values())
+            total = sum(v["elements"] for v in self.precision.values())
+            out.append(f"  precision: the cast changed {changed} of {total} values; largest absolute error "
+                       f"{worst[1]['max_abs_error']:.3g} (in {worst[0]})")
+        if self.config_written:
+            out.append(f"  config: {self.config_written}")
+        return out
+
+
+def infer_output_format(dst: Path, to: str | None) -> str:
+    if to is not None:
+        if to not in OUTPUT_FORMATS:
+            raise InputError(None, "--to", f"unknown format {to!r}; use {', '.join(OUTPUT_FORMATS)}")
+        return to
+    fmt = _SUFFIX_FORMAT.get(dst.suffix)
+    if fmt is None:
+        raise InputError(dst, None, f"cannot tell the output format from the name; pass --to {'|'.join(OUTPUT_FORMATS)}")
+    return fmt
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    to: str | None = None,
+    naming: str | None = None,
+    config: str | os.PathLike[str] | ModelConfig | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    progress: bool = False,
+    drop: dict[str, str] | None = None,
+) -> ConversionReport:
+    """Convert ``src`` into ``dst``; raises ``InputError`` (nothing written) on any problem."""
+    from ..engine import resolve_config_path
+
+    src_p, dst_p = Path(src), Path(dst)
+    fmt = infer_output_format(dst_p, to)
+    refuse_unsafe_destination(src_p, dst_p, force)
+    if isinstance(config, ModelConfig):
+        cfg: ModelConfig | None = config
+    else:
+        config_path = resolve_config_path(src_p, config)
+        cfg = load_config(config_path) if config_path else None
+    cast = dtypes.canonical(dtype) if dtype else None
+    started = time.perf_counter()
+    with open_checkpoint(src_p) as source:
+        dst_scheme, nesting = _target_layout(fmt, naming, source.manifest.format)
+        plan = build_plan(source.manifest, naming=dst_scheme, dtype=cast, config=cfg, drop=drop,
+                          keep_aliases=fmt == "torch")
+        if fmt == "hf" and cfg is None:
+            raise InputError(dst_p, None, "--to hf writes a config.json: pass --model-config")
+        staging = Staging(dst_p, folder=fmt in ("dcp", "hf"))
+        try:
+            chunks = ChunkSource(source)
+            with _progress_bar(progress, plan.total_bytes, f"converting to {fmt}") as tick:
+                _writer(fmt, staging.path, dst_p, nesting).write(plan, chunks, tick)
+            written_config = _write_config(fmt, staging.path, dst_p, cfg, cast)
+            verified = verify_output(staging.path, plan, ChunkSource(source, measure_casts=False), display=str(dst_p))
+            staging.commit()
+        except BaseException:
+            staging.abort()
+            raise
+    precision = {k: {"max_abs_error": v.max_abs, "changed": v.changed, "elements": v.count}
+                 for k, v in chunks.cast_stats.items()}
+    return ConversionReport(
+        src=str(src_p), dst=str(dst_p), to=fmt, naming=plan.dst_scheme.name, nesting=nesting, summary=plan.summary(),
+        bytes_written=plan.total_bytes, bytes_verified=verified, seconds=time.perf_counter() - started,
+        dropped=[list(d) for d in plan.dropped], config_written=written_config, precision=precision,  # type: ignore[misc]
+    )
+
+
+def _target_layout(fmt: str, naming: str | None, src_format: str) -> tuple[Scheme | None, str | None]:
+    """The output's key scheme (None: keep the source's) and model nesting.
+
+    ``--to dcp`` writes lingua's layout (model keys under "model") unless torchtitan naming is asked
+    for; ``--naming lingua`` nests a torch file the same way, like lingua's consolidated.pth.
+    """
+    scheme = scheme_named(naming) if naming else (HF if fmt == "hf" else None)
+    if fmt == "hf" and scheme is not HF:
+        raise InputError(None, "--naming", "--to hf writes Hugging Face names; drop --naming or pass --naming hf")
+    if fmt == "dcp":
+        nesting = None if naming in ("titan", "hf") else "model"
+    elif fmt == "torch":
+        nesting = "model" if naming == "lingua" else None
+    else:
+        nesting = None
+    if fmt == "safetensors" and naming == "lingua":
+        raise InputError(None, "--naming", "safetensors cannot nest keys under 'model'; use --naming meta")
+    return scheme, nesting
+
+
+def _writer(fmt: str, staged: Path, dst: Path, nesting: str | None):
+    if fmt == "torch":
+        return TorchZipWriter(staged, nesting=nesting, archive_name=dst.name)
+    if fmt == "safetensors":
+        return SafetensorsWriter(staged)
+    if fmt == "dcp":
+        return DcpWriter(staged, nesting=nesting)
+    return SafetensorsWriter(staged, sharded_in=staged)
+
+
+def _write_config(fmt: str, staged: Path, dst: Path, cfg: ModelConfig | None, dtype: str | None) -> str | None:
+    if cfg is None or fmt not in ("dcp", "hf"):
+        return None
+    if fmt == "hf":
+        (staged / "config.json").write_text(json.dumps(to_hf_config(cfg, dtype), indent=2) + "\n")
+        return str(dst / "config.json")
+    (staged / "params.json").write_text(json.dumps(to_lingua_params(cfg), indent=2) + "\n")
+    return str(dst / "params.json")
+
+
+class _progress_bar:  # noqa: N801 - used as a context manager
+    """A tqdm byte counter on a terminal; nothing otherwise."""
+
+    def __init__(self, enabled: bool, total: int, desc: str) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, file=sys.stderr, leave=False)
+
+    def __enter__(self):
+        return self.bar.update if self.bar is not None else (lambda n: None)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+__all__ = ["ConversionPlan", "ConversionReport", "OUTPUT_FORMATS", "convert", "META"]

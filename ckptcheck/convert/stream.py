@@ -1,0 +1,90 @@
+"""Chunks of rows, read from the source and made into what the output holds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .. import dtypes
+from ..layouts import half_to_interleaved, interleaved_to_half
+from .plan import TensorMove
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..formats import Checkpoint
+
+CHUNK_BYTES = 64 << 20
+
+
+def row_ranges(move: TensorMove, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
+    """Row ranges of about ``chunk_bytes``; whole heads when the rows get permuted per head."""
+    if not move.shape:
+        yield 0, 1
+        return
+    step = max(1, chunk_bytes // max(1, move.row_bytes))
+    if move.permute is not None:
+        head_dim = move.permute[1]
+        step = max(head_dim, step - step % head_dim)
+    for start in range(0, move.rows, step):
+        yield start, min(move.rows, start + step)
+    if move.rows == 0:
+        yield 0, 0
+
+
+@dataclass
+class CastStats:
+    """Worst precision lost by a narrowing cast, over every chunk of one tensor."""
+
+    max_abs: float = 0.0
+    changed: int = 0
+    count: int = 0
+
+
+@dataclass
+class ChunkSource:
+    """Reads a move's rows from the source and applies its permutation and cast."""
+
+    checkpoint: Checkpoint
+    measure_casts: bool = True
+    cast_stats: dict[str, CastStats] = field(default_factory=dict)
+
+    def read(self, move: TensorMove, start: int, stop: int) -> torch.Tensor:
+        import torch
+
+        if not move.shape:
+            t = self.checkpoint.load(move.src_key)
+        else:
+            t = self.checkpoint.read_rows(move.src_key, start, stop)
+        if move.permute is not None and stop > start:
+            heads, head_dim, direction = move.permute
+            n = (stop - start) // head_dim
+            t = interleaved_to_half(t, n) if direction == "interleaved->half" else half_to_interleaved(t, n)
+        if move.dst_dtype != move.src_dtype:
+            target = dtypes.to_torch(move.dst_dtype)
+            cast = t.to(target)
+            if self.measure_casts and dtypes.itemsize(move.dst_dtype) < dtypes.itemsize(move.src_dtype):
+                stats = self.cast_stats.setdefault(move.dst_key, CastStats())
+                back = cast.to(t.dtype)
+                diff = (back.double() - t.double()).abs() if t.numel() else torch.zeros(0)
+                if diff.numel():
+                    stats.max_abs = max(stats.max_abs, float(diff.nan_to_num(0).max()))
+                    stats.changed += int((back != t).sum())
+                stats.count += t.numel()
+            t = cast
+        return t.contiguous()
+
+    def chunks(self, move: TensorMove, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+        for start, stop in row_ranges(move, chunk_bytes):
+            yield start, self.read(move, start, stop)
+
+
+def as_bytes(t: torch.Tensor) -> memoryview:
+    """A contiguous tensor's bytes, without a copy."""
+    import torch
+
+    flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())

@@ -1,0 +1,95 @@
+"""A reference Llama forward pass, streamed one layer at a time, in either rotary convention.
+
+Each checkpoint is run in the convention its naming implies (Meta/lingua/torchtitan rotate interleaved
+pairs, Hugging Face rotates halves), on its own tensors as stored.  Two checkpoints of the same model
+then give the same logits only if every q/k permutation between them was done right: the one error
+that shapes cannot show.  Everything is computed in float32; one layer's weights are loaded at a time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .configs import ModelConfig
+from .errors import InputError
+from .naming import map_keys
+
+if TYPE_CHECKING:
+    import torch
+
+    from .formats import Checkpoint
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    import torch
+
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rotary_angles(seq_len: int, head_dim: int, theta: float) -> torch.Tensor:
+    """[seq_len, head_dim // 2] angles: position times each pair's frequency."""
+    import torch
+
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    return torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs).float()
+
+
+def apply_rotary(x: torch.Tensor, angles: torch.Tensor, convention: str) -> torch.Tensor:
+    """Rotate [seq, heads, head_dim] by ``angles``; "interleaved" pairs (2i, 2i+1), "half" pairs (i, i+hd/2)."""
+    import torch
+
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    if convention == "interleaved":
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    if convention == "half":
+        half = x.shape[-1] // 2
+        a, b = x[..., :half], x[..., half:]
+        return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+    raise ValueError(f"unknown rotary convention {convention!r}")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention over [seq, heads, hd] with grouped KV heads; returns [seq, heads * hd]."""
+    import torch
+
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+    mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).triu(1)
+    scores = scores.masked_fill(mask, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", scores, v).reshape(q.shape[0], -1)
+
+
+def streaming_logits(ckpt: Checkpoint, cfg: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits [seq, vocab] of ``tokens`` under the checkpoint's own naming and rotary convention."""
+    import torch.nn.functional as F
+
+    mapping = map_keys(ckpt.manifest.tensors)
+    if mapping.scheme.is_custom:
+        raise InputError(ckpt.manifest.path, None, "keys follow no Llama-family scheme: no reference forward")
+    convention = mapping.scheme.rotary
+
+    def w(canonical: str):
+        stored = mapping.stored_for(canonical)
+        if stored is None:
+            if canonical == "output.weight":
+                return w("tok_embeddings.weight")  # tied
+            raise InputError(ckpt.manifest.path, canonical, "missing: cannot run the reference forward")
+        return ckpt.load(stored).float()
+
+    h = F.embedding(tokens, w("tok_embeddings.weight"))
+    seq = tokens.shape[0]
+    angles = rotary_angles(seq, cfg.head_dim, cfg.rope_theta)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        x = rms_norm(h, w(p + "attention_norm.weight"), cfg.norm_eps)
+        q = (x @ w(p + "attention.wq.weight").T).view(seq, cfg.n_heads, cfg.head_dim)
+        k = (x @ w(p + "attention.wk.weight").T).view(seq, cfg.n_kv_heads, cfg.head_dim)
+        v = (x @ w(p + "attention.wv.weight").T).view(seq, cfg.n_kv_heads, cfg.head_dim)
+        q, k = apply_rotary(q, angles, convention), apply_rotary(k, angles, convention)
+        h = h + attention(q, k, v) @ w(p + "attention.wo.weight").T
+        x = rms_norm(h, w(p + "ffn_norm.weight"), cfg.norm_eps)
+        h = h + (F.silu(x @ w(p + "feed_forward.w1.weight").T) * (x @ w(p + "feed_forward.w3.weight").T)) \
+            @ w(p + "feed_forward.w2.weight").T
+    return rms_norm(h, w("norm.weight"), cfg.norm_eps) @ w("output.weight").T

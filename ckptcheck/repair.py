@@ -1,0 +1,138 @@
+"""``repair``: run the checks, plan the conversion that fixes what failed, apply it, check the output.
+
+A repair is a conversion with decided parameters: the config's naming and rotary layout, the expected
+dtype, stray keys dropped, wrappers stripped, shards merged, nesting as the output format expects.
+What a conversion cannot fix (another architecture, NaN weights, missing tensors, unsafe input) is
+refused with the reason before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checks.model import CheckResult, Status
+from .convert.api import ConversionReport, convert
+from .engine import Options, Plan, plan, run
+
+# The output format a repair writes by default, from the input's format.
+DEFAULT_OUTPUT = {"torch": "torch", "meta-shards": "torch", "safetensors": "safetensors",
+                  "safetensors-sharded": "hf", "hf-bin-sharded": "hf", "dcp": "dcp"}
+REFUSED = {
+    "safety": "the input is unsafe to load",
+    "config": "the config and the weights describe different models",
+    "key_present": "tensors are missing and cannot be made up",
+    "shape": "tensors have shapes the config does not allow",
+    "finite": "weights hold NaN or Inf; restore them from an earlier checkpoint",
+    "resume": "there is no optimizer state to resume from",
+}
+
+
+@dataclass
+class RepairPlan:
+    steps: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
+    to: str = "torch"
+    naming: str | None = None
+    dtype: str | None = None
+    drop: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def possible(self) -> bool:
+        return not self.refusals
+
+
+@dataclass
+class RepairOutcome:
+    plan: RepairPlan
+    before: list[CheckResult]
+    conversion: ConversionReport | None = None
+    after: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def repaired(self) -> bool:
+        return self.conversion is not None and all(r.status not in (Status.FAIL, Status.UNSAFE) for r in self.after)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "steps": self.plan.steps, "refusals": self.plan.refusals, "to": self.plan.to,
+            "conversion": None if self.conversion is None else self.conversion.to_json(),
+            "failed_before": [r.id for r in self.before if r.status in (Status.FAIL, Status.UNSAFE)],
+            "failed_after": [r.id for r in self.after if r.status in (Status.FAIL, Status.UNSAFE)],
+            "repaired": self.repaired,
+        }
+
+
+def plan_repair(the_plan: Plan, results: list[CheckResult], to: str | None) -> RepairPlan:
+    session = the_plan.session
+    failed = [r for r in results if r.status in (Status.FAIL, Status.UNSAFE)]
+    rp = RepairPlan()
+    for category, why in REFUSED.items():
+        ids = [r.id for r in failed if r.category == category]
+        if ids:
+            rp.refusals.append(f"{why}: {', '.join(ids[:4])}{' ...' if len(ids) > 4 else ''}")
+    if session is None:
+        return rp
+    manifest = session.manifest
+    rp.to = to or DEFAULT_OUTPUT.get(manifest.format, "torch")
+    spec_scheme = session.spec.scheme
+    rp.naming = None if spec_scheme.is_custom else ("hf" if rp.to == "hf" else spec_scheme.name)
+    if rp.to == "hf" and spec_scheme.name != "hf":
+        rp.refusals.append("--to hf writes Hugging Face names, but the config loads "
+                           f"{spec_scheme.title} names; use --to torch, safetensors or dcp")
+    mapping = session.mapping
+    if mapping.scheme.name != spec_scheme.name and not spec_scheme.is_custom:
+        permute = mapping.scheme.rotary != spec_scheme.rotary
+        rp.steps.append(f"rename keys from {mapping.scheme.title} to {spec_scheme.title} naming"
+                        + (" and permute wq/wk rows to the config's rotary layout" if permute else ""))
+    if mapping.wrappers:
+        rp.steps.append("strip wrapper prefixes " + ", ".join(repr(w) for w in mapping.wrappers))
+    if manifest.format == "meta-shards":
+        rp.steps.append(f"merge {len(manifest.files)} model-parallel shards")
+    dtype_fails = [r for r in failed if r.category == "dtype"]
+    if dtype_fails:
+        want, source = session.expected_dtype
+        rp.dtype = want
+        rp.steps.append(f"cast {len(dtype_fails)} tensors to {want} ({source})")
+    for r in failed:
+        if r.category == "unexpected_key":
+            rp.drop[r.key] = "not a tensor of the configured model"
+    if rp.drop:
+        rp.steps.append(f"drop {len(rp.drop)} keys the model does not have: {', '.join(list(rp.drop)[:4])}")
+    if manifest.nesting and rp.to in ("torch", "safetensors"):
+        rp.steps.append(f"unwrap the model tensors from {manifest.nesting!r}; training state is left behind")
+    if rp.to == "dcp":
+        rp.steps.append("nest the model tensors under 'model' (lingua's init_ckpt_path layout)")
+    if rp.to in ("dcp", "hf") and session.config is not None:
+        rp.steps.append(f"write {'config.json' if rp.to == 'hf' else 'params.json'} beside the weights")
+    if not rp.steps and not rp.refusals:
+        rp.steps.append("nothing to repair: every check passes (the output is a verified copy)")
+    return rp
+
+
+def repair(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, config: str | os.PathLike[str] | None,
+           options: Options, to: str | None = None, dry_run: bool = False, force: bool = False,
+           progress: bool = False) -> RepairOutcome:
+    the_plan = plan(src, config, options)
+    try:
+        before = run(the_plan)
+    finally:
+        the_plan.close()
+    rp = plan_repair(the_plan, before, to)
+    outcome = RepairOutcome(rp, before)
+    if dry_run or not rp.possible:
+        return outcome
+    session = the_plan.session
+    assert session is not None
+    cfg_for_convert = session.config
+    outcome.conversion = convert(src, dst, to=rp.to, naming=rp.naming, config=cfg_for_convert, dtype=rp.dtype,
+                                 force=force, progress=progress, drop=rp.drop)
+    check_path = Path(dst)
+    after_plan = plan(check_path, session.config_arg, options)
+    try:
+        outcome.after = run(after_plan)
+    finally:
+        after_plan.close()
+    return outcome
