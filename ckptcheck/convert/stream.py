@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 CHUNK_BYTES = 64 << 20
 
 
-def row_ranges(move: TensorMove, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, int]]:
-    """Row ranges of about ``chunk_bytes``; whole heads when the rows get permuted per head."""
+def row_ranges(move: TensorMove, chunk_bytes: int | None = None) -> Iterator[tuple[int, int]]:
+    """Row ranges of about ``chunk_bytes`` (default CHUNK_BYTES); whole heads when rows are permuted."""
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     if not move.shape:
         yield 0, 1
         return
@@ -75,7 +76,7 @@ class ChunkSource:
             t = cast
         return t.contiguous()
 
-    def chunks(self, move: TensorMove, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[int, torch.Tensor]]:
+    def chunks(self, move: TensorMove, chunk_bytes: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         for start, stop in row_ranges(move, chunk_bytes):
             yield start, self.read(move, start, stop)
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import dtypes
 from .plan import ConversionPlan, TensorMove
-from .stream import CHUNK_BYTES, ChunkSource, as_bytes
+from .stream import ChunkSource, as_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -151,10 +151,10 @@ def safetensors_header(moves: list[TensorMove], metadata: dict[str, str] | None 
 class SafetensorsWriter:
     """One file, or shards of at most ``max_shard_bytes`` with a Hugging Face index."""
 
-    def __init__(self, path: Path, *, sharded_in: Path | None = None, max_shard_bytes: int = HF_SHARD_BYTES) -> None:
+    def __init__(self, path: Path, *, sharded_in: Path | None = None, max_shard_bytes: int | None = None) -> None:
         self.path = path
         self.folder = sharded_in
-        self.max_shard_bytes = max_shard_bytes
+        self.max_shard_bytes = max_shard_bytes or HF_SHARD_BYTES
 
     def write(self, plan: ConversionPlan, source: ChunkSource, progress: Progress) -> None:
         moves = list(plan.written)
@@ -200,7 +200,7 @@ class SafetensorsWriter:
 class DcpWriter:
     """``torch.distributed.checkpoint.save`` in one process, pulling one row chunk at a time."""
 
-    def __init__(self, folder: Path, nesting: str | None = "model", chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(self, folder: Path, nesting: str | None = "model", chunk_bytes: int | None = None) -> None:
         self.folder = folder
         self.nesting = nesting
         self.chunk_bytes = chunk_bytes
@@ -231,7 +231,7 @@ def _chunked_planner_class() -> type:
 
     class ChunkedPlanner(DefaultSavePlanner):
         def __init__(self, moves: dict[str, TensorMove], source: ChunkSource, progress: Progress,
-                     nesting: str | None, chunk_bytes: int) -> None:
+                     nesting: str | None, chunk_bytes: int | None) -> None:
             super().__init__()
             self._moves, self._source, self._progress = moves, source, progress
             self._prefix = f"{nesting}." if nesting else ""

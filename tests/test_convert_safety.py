@@ -1,0 +1,123 @@
+"""Converters lose nothing: the input is untouched, the output appears whole or not at all."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptcheck.cli import main
+from ckptcheck.convert import api
+from ckptcheck.convert.api import convert
+from ckptcheck.errors import InputError
+
+from .writers import CONFIGS, FIXTURES
+
+GOOD = FIXTURES / "good"
+
+
+def _fingerprint(path: Path) -> dict[str, tuple[str, int]]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) for p in files}
+
+
+@pytest.mark.parametrize("src", ["consolidated.pth", "dcp", "meta_mp", "hf_sharded", "lingua_consolidated"])
+@pytest.mark.parametrize("to", ["torch", "dcp", "hf"])
+def test_input_bytes_and_mtime_unchanged(src: str, to: str, tmp_path: Path) -> None:
+    before = _fingerprint(GOOD / src)
+    convert(GOOD / src, tmp_path / "out", to=to, config=CONFIGS / "lingua_params.json")
+    assert _fingerprint(GOOD / src) == before
+
+
+def test_existing_destination_needs_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dst = tmp_path / "out.pth"
+    dst.write_bytes(b"precious")
+    args = ["convert", str(GOOD / "consolidated.pth"), str(dst)]
+    assert main(args) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert dst.read_bytes() == b"precious"
+    assert main([*args, "--force"]) == 0
+    assert torch.load(dst, weights_only=True)
+
+
+def test_existing_folder_is_replaced_only_with_force(tmp_path: Path) -> None:
+    dst = tmp_path / "dcp"
+    dst.mkdir()
+    (dst / "keep").write_text("x")
+    with pytest.raises(InputError, match="already exists"):
+        convert(GOOD / "consolidated.pth", dst, to="dcp")
+    convert(GOOD / "consolidated.pth", dst, to="dcp", force=True)
+    assert not (dst / "keep").exists() and (dst / ".metadata").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporaries left behind"
+
+
+@pytest.mark.parametrize("dst", ["same", "inside"])
+def test_source_and_destination_must_not_overlap(dst: str, tmp_path: Path) -> None:
+    src = tmp_path / "dcp"
+    convert(GOOD / "consolidated.pth", src, to="dcp")
+    target = src if dst == "same" else src / "nested.pth"
+    with pytest.raises(InputError, match="overlaps"):
+        convert(src, target, to="torch", force=True)
+
+
+def test_failure_mid_write_leaves_no_destination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = api.ChunkSource.read
+    calls = {"n": 0}
+
+    def failing_read(self, move, start, stop):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(28, "No space left on device")
+        return original(self, move, start, stop)
+
+    monkeypatch.setattr(api.ChunkSource, "read", failing_read)
+    with pytest.raises(OSError):
+        convert(GOOD / "consolidated.pth", tmp_path / "out.pth")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verification_failure_commits_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckptcheck.convert import writers
+
+    real = writers.as_bytes
+
+    def corrupt(t):  # flip the first byte of every chunk written
+        data = bytearray(real(t))
+        if data:
+            data[0] ^= 0xFF
+        return memoryview(bytes(data))
+
+    monkeypatch.setattr(writers, "as_bytes", corrupt)
+    with pytest.raises(Exception, match="differ from the input"):
+        convert(GOOD / "consolidated.pth", tmp_path / "out.safetensors")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigkill_mid_conversion_leaves_no_destination(tmp_path: Path) -> None:
+    src = tmp_path / "big.pth"
+    torch.save({f"w{i}": torch.randn(2048, 2048) for i in range(24)}, src)  # ~400 MB
+    dst = tmp_path / "out" / "big.safetensors"
+    proc = subprocess.Popen([sys.executable, "-m", "ckptcheck.cli", "convert", str(src), str(dst)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    temp = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        temps = list((tmp_path / "out").glob(".big.safetensors.ckptcheck-tmp-*")) if (tmp_path / "out").exists() else []
+        if temps and temps[0].stat().st_size > 50e6:
+            temp = temps[0]
+            break
+        time.sleep(0.005)
+    assert temp is not None, "the conversion finished before it could be interrupted"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not dst.exists()
+    # A later run clears the dead writer's temporary and succeeds.
+    convert(src, dst)
+    assert dst.is_file() and not temp.exists()

@@ -1,0 +1,56 @@
+"""Interoperability with transformers (a test-only dependency): its LlamaForCausalLM loads ckptcheck's
+--to hf output and computes ckptcheck's reference logits; and a model transformers saved converts to the
+Meta/lingua layout with the same logits."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptcheck.configs import load_config
+from ckptcheck.convert.api import convert
+from ckptcheck.formats import open_checkpoint
+from ckptcheck.llama import streaming_logits
+
+from .writers import CONFIGS, FIXTURES
+
+transformers = pytest.importorskip("transformers")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+TOKENS = torch.randint(0, 128, (24,), generator=torch.Generator().manual_seed(7))
+
+
+def _hf_logits(folder: Path) -> torch.Tensor:
+    model = transformers.LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    with torch.no_grad():
+        return model(TOKENS[None]).logits[0]
+
+
+@pytest.mark.parametrize("src", ["consolidated.pth", "meta_mp", "dcp"])
+def test_transformers_loads_our_hf_output(src: str, tmp_path: Path) -> None:
+    cfg = load_config(CONFIGS / "lingua_params.json")
+    convert(FIXTURES / "good" / src, tmp_path / "hf", to="hf", config=cfg)
+    with open_checkpoint(FIXTURES / "good" / src) as ckpt:
+        reference = streaming_logits(ckpt, cfg, TOKENS)
+    theirs = _hf_logits(tmp_path / "hf")
+    assert torch.allclose(theirs, reference, atol=1e-5, rtol=1e-4), (theirs - reference).abs().max()
+
+
+def test_a_model_transformers_saved_converts_to_meta_layout(tmp_path: Path) -> None:
+    hf_cfg = json.loads((CONFIGS / "hf_config.json").read_text())
+    hf_cfg["torch_dtype"] = "float32"
+    config = transformers.LlamaConfig(**{k: v for k, v in hf_cfg.items() if k not in ("architectures",)})
+    torch.manual_seed(3)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        theirs = model(TOKENS[None]).logits[0]
+    convert(tmp_path / "saved", tmp_path / "meta.pth", naming="meta", config=tmp_path / "saved" / "config.json")
+    cfg = load_config(CONFIGS / "lingua_params.json")
+    with open_checkpoint(tmp_path / "meta.pth") as ckpt:
+        assert "layers.0.attention.wq.weight" in ckpt.manifest.tensors
+        ours = streaming_logits(ckpt, cfg, TOKENS)
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4), (ours - theirs).abs().max()
