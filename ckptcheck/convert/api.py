@@ -113,7 +113,7 @@ def convert(
             with _progress_bar(progress, plan.total_bytes, f"converting to {fmt}") as tick:
                 _writer(fmt, staging.path, dst_p, nesting).write(plan, chunks, tick)
             written_config = _write_config(fmt, staging.path, dst_p, cfg, cast)
-            verified = verify_output(staging.path, plan, ChunkSource(source, measure_casts=False), display=str(dst_p))
+            verified = verify_output(staging.path, plan, chunks, display=str(dst_p))
             staging.commit()
         except BaseException:
             staging.abort()

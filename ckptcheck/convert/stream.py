@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -45,36 +46,63 @@ class CastStats:
 
 @dataclass
 class ChunkSource:
-    """Reads a move's rows from the source and applies its permutation and cast."""
+    """Reads a move's rows from the source and applies its permutation and cast.
+
+    Chunks are read into reused buffers (reused pages cost far less than fresh ones on these machines),
+    so a chunk is valid until the next read.  ``buffers="shared"`` reads every chunk into one large
+    buffer; ``"exact"`` keeps one buffer per chunk size, so that each chunk owns its whole storage
+    (DCP copies any tensor that does not).
+    ``checksums`` records a CRC32 of every chunk produced, so the output can be verified against
+    what was derived from the input without reading the input a second time.
+    """
 
     checkpoint: Checkpoint
     measure_casts: bool = True
+    buffers: str = "shared"
     cast_stats: dict[str, CastStats] = field(default_factory=dict)
+    checksums: dict[tuple[str, int], int] = field(default_factory=dict)
+    _pool: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def read(self, move: TensorMove, start: int, stop: int) -> torch.Tensor:
-        import torch
-
         if not move.shape:
             t = self.checkpoint.load(move.src_key)
         else:
-            t = self.checkpoint.read_rows(move.src_key, start, stop)
+            t = self.checkpoint.read_rows(move.src_key, start, stop, self._buffer_for(move, start, stop))
         if move.permute is not None and stop > start:
             heads, head_dim, direction = move.permute
             n = (stop - start) // head_dim
             t = interleaved_to_half(t, n) if direction == "interleaved->half" else half_to_interleaved(t, n)
         if move.dst_dtype != move.src_dtype:
-            target = dtypes.to_torch(move.dst_dtype)
-            cast = t.to(target)
-            if self.measure_casts and dtypes.itemsize(move.dst_dtype) < dtypes.itemsize(move.src_dtype):
-                stats = self.cast_stats.setdefault(move.dst_key, CastStats())
-                back = cast.to(t.dtype)
-                diff = (back.double() - t.double()).abs() if t.numel() else torch.zeros(0)
-                if diff.numel():
-                    stats.max_abs = max(stats.max_abs, float(diff.nan_to_num(0).max()))
-                    stats.changed += int((back != t).sum())
-                stats.count += t.numel()
-            t = cast
-        return t.contiguous()
+            t = self._cast(move, t)
+        t = t.contiguous()
+        self.checksums[(move.dst_key, start)] = zlib.crc32(as_bytes(t))
+        return t
+
+    def _buffer_for(self, move: TensorMove, start: int, stop: int) -> torch.Tensor:
+        import torch
+
+        nbytes = (stop - start) * move.row_bytes // dtypes.itemsize(move.dst_dtype) * dtypes.itemsize(move.src_dtype)
+        if self.buffers == "exact":
+            if nbytes not in self._pool:
+                if len(self._pool) >= 4:  # chunk sizes repeat; keep the few most recent
+                    self._pool.pop(next(iter(self._pool)))
+                self._pool[nbytes] = torch.empty(nbytes, dtype=torch.uint8)
+            return self._pool[nbytes]
+        shared = self._pool.get(0)
+        if shared is None or shared.numel() < nbytes:
+            shared = self._pool[0] = torch.empty(max(nbytes, CHUNK_BYTES), dtype=torch.uint8)
+        return shared
+
+    def _cast(self, move: TensorMove, t: torch.Tensor) -> torch.Tensor:
+        cast = t.to(dtypes.to_torch(move.dst_dtype))
+        if self.measure_casts and dtypes.itemsize(move.dst_dtype) < dtypes.itemsize(move.src_dtype) and t.numel():
+            stats = self.cast_stats.setdefault(move.dst_key, CastStats())
+            back = cast.to(t.dtype)
+            diff = (back.double() - t.double()).abs().nan_to_num(0)
+            stats.max_abs = max(stats.max_abs, float(diff.max()))
+            stats.changed += int((back != t).sum())
+            stats.count += t.numel()
+        return cast
 
     def chunks(self, move: TensorMove, chunk_bytes: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         for start, stop in row_ranges(move, chunk_bytes):

@@ -198,7 +198,13 @@ class SafetensorsWriter:
 # --- DCP -------------------------------------------------------------------------------------------
 
 class DcpWriter:
-    """``torch.distributed.checkpoint.save`` in one process, pulling one row chunk at a time."""
+    """``torch.distributed.checkpoint.save`` in one process, pulling one row chunk at a time.
+
+    DCP's FileSystemWriter keeps every tensor of a ``.distcp`` file referenced until the file is
+    closed, so one file per rank would hold the whole checkpoint in memory.  The writer below groups
+    the chunks into files of at most ``FILE_BYTES`` each (``__0_<g>_0.distcp``): memory stays near one
+    group, and the checkpoint is an ordinary DCP checkpoint that dcp.load reads.
+    """
 
     def __init__(self, folder: Path, nesting: str | None = "model", chunk_bytes: int | None = None) -> None:
         self.folder = folder
@@ -213,11 +219,67 @@ class DcpWriter:
 
         moves = {m.dst_key: m for m in plan.written}
         meta = {k: torch.empty(m.shape, dtype=dtypes.to_torch(m.dst_dtype), device="meta") for k, m in moves.items()}
+        # DCP copies any tensor whose storage is larger than itself: give each chunk a buffer of its size.
+        source.buffers = "exact"
         planner = _ChunkedPlanner(moves, source, progress, self.nesting, self.chunk_bytes)
+        writer = _grouping_writer_class()(str(self.folder), FILE_BYTES)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.save(nest(meta, self.nesting), storage_writer=dcp.FileSystemWriter(str(self.folder), thread_count=1),
-                     planner=planner, no_dist=True)
+            dcp.save(nest(meta, self.nesting), storage_writer=writer, planner=planner, no_dist=True)
+
+
+FILE_BYTES = 256 << 20
+
+
+@functools.cache
+def _grouping_writer_class() -> type:
+    import dataclasses
+
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.futures import Future
+
+    class GroupingFileSystemWriter(FileSystemWriter):
+        """Writes the plan's items as a sequence of bounded files, each through the stock writer."""
+
+        def __init__(self, path: str, file_bytes: int) -> None:
+            # One thread and no copy-ahead: chunks are produced and written strictly one at a time.
+            # No fsync per file: the staging commit fsyncs every file once, after the last write, which
+            # lets the kernel flush in the background meanwhile.
+            super().__init__(path, single_file_per_rank=True, thread_count=1, per_thread_copy_ahead=0,
+                             sync_files=False)
+            self._file_bytes = file_bytes
+
+        def write_data(self, plan, planner):  # type: ignore[no-untyped-def]
+            groups: list[list] = [[]]
+            size = 0
+            for item in plan.items:
+                n = _item_bytes(item)
+                if groups[-1] and size + n > self._file_bytes:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(item)
+                size += n
+            results = []
+            prefix = plan.storage_data.prefix
+            for g, items in enumerate(groups):
+                sub = dataclasses.replace(plan, items=items,
+                                          storage_data=dataclasses.replace(plan.storage_data, prefix=f"{prefix}{g}_"))
+                results += super().write_data(sub, planner).wait()
+            future: Future = Future()
+            future.set_result(results)
+            return future
+
+    return GroupingFileSystemWriter
+
+
+def _item_bytes(item: Any) -> int:
+    data = item.tensor_data
+    if data is None:
+        return 0
+    n = dtypes.itemsize(dtypes.from_torch(data.properties.dtype))
+    for d in data.chunk.sizes:
+        n *= d
+    return n
 
 
 @functools.cache

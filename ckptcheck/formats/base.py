@@ -32,11 +32,13 @@ class Checkpoint(ABC):
     def load(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key`` (a manifest key, model or extra), read from disk now."""
 
-    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``start:stop`` along dim 0, reading no more than they need where the format allows.
 
         This is what keeps conversion memory near one chunk instead of one whole tensor; formats
-        override it with direct byte-range reads.  This fallback reads the whole tensor.
+        override it with direct byte-range reads.  ``out`` is a reusable uint8 buffer the result may
+        live in (then it is valid until the buffer is reused); formats that cannot use it ignore it.
+        This fallback reads the whole tensor.
         """
         return self.load(key)[start:stop]
 
@@ -124,11 +126,13 @@ def check_rows(path: str, key: str, shape: tuple[int, ...], start: int, stop: in
         raise InputError(path, key, f"rows {start}:{stop} are outside shape {list(shape)}")
 
 
-def read_exact(f: BinaryIO, offset: int, nbytes: int, *, path: str, item: str) -> torch.Tensor:
-    """``nbytes`` from ``offset`` into a fresh uint8 tensor, read straight into its memory."""
+def read_exact(f: BinaryIO, offset: int, nbytes: int, *, path: str, item: str,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``nbytes`` from ``offset`` read straight into a uint8 tensor: ``out``'s memory if it is large
+    enough (reused pages fault no fresh memory), else a new one."""
     import torch
 
-    buf = torch.empty(nbytes, dtype=torch.uint8)
+    buf = out[:nbytes] if out is not None and out.numel() >= nbytes else torch.empty(nbytes, dtype=torch.uint8)
     if nbytes:
         f.seek(offset)
         view = memoryview(buf.numpy()).cast("B")

@@ -285,7 +285,7 @@ class DcpCheckpoint(Checkpoint):
             return self._read_chunk(item, item.chunks[0], None)
         return self.read_rows(key, 0, item.info.shape[0])
 
-    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of the tensor assembled from the chunks that overlap them, each read only in part."""
         import torch
 
@@ -293,18 +293,34 @@ class DcpCheckpoint(Checkpoint):
         info = item.info
         assert info is not None
         check_rows(self.path, key, info.shape, start, stop)
-        out = torch.empty((stop - start, *info.shape[1:]), dtype=dtypes.to_torch(info.dtype))
+        shape = (stop - start, *info.shape[1:])
+        nbytes = math.prod(shape) * dtypes.itemsize(info.dtype)
+        if out is not None and out.numel() >= nbytes and nbytes:
+            result = out[:nbytes].view(dtypes.to_torch(info.dtype)).view(shape)
+        else:
+            result = torch.empty(shape, dtype=dtypes.to_torch(info.dtype))
+        flat = result.reshape(-1).view(torch.uint8) if nbytes else None
+        row_bytes = nbytes // max(1, stop - start)
         for chunk in item.chunks:
             lo, hi = max(start, chunk.offsets[0]), min(stop, chunk.offsets[0] + chunk.sizes[0])
             if lo >= hi:
                 continue
-            piece = self._read_chunk(item, chunk, (lo - chunk.offsets[0], hi - chunk.offsets[0]))
+            rows = (lo - chunk.offsets[0], hi - chunk.offsets[0])
+            if flat is not None and all(o == 0 for o in chunk.offsets[1:]) and chunk.sizes[1:] == info.shape[1:]:
+                # The chunk spans whole rows: read its bytes straight into their place in the result.
+                target = flat[(lo - start) * row_bytes:(hi - start) * row_bytes]
+                piece = self._read_chunk(item, chunk, rows, target)
+                if piece.data_ptr() != target.data_ptr():
+                    result[lo - start:hi - start] = piece
+                continue
+            piece = self._read_chunk(item, chunk, rows)
             region = (slice(lo - start, hi - start), *(
                 slice(o, o + n) for o, n in zip(chunk.offsets[1:], chunk.sizes[1:], strict=True)))
-            out[region] = piece
-        return out
+            result[region] = piece
+        return result
 
-    def _read_chunk(self, item: Item, chunk: Chunk, rows: tuple[int, int] | None) -> torch.Tensor:
+    def _read_chunk(self, item: Item, chunk: Chunk, rows: tuple[int, int] | None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
         """A chunk, or rows of it: a torch.save blob (DCP's default) or raw bytes (safetensors items)."""
         assert item.info is not None
         where = str(self.folder / chunk.file)
@@ -319,12 +335,12 @@ class DcpCheckpoint(Checkpoint):
             if ref.shape != chunk.sizes or ref.dtype != dtype:
                 raise InputError(where, item.fqn, f"chunk holds {ref.dtype}{list(ref.shape)}, metadata says "
                                  f"{dtype}{list(chunk.sizes)}")
-            return archive.read(item.fqn, ref, rows)
+            return archive.read(item.fqn, ref, rows, out)
         if chunk.length != math.prod(chunk.sizes) * dtypes.itemsize(dtype):
             raise InputError(where, item.fqn, "chunk is neither a torch.save blob nor raw tensor bytes")
         first, count = row_span(chunk.sizes, *rows) if rows else (0, math.prod(chunk.sizes))
         size = dtypes.itemsize(dtype)
-        buf = read_exact(f, chunk.start + first * size, count * size, path=where, item=item.fqn)
+        buf = read_exact(f, chunk.start + first * size, count * size, path=where, item=item.fqn, out=out)
         return bytes_to_tensor(buf, dtype, shape)
 
     def close(self) -> None:

@@ -120,7 +120,7 @@ class MetaShardsCheckpoint(Checkpoint):
             return self._shards[0].load(key)
         return torch.cat([s.load(key) for s in self._shards], dim=split)
 
-    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of the merged tensor: from the shards that hold them (dim-0 splits), or the same rows
         of every shard side by side (dim-1 splits)."""
         import torch
@@ -128,7 +128,7 @@ class MetaShardsCheckpoint(Checkpoint):
         split = self._split(key)
         check_rows(self.path, key, self.manifest.tensors[key].shape, start, stop)
         if split is None:
-            return self._shards[0].read_rows(key, start, stop)
+            return self._shards[0].read_rows(key, start, stop, out)
         if split == 1:
             return torch.cat([s.read_rows(key, start, stop) for s in self._shards], dim=1)
         pieces, offset = [], 0

@@ -132,12 +132,12 @@ class SafetensorsCheckpoint(Checkpoint):
         entry = self._entry(key)
         return self._read(entry, 0, entry.nbytes, entry.info.shape)
 
-    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         entry = self._entry(key)
         check_rows(self.path, key, entry.info.shape, start, stop)
         first, count = row_span(entry.info.shape, start, stop)
         size = itemsize(entry.info.dtype)
-        return self._read(entry, first * size, count * size, (stop - start, *entry.info.shape[1:]))
+        return self._read(entry, first * size, count * size, (stop - start, *entry.info.shape[1:]), out)
 
     def _entry(self, key: str) -> Entry:
         entry = self.file.entries.get(key)
@@ -145,10 +145,11 @@ class SafetensorsCheckpoint(Checkpoint):
             raise InputError(self.path, key, "no such tensor in the checkpoint")
         return entry
 
-    def _read(self, entry: Entry, offset: int, nbytes: int, shape: tuple[int, ...]) -> torch.Tensor:
+    def _read(self, entry: Entry, offset: int, nbytes: int, shape: tuple[int, ...],
+              out: torch.Tensor | None = None) -> torch.Tensor:
         if self._handle is None:
             self._handle = open_binary(self.path)
-        buf = read_exact(self._handle, entry.start + offset, nbytes, path=self.path, item=entry.info.key)
+        buf = read_exact(self._handle, entry.start + offset, nbytes, path=self.path, item=entry.info.key, out=out)
         return bytes_to_tensor(buf, entry.info.dtype, shape)
 
     def close(self) -> None:

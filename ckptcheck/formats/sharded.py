@@ -63,8 +63,8 @@ class ShardedCheckpoint(Checkpoint):
     def load(self, key: str) -> torch.Tensor:
         return self._shard(key).load(key)
 
-    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return self._shard(key).read_rows(key, start, stop)
+    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._shard(key).read_rows(key, start, stop, out)
 
     def close(self) -> None:
         for shard in self._shards.values():

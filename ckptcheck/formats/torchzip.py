@@ -141,7 +141,8 @@ class TorchArchive:
             raise InputError(self.path, info.filename, "record runs past the end of the file")
         return self._base + start
 
-    def read(self, key: str, ref: TensorRef, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(self, key: str, ref: TensorRef, rows: tuple[int, int] | None = None,
+             out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor, or only rows ``rows`` of it (a direct byte-range read when it is contiguous)."""
         from ..dtypes import itemsize
 
@@ -150,7 +151,7 @@ class TorchArchive:
         if rows is not None and ref.is_contiguous:
             check_rows(self.path, key, ref.shape, *rows)
             first, count = row_span(ref.shape, *rows)
-            buf = read_exact(self._f, base + first * size, count * size, path=self.path, item=key)
+            buf = read_exact(self._f, base + first * size, count * size, path=self.path, item=key, out=out)
             return bytes_to_tensor(buf, ref.dtype, (rows[1] - rows[0], *ref.shape[1:]), big_endian=self.big_endian)
         buf = read_exact(self._f, base, ref.extent * size, path=self.path, item=key)
         stride = None if ref.is_contiguous else ref.stride
@@ -224,8 +225,8 @@ class TorchFileCheckpoint(Checkpoint):
     def load(self, key: str) -> torch.Tensor:
         return self.archive.read(key, self._ref(key))
 
-    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return self.archive.read(key, self._ref(key), (start, stop))
+    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.archive.read(key, self._ref(key), (start, stop), out)
 
     def close(self) -> None:
         self._f.close()
