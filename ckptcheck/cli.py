@@ -67,6 +67,21 @@ def build_parser() -> argparse.ArgumentParser:
     dif.add_argument("--debug", action="store_true", help="show tracebacks")
     dif.set_defaults(func=cmd_diff)
 
+    trip = sub.add_parser("roundtrip", help="load the checkpoint into an FSDP2-sharded model on N processes and "
+                          "compare every shard with it, bit for bit")
+    trip.add_argument("ckpt", metavar="CKPT", help="the checkpoint to compare against (any format)")
+    add_options(trip.add_argument, pytest=False, options=(MODEL_CONFIG, MODEL_FACTORY))
+    trip.add_argument("--world-size", type=int, default=2, help="ranks to shard across (default 2)")
+    trip.add_argument("--reshard", type=int, help="then save from that world and load at this many ranks")
+    trip.add_argument("--optimizer", action="store_true", help="also load AdamW state and compare it (DCP input)")
+    trip.add_argument("--dcp", help="a DCP checkpoint made elsewhere to load, instead of converting CKPT")
+    trip.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                      help="auto: NCCL with one process per GPU when there are enough GPUs, else gloo on CPU")
+    trip.add_argument("--timeout", type=float, default=600.0, help="seconds each world size may take")
+    trip.add_argument("--format", choices=("text", "json"), default="text")
+    trip.add_argument("--debug", action="store_true", help="show tracebacks")
+    trip.set_defaults(func=cmd_roundtrip)
+
     inspect = sub.add_parser("inspect", help="describe a checkpoint: format, naming, tensors, inferred config")
     inspect.add_argument("ckpt", metavar="CKPT", help=CHECK_OPTIONS[0].help)
     inspect.add_argument("--format", choices=("text", "json"), default="text")
@@ -137,6 +152,22 @@ def cmd_diff(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render(report))
     return EXIT_OK if report.equal else EXIT_FAIL
+
+
+def cmd_roundtrip(args: argparse.Namespace) -> int:
+    from .roundtrip.launch import roundtrip
+
+    result = roundtrip(args.ckpt, config=args.model_config, world_size=args.world_size, reshard_to=args.reshard,
+                       optimizer=args.optimizer, factory=args.model_factory, timeout=args.timeout,
+                       backend=args.backend, dcp=args.dcp)
+    if args.format == "json":
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print("\n".join(result.lines()))
+        for trip in result.trips:
+            for m in trip.mismatches[:20]:
+                print(f"  mismatch {m['key']}: {m['detail']}")
+    return EXIT_OK if result.ok else EXIT_FAIL
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bits import bit_view, unravel
 from .configs import ModelConfig, load_config
 from .convert.plan import build_plan
 from .convert.stream import ChunkSource, row_ranges
@@ -69,7 +70,7 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, config: str | 
         if map_a.scheme.rotary != map_keys(cb.manifest.tensors).scheme.rotary and cfg is None:
             raise InputError(b, None, "the two checkpoints use different rotary layouts; pass --model-config so "
                              "q/k can be compared per head")
-        plan_b = build_plan(cb.manifest, naming=map_a.scheme, config=cfg, keep_aliases=True)
+        plan_b = build_plan(cb.manifest, naming=map_a.scheme, config=cfg)
         # B's tensors, named and laid out as A holds them
         b_moves = {m.dst_key: m for m in plan_b.moves}
         a_keys = {(map_a.scheme.from_canonical(c) if c and not map_a.scheme.is_custom else k): k
@@ -107,10 +108,9 @@ def _compare(ca, a_key: str, source_b: ChunkSource, move, name: str, atol: float
         got_a = ca.load(a_key) if not info.shape else ca.read_rows(a_key, start, stop)
         got_b = source_b.read(move, start, stop)
         if exact and got_a.dtype == got_b.dtype:
-            same = _bits(got_a) == _bits(got_b)
-            if bool(same.all()):
+            bad = bit_view(got_a) != bit_view(got_b)
+            if not bool(bad.any()):
                 continue
-            bad = (got_a.reshape(-1) != got_b.reshape(-1)) | _nan_mismatch(got_a, got_b)
         else:
             x, y = got_a.double().reshape(-1), got_b.double().reshape(-1)
             bad = ~torch.isclose(x, y, rtol=rtol, atol=atol, equal_nan=True)
@@ -121,34 +121,10 @@ def _compare(ca, a_key: str, source_b: ChunkSource, move, name: str, atol: float
         worst = max(worst, float(delta[bad].max()) if bool(bad.any()) else 0.0)
         if first is None and bool(bad.any()):
             flat = int(bad.nonzero()[0, 0]) + start * (info.numel // max(1, info.shape[0]) if info.shape else 1)
-            first = _unravel(flat, info.shape)
+            first = unravel(flat, info.shape)
     if first is None:
         return KeyDiff(name, "equal")
     return KeyDiff(name, "different", f"max abs difference {worst:.6g} at first index {first}", worst, first)
-
-
-def _bits(t):
-    import torch
-
-    flat = t.reshape(-1)
-    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(flat.element_size())
-    return flat.view(width) if width is not None and flat.numel() else flat
-
-
-def _nan_mismatch(a, b):
-    import torch
-
-    if not a.is_floating_point():
-        return torch.zeros(a.numel(), dtype=torch.bool)
-    return a.reshape(-1).isnan() ^ b.reshape(-1).isnan()
-
-
-def _unravel(flat: int, shape: tuple[int, ...]) -> list[int]:
-    out = []
-    for d in reversed(shape):
-        out.append(flat % d if d else 0)
-        flat //= d if d else 1
-    return list(reversed(out))
 
 
 def _forward(ca, cb, cfg: ModelConfig, n: int, seed: int, atol: float, rtol: float) -> ForwardDiff:

@@ -28,11 +28,34 @@ class Options:
     dtype: str | None = None
     metadata_only: bool = False
     model_factory: str | None = None
+    # world sizes for the FSDP round trip (none: no round trip), and the one to reshard to
+    roundtrip: tuple[int, ...] | str | None = ()
+    reshard: int | str | None = None
 
     def __post_init__(self) -> None:
         load_suite(self.target)  # validates the name against suites/
+        object.__setattr__(self, "roundtrip", _world_sizes(self.roundtrip, "--roundtrip"))
+        if self.reshard is not None:
+            (reshard,) = _world_sizes(str(self.reshard), "--reshard")
+            if not self.roundtrip:
+                raise InputError(None, "--reshard", "needs --roundtrip")
+            object.__setattr__(self, "reshard", reshard)
         if self.dtype is not None:
             object.__setattr__(self, "dtype", dtypes.canonical(self.dtype))
+
+
+def _world_sizes(value: tuple[int, ...] | str | None, flag: str) -> tuple[int, ...]:
+    if not value:
+        return ()
+    if isinstance(value, tuple):
+        return value
+    try:
+        sizes = tuple(int(v) for v in str(value).split(","))
+    except ValueError:
+        raise InputError(None, flag, f"expected world sizes such as 2 or 1,2,4, got {value!r}") from None
+    if any(n < 1 or n > 64 for n in sizes):
+        raise InputError(None, flag, f"world sizes must be between 1 and 64, got {value!r}")
+    return sizes
 
 
 @dataclass

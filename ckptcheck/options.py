@@ -51,7 +51,13 @@ DTYPE = OptionDef("dtype", "--dtype", "--ckpt-dtype",
 METADATA_ONLY = OptionDef("metadata_only", "--metadata-only", "--ckpt-metadata-only",
                           "read no tensor data: skip the value checks", flag=True)
 
-CHECK_OPTIONS = (CKPT, MODEL_CONFIG, MODEL_FACTORY, TARGET, DTYPE, METADATA_ONLY)
+ROUNDTRIP = OptionDef("roundtrip", "--roundtrip", "--ckpt-roundtrip",
+                      "also load the checkpoint into an FSDP2-sharded model on N real processes and compare every "
+                      "shard bit for bit; N or a list such as 1,2,4", metavar="N[,N...]")
+RESHARD = OptionDef("reshard", "--reshard", "--ckpt-reshard",
+                    "with --roundtrip: save from the first world size and load again at this one", metavar="M")
+
+CHECK_OPTIONS = (CKPT, MODEL_CONFIG, MODEL_FACTORY, TARGET, DTYPE, METADATA_ONLY, ROUNDTRIP, RESHARD)
 
 
 def add_options(add: Callable[..., Any], *, pytest: bool, options: tuple[OptionDef, ...] = CHECK_OPTIONS) -> None:
@@ -70,4 +76,4 @@ def engine_options(get: Callable[[str], Any]) -> Any:
     from .engine import Options
 
     return Options(target=get("target") or "init", dtype=get("dtype"), metadata_only=bool(get("metadata_only")),
-                   model_factory=get("model_factory"))
+                   model_factory=get("model_factory"), roundtrip=get("roundtrip"), reshard=get("reshard"))

@@ -73,12 +73,9 @@ def spec_from_config(cfg: ModelConfig) -> ModelSpec:
     )
 
 
-def spec_from_factory(target: str, config: ModelConfig | None = None) -> ModelSpec:
-    """Build ``module:function``'s model on the meta device and expect its state dict.
-
-    The function receives the config's raw JSON if it takes a parameter.  Building on the meta device
-    allocates no memory, so a 70B factory costs what a 1B one does.
-    """
+def build_factory_model(target: str, config: ModelConfig | None = None) -> Any:
+    """Call ``module:function`` (with the config's raw JSON if it takes a parameter) and return its
+    ``nn.Module``; the caller chooses the device (ckptcheck always builds on meta first)."""
     import torch
 
     module_name, sep, attr = target.partition(":")
@@ -95,12 +92,23 @@ def spec_from_factory(target: str, config: ModelConfig | None = None) -> ModelSp
     except (TypeError, ValueError):
         takes_arg = False
     try:
-        with torch.device("meta"):
-            model = fn(config.raw if config is not None else {}) if takes_arg else fn()
+        model = fn(config.raw if config is not None else {}) if takes_arg else fn()
     except Exception as exc:
         raise InputError(None, "--model-factory", f"{target} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, torch.nn.Module):
         raise InputError(None, "--model-factory", f"{target} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def spec_from_factory(target: str, config: ModelConfig | None = None) -> ModelSpec:
+    """Build ``module:function``'s model on the meta device and expect its state dict.
+
+    Building on the meta device allocates no memory, so a 70B factory costs what a 1B one does.
+    """
+    import torch
+
+    with torch.device("meta"):
+        model = build_factory_model(target, config)
     state = model.state_dict(keep_vars=True)
     first_key: dict[int, str] = {}
     tied_raw: dict[str, str] = {}

@@ -6,13 +6,15 @@ from typing import TYPE_CHECKING
 
 from .keys import plan_key_checks, plan_naming
 from .model import Check
+from .roundtrip import plan_roundtrip
 from .state import plan_resume
 from .tensors import plan_config, plan_dtype, plan_finite, plan_shape
 
 if TYPE_CHECKING:
     from ..engine import Session
 
-PLANNERS = (plan_naming, plan_config, plan_key_checks, plan_shape, plan_dtype, plan_finite, plan_resume)
+PLANNERS = (plan_naming, plan_config, plan_key_checks, plan_shape, plan_dtype, plan_finite, plan_resume,
+            plan_roundtrip)
 
 
 def plan_checks(session: Session) -> list[Check]:

@@ -108,6 +108,8 @@ WHY: dict[str, str] = {
     "finite": "one NaN or Inf weight spreads to every activation: the loss is NaN from the first step",
     "resume": "resuming without optimizer state restarts AdamW's moments from zero: a loss spike and a "
     "different run",
+    "fsdp_roundtrip": "training loads the checkpoint sharded across ranks; a conversion or resharding error "
+    "there surfaces as a silently different model, or a tied weight that is no longer tied",
 }
 
 # The order categories are planned and reported in.

@@ -103,8 +103,8 @@ def convert(
     started = time.perf_counter()
     with open_checkpoint(src_p) as source:
         dst_scheme, nesting = _target_layout(fmt, naming, source.manifest.format)
-        plan = build_plan(source.manifest, naming=dst_scheme, dtype=cast, config=cfg, drop=drop,
-                          keep_aliases=fmt == "torch")
+        aliases = {"torch": "keep", "dcp": "copy"}.get(fmt, "drop")
+        plan = build_plan(source.manifest, naming=dst_scheme, dtype=cast, config=cfg, drop=drop, aliases=aliases)
         if fmt == "hf" and cfg is None:
             raise InputError(dst_p, None, "--to hf writes a config.json: pass --model-config")
         staging = Staging(dst_p, folder=fmt in ("dcp", "hf"))

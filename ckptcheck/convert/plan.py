@@ -74,13 +74,14 @@ def build_plan(
     dtype: str | None = None,
     config: ModelConfig | None = None,
     drop: dict[str, str] | None = None,
-    keep_aliases: bool = True,
+    aliases: str = "keep",
 ) -> ConversionPlan:
     """Moves for every model tensor of ``manifest`` into ``naming`` (default: the source's scheme).
 
     ``drop`` maps stored keys to the reason they are left out.  Aliases (tied weights saved as shared
-    storage) stay aliases when the output format can say so (``keep_aliases``), else are dropped, as
-    Hugging Face does for tied embeddings.
+    storage) are kept as aliases ("keep", torch files), written as a copy under their own name ("copy":
+    DCP, where get_model_state_dict expects both names), or left out ("drop": safetensors, as Hugging
+    Face does for tied embeddings).
     """
     mapping: KeyMapping = map_keys(manifest.tensors)
     src = mapping.scheme
@@ -104,8 +105,8 @@ def build_plan(
         cast = dtype if dtype is not None and info.dtype in dtypes.FLOATING else info.dtype
         permute = _permutation(manifest, key, canonical, info.shape, src, dst, config)
         alias = None
-        if info.alias_of is not None and info.alias_of not in dropped:
-            if not keep_aliases:
+        if info.alias_of is not None and info.alias_of not in dropped and aliases != "copy":
+            if aliases == "drop":
                 dropped[key] = f"shares storage with {info.alias_of} (tied); the output format stores it once"
                 continue
             alias = info.alias_of

@@ -64,6 +64,12 @@ class ChunkSource:
     _pool: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def read(self, move: TensorMove, start: int, stop: int) -> torch.Tensor:
+        if move.permute is not None:
+            # Rows permute within whole heads: read the heads these rows fall in, keep the rows asked for.
+            head_dim = move.permute[1]
+            lo, hi = start - start % head_dim, min(move.rows, -(-stop // head_dim) * head_dim)
+            if (lo, hi) != (start, stop):
+                return self.read(move, lo, hi)[start - lo:stop - lo].clone()
         if not move.shape:
             t = self.checkpoint.load(move.src_key)
         else:

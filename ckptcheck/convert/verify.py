@@ -10,6 +10,7 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
+from ..bits import first_difference
 from ..errors import CkptError
 from ..formats import open_checkpoint
 from .plan import ConversionPlan
@@ -50,15 +51,8 @@ def verify_output(path: Path, plan: ConversionPlan, source: ChunkSource, *, disp
                     same = zlib.crc32(as_bytes(got.contiguous())) == crc
                 else:
                     want = source.read(move, start, stop)
-                    same = _bits(got).shape == _bits(want).shape and torch.equal(_bits(got), _bits(want))
+                    same = first_difference(got, want.reshape(got.shape)) is None
                 if not same:
                     raise VerificationError(display, move.dst_key, f"rows {start}:{stop} differ from the input")
                 compared += (stop - start) * move.row_bytes if move.shape else move.nbytes
     return compared
-
-
-def _bits(t):  # compare bit patterns: NaN == NaN, -0.0 != 0.0
-    import torch
-
-    flat = t.reshape(-1)
-    return flat.view(torch.uint8) if flat.numel() else flat

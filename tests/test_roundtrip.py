@@ -1,0 +1,133 @@
+"""The FSDP round trip on real torch.distributed processes (gloo on CPU), launched by torchrun.
+
+Slow (each world size starts its own processes): ``make test`` runs these, ``make test-fast`` skips them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from ckptcheck.convert.api import convert
+from ckptcheck.roundtrip.launch import roundtrip
+
+from .writers import CONFIGS, FIXTURES
+
+pytestmark = pytest.mark.slow
+GOOD = FIXTURES / "good"
+LINGUA = CONFIGS / "lingua_params.json"
+
+
+def test_world_size_1(tmp_path: Path) -> None:
+    result = roundtrip(GOOD / "consolidated.pth", config=LINGUA, world_size=1, workdir=tmp_path)
+    assert result.ok, result.lines()
+    assert result.converted and result.trips[0].ranks[0]["compared_tensors"] == 21
+
+
+@pytest.mark.parametrize(("world", "reshard"), [(2, 4), (4, 2)])
+def test_reshard(world: int, reshard: int, tmp_path: Path) -> None:
+    """Converted by ckptcheck, loaded at N ranks, saved from N, loaded at M: equal to the source each time."""
+    result = roundtrip(GOOD / "hf", config=None, world_size=world, reshard_to=reshard, workdir=tmp_path)
+    assert result.ok, result.lines()
+    assert [t.world_size for t in result.trips] == [world, reshard]
+    for trip in result.trips:  # every rank compared all 21 tensors' shards (some shards may be empty)
+        assert len(trip.ranks) == trip.world_size
+        assert all(r["compared_tensors"] == 21 for r in trip.ranks)
+        assert all(r["backend"] == "gloo" for r in trip.ranks)
+    assert (tmp_path / f"saved_{world}" / ".metadata").is_file()
+
+
+def test_optimizer_state_goes_through_the_trip(tmp_path: Path) -> None:
+    result = roundtrip(GOOD / "dcp", config=None, world_size=2, reshard_to=1, optimizer=True, workdir=tmp_path)
+    assert result.ok, result.lines()
+    rank0 = result.trips[0].ranks[0]
+    assert rank0["compared_tensors"] == 21 * 4  # the weight, then step, exp_avg, exp_avg_sq
+    # this torch's AdamW has a field the checkpoint's param group predates: loaded with its default
+    assert all(k.startswith("optim.param_groups.") for k in rank0["absent_in_checkpoint"])
+
+
+def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
+    result = roundtrip(GOOD / "tied", config=None, world_size=2, workdir=tmp_path)
+    assert result.ok, result.lines()
+    assert all(r["tied"] is True for r in result.trips[0].ranks)
+    untied = roundtrip(GOOD / "consolidated.pth", config=LINGUA, world_size=2, workdir=tmp_path / "u")
+    assert untied.ok and all(r["tied"] is None for r in untied.trips[0].ranks)
+
+
+def test_corrupted_dcp_shard_names_the_key(tmp_path: Path) -> None:
+    from ckptcheck.formats.dcp import read_metadata
+    from ckptcheck.formats.torchzip import TorchArchive, single_tensor_ref
+
+    dcp = tmp_path / "dcp"
+    convert(GOOD / "consolidated.pth", dcp, to="dcp", config=LINGUA)
+    items, _ = read_metadata(dcp)
+    chunk = items["model.layers.1.feed_forward.w2.weight"].chunks[0]
+    with open(dcp / chunk.file, "r+b") as f:
+        archive = TorchArchive(f, path="blob", base=chunk.start, length=chunk.length)
+        # w2 is [32, 96] bf16: flip a byte of element [13, 39], in the rows rank 0 of 2 holds
+        where = archive._data_offset(single_tensor_ref(archive, "w2").storage) + 2 * (13 * 96 + 39)
+        f.seek(where)
+        byte = f.read(1)
+        f.seek(where)
+        f.write(bytes([byte[0] ^ 0x55]))
+    result = roundtrip(GOOD / "consolidated.pth", config=LINGUA, world_size=2, dcp=dcp, workdir=tmp_path / "w")
+    assert not result.ok
+    (mismatch,) = result.trips[0].mismatches
+    assert mismatch["key"] == "layers.1.feed_forward.w2.weight"
+    assert (mismatch["rank"], mismatch["world_size"], mismatch["rows"]) == (0, 2, [0, 16])
+    assert mismatch["first_index"] == [13, 39]
+
+
+FACTORY = textwrap.dedent('''
+    import os, time
+    from ckptcheck.configs import load_config
+    from ckptcheck.model import Transformer
+
+    def crash_on_rank_1(raw):
+        if os.environ.get("RANK") == "1":
+            raise RuntimeError("rank one cannot build its model")
+        return Transformer(load_config(os.environ["TINY_CONFIG"]))
+
+    def hang_on_rank_1(raw):
+        if os.environ.get("RANK") == "1":
+            time.sleep(3600)
+        return Transformer(load_config(os.environ["TINY_CONFIG"]))
+''')
+
+
+@pytest.fixture
+def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "trip_factories.py").write_text(FACTORY)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    monkeypatch.setenv("TINY_CONFIG", str(LINGUA))
+    return tmp_path
+
+
+def test_a_crashed_rank_fails_with_its_own_error(factories: Path) -> None:
+    result = roundtrip(GOOD / "consolidated.pth", config=LINGUA, world_size=2, factory="trip_factories:crash_on_rank_1",
+                       workdir=factories / "w", timeout=120)
+    assert not result.ok
+    errors = " ".join(result.trips[0].errors)
+    assert "rank 1 failed in phase build" in errors and "rank one cannot build its model" in errors
+
+
+def test_a_hung_rank_times_out_and_leaves_no_process(factories: Path) -> None:
+    started = time.monotonic()
+    result = roundtrip(GOOD / "consolidated.pth", config=LINGUA, world_size=2, factory="trip_factories:hang_on_rank_1",
+                       workdir=factories / "w", timeout=40)
+    assert not result.ok and time.monotonic() - started < 90
+    assert any("timed out" in e or "failed" in e for e in result.trips[0].errors)
+    time.sleep(1)
+    leftover = subprocess.run(["pgrep", "-f", str(factories / "w")], capture_output=True, text=True).stdout
+    assert leftover.strip() == "", f"workers outlived the round trip: {leftover}"
+
+
+def test_pytest_items(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--ckpt", str(GOOD / "tied"), "--ckpt-roundtrip", "2", "-k", "roundtrip", "-v")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*::test_fsdp_roundtrip?world_size=2? PASSED*"])
