@@ -27,9 +27,11 @@ demo: $(STAMP)
 	  status=$$?; if [ $$status -eq 1 ]; then echo "(exit status 1: the checks caught it)"; else exit $$status; fi
 
 test: $(STAMP)
+	$(BIN)/ruff check ckptcheck tests bench fixtures
 	$(BIN)/pytest -n $(JOBS) tests
 
 test-fast: $(STAMP)
+	$(BIN)/ruff check ckptcheck tests bench fixtures
 	$(BIN)/pytest -n $(JOBS) -m "not slow" tests
 
 fixtures: $(STAMP)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ckptcheck.formats import detect_format, open_checkpoint
-from ckptcheck.naming import HF, META, TITAN
+from ckptcheck.naming import HF, TITAN
 
 from .writers import FIXTURES, FORMATS, named, write
 
