@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,11 +77,18 @@ def backend_for(world_size: int, requested: str = "auto") -> str:
 
 
 def run_world(*, dcp: str | Path, source: str | Path, world_size: int, config: str | None, factory: str | None,
-              optimizer: bool, save: str | Path | None, timeout: float, backend: str = "auto") -> TripResult:
-    """Run the worker on ``world_size`` local ranks and collect their reports."""
+              optimizer: bool, save: str | Path | None, timeout: float, backend: str = "auto",
+              prepare: Callable[[], None] | None = None) -> TripResult:
+    """Run the worker on ``world_size`` local ranks and collect their reports.
+
+    ``prepare`` (the conversion to DCP) runs here while the ranks start up, import torch and meet;
+    they wait for the DCP folder, which the converter renames into place only once it is complete.
+    """
     report_dir = Path(tempfile.mkdtemp(prefix="ckptcheck-roundtrip-"))
     worker_args = ["--dcp", str(dcp), "--source", str(source), "--report", str(report_dir),
                    "--timeout", str(max(30.0, timeout / 4))]
+    if prepare is not None:
+        worker_args.append("--wait-for-dcp")
     if config:
         worker_args += ["--model-config", str(config)]
     if factory:
@@ -96,16 +104,20 @@ def run_world(*, dcp: str | Path, source: str | Path, world_size: int, config: s
     if env["CKPTCHECK_BACKEND"] == "gloo":
         env["CUDA_VISIBLE_DEVICES"] = ""  # gloo round trips run on CPU, whatever the machine has
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    log = report_dir / "torchrun.log"
     errors: list[str] = []
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        output, _ = proc.communicate()
-        errors.append(f"timed out after {timeout:.0f} s")
-    finally:
-        _kill_group(proc)
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            if prepare is not None:
+                prepare()
+            proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - started)))
+        except subprocess.TimeoutExpired:
+            errors.append(f"timed out after {timeout:.0f} s")
+        finally:
+            _kill_group(proc)
+            proc.wait()
+    output = log.read_bytes()
     seconds = time.perf_counter() - started
     ranks = []
     for path in sorted(report_dir.glob("rank*.json")):
@@ -139,6 +151,8 @@ class RoundtripResult:
     dcp: str
     converted: bool
     trips: list[TripResult]
+    # this process's peak resident memory: the converter's, when it converted
+    launcher_peak_rss: int = 0
 
     @property
     def ok(self) -> bool:
@@ -150,6 +164,7 @@ class RoundtripResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "dcp": self.dcp, "converted": self.converted, "ok": self.ok,
+                "launcher_peak_rss": self.launcher_peak_rss,
                 "trips": [{"world_size": t.world_size, "ok": t.ok, "seconds": t.seconds, "errors": t.errors,
                            "mismatches": t.mismatches, "peak_rss": t.peak_rss, "dcp": t.dcp} for t in self.trips]}
 
@@ -174,22 +189,30 @@ def roundtrip(ckpt: str | Path, *, config: str | Path | None, world_size: int = 
         if dcp is not None and fmt != "dcp":
             raise InputError(dcp, None, "is not a DCP checkpoint folder")
         converted = fmt != "dcp"
+        prepare = None
         if converted:
             if optimizer:
                 raise InputError(ckpt, None, "the optimizer round trip needs a DCP checkpoint with optimizer "
                                  "state (lingua or torchtitan step folder)")
             dcp_dir = work / "dcp"
-            convert(ckpt, dcp_dir, to="dcp", naming="lingua" if factory is None else None, config=config_path)
+
+            def prepare() -> None:
+                # Not verified on its own: the trip compares every shard loaded from it with the source.
+                convert(ckpt, dcp_dir, to="dcp", naming="lingua" if factory is None else None, config=config_path,
+                        verify=False)
         else:
             dcp_dir = Path(target)
         trips = [run_world(dcp=dcp_dir, source=ckpt, world_size=world_size, config=config_path, factory=factory,
                            optimizer=optimizer, save=work / f"saved_{world_size}" if reshard_to else None,
-                           timeout=timeout, backend=backend)]
+                           timeout=timeout, backend=backend, prepare=prepare)]
         if reshard_to and trips[0].ok:
             trips.append(run_world(dcp=work / f"saved_{world_size}", source=ckpt, world_size=reshard_to,
                                    config=config_path, factory=factory, optimizer=optimizer, save=None,
                                    timeout=timeout, backend=backend))
-        return RoundtripResult(str(ckpt), str(dcp_dir), converted, trips)
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return RoundtripResult(str(ckpt), str(dcp_dir), converted, trips, peak)
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)

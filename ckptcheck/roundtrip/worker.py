@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--save", help="save the loaded sharded state back to this DCP folder")
     ap.add_argument("--report", required=True, help="folder for rank<N>.json results")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds any collective may wait")
+    ap.add_argument("--wait-for-dcp", action="store_true",
+                    help="wait (up to --timeout) for --dcp to appear: it is being written while the ranks start")
     return ap.parse_args(argv)
 
 
@@ -117,15 +119,22 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
     from ..formats import open_checkpoint
     from ..formats.dcp import read_metadata
 
+    if args.wait_for_dcp:
+        with Phase(report, "wait"):
+            deadline = time.monotonic() + args.timeout
+            while not (Path(args.dcp) / ".metadata").is_file():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{args.dcp} did not appear within {args.timeout:.0f} s")
+                time.sleep(0.05)
+    items, _ = read_metadata(Path(args.dcp))
     with Phase(report, "build"):
-        model, cfg = _build(args, dtype=_dcp_dtype(read_metadata(Path(args.dcp))[0]))
+        model, cfg = _build(args, dtype=_dcp_dtype(items))
         for block in getattr(model, "layers", []):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         model.to_empty(device=device)
         optim = torch.optim.AdamW(model.parameters(), lr=1e-4) if args.optimizer else None
 
-    items, _ = read_metadata(Path(args.dcp))
     nested = any(it.path[0] == "model" and len(it.path) > 1 for it in items.values())
     prefix = "model." if nested else ""
     with Phase(report, "load"):
