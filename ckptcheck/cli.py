@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(check.add_argument, pytest=False, options=CHECK_OPTIONS)
     check.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
     check.add_argument("-v", "--verbose", action="store_true", help="list passing and skipped checks too")
+    check.add_argument("--matrix", action="store_true",
+                       help="also check against every framework target (lingua, torchtitan, transformers, Meta)")
     check.add_argument("--debug", action="store_true", help="show tracebacks")
     check.set_defaults(func=cmd_check)
 
@@ -42,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--naming", choices=("meta", "lingua", "titan", "hf"),
                       help="output key names (default: the input's; hf for --to hf). lingua nests under 'model'")
     add_options(conv.add_argument, pytest=False, options=(MODEL_CONFIG, DTYPE))
+    conv.add_argument("--weights-only", action="store_true",
+                      help="leave optimizer, scheduler and data-loader state behind (carried by default to torch/dcp)")
+    conv.add_argument("--init-optimizer-state", action="store_true",
+                      help="write fresh AdamW state (step 0, zero moments) instead of the input's")
     _output_options(conv)
     conv.set_defaults(func=cmd_convert)
 
@@ -51,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(rep.add_argument, pytest=False, options=(MODEL_CONFIG, MODEL_FACTORY, TARGET, DTYPE))
     rep.add_argument("--to", choices=OUTPUT_FORMATS, help="output format (default: the input's kind)")
     rep.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    rep.add_argument("--init-optimizer-state", action="store_true",
+                     help="write fresh AdamW state (step 0, zero moments) so that a resume target can start")
     _output_options(rep)
     rep.set_defaults(func=cmd_repair)
 
@@ -102,7 +110,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .convert.api import convert
 
     report = convert(args.src, args.dst, to=args.to, naming=args.naming, config=args.model_config, dtype=args.dtype,
-                     force=args.force, progress=args.format == "text")
+                     force=args.force, progress=args.format == "text", weights_only=args.weights_only,
+                     init_optimizer_state=args.init_optimizer_state)
     if args.format == "json":
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -116,7 +125,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
     options = engine_options(lambda name: getattr(args, name, None))
     outcome = repair(args.src, args.dst, config=args.model_config, options=options, to=args.to,
-                     dry_run=args.dry_run, force=args.force, progress=args.format == "text")
+                     dry_run=args.dry_run, force=args.force, progress=args.format == "text",
+                     init_optimizer_state=args.init_optimizer_state)
     if args.format == "json":
         print(json.dumps(outcome.to_json(), indent=2))
     else:
@@ -126,6 +136,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
             print(f"  repair: {step}")
         for why in outcome.plan.refusals:
             print(f"  cannot repair: {why}")
+        for why in outcome.plan.left_as_is:
+            print(f"  left as is: {why}")
         if outcome.conversion is not None:
             print("\n".join(outcome.conversion.lines()))
             still = [r for r in outcome.after if r.status.value in ("fail", "unsafe")]
@@ -181,15 +193,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     finally:
         the_plan.close()
     summary = summarize(results)
+    rows = None
+    if args.matrix:
+        from .matrix import compatibility_matrix
+
+        rows = compatibility_matrix(args.ckpt, args.model_config, options)
     notes = the_plan.session.notes if the_plan.session else []
     for note in notes:
         print(f"ckptcheck: {note}", file=sys.stderr)
     if args.format == "json":
         doc = json_report.document(the_plan.checkpoint_info, the_plan.config_info, results, summary)
+        if rows is not None:
+            from .matrix import to_json
+
+            doc["matrix"] = to_json(rows)
         sys.stdout.write(json_report.dumps(doc))
     else:
         sys.stdout.write(text.render_check(the_plan.checkpoint_info, the_plan.config_info, results, summary,
                                            verbose=args.verbose))
+        if rows is not None:
+            from .matrix import render_text
+
+            sys.stdout.write("\ncompatibility matrix\n" + render_text(rows))
     return EXIT_OK if summary["verdict"] == "pass" else EXIT_FAIL
 
 

@@ -46,6 +46,8 @@ class Manifest:
     extra_entries: tuple[str, ...] = ()
     # Facts about what wrote the file: serialization version, byte order, DCP metadata version, ...
     facts: dict[str, str] = field(default_factory=dict)
+    # Dotted key -> path for every extra tensor and entry (dict keys may themselves contain dots).
+    extra_paths: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:

@@ -18,7 +18,7 @@ from .convert.api import ConversionReport, convert
 from .engine import Options, Plan, plan, run
 
 # The output format a repair writes by default, from the input's format.
-DEFAULT_OUTPUT = {"torch": "torch", "meta-shards": "torch", "safetensors": "safetensors",
+DEFAULT_OUTPUT = {"torch": "torch", "torch-legacy": "torch", "meta-shards": "torch", "safetensors": "safetensors",
                   "safetensors-sharded": "hf", "hf-bin-sharded": "hf", "dcp": "dcp"}
 REFUSED = {
     "safety": "the input is unsafe to load",
@@ -26,8 +26,12 @@ REFUSED = {
     "key_present": "tensors are missing and cannot be made up",
     "shape": "tensors have shapes the config does not allow",
     "finite": "weights hold NaN or Inf; restore them from an earlier checkpoint",
-    "resume": "there is no optimizer state to resume from",
 }
+# Failures --init-optimizer-state repairs (by replacing the optimizer state altogether).
+OPTIMIZER_CATEGORIES = ("resume", "optimizer_state", "optimizer_groups", "optimizer_step")
+# Failures no conversion can repair, which do not stop the others from being repaired.
+LEFT_AS_IS = {"train_state": "scheduler and data-loader state cannot be made up; the output will still fail "
+                             "these checks"}
 
 
 @dataclass
@@ -38,6 +42,8 @@ class RepairPlan:
     naming: str | None = None
     dtype: str | None = None
     drop: dict[str, str] = field(default_factory=dict)
+    init_optimizer_state: bool = False
+    left_as_is: list[str] = field(default_factory=list)
 
     @property
     def possible(self) -> bool:
@@ -58,6 +64,7 @@ class RepairOutcome:
     def to_json(self) -> dict[str, Any]:
         return {
             "steps": self.plan.steps, "refusals": self.plan.refusals, "to": self.plan.to,
+            "left_as_is": self.plan.left_as_is,
             "conversion": None if self.conversion is None else self.conversion.to_json(),
             "failed_before": [r.id for r in self.before if r.status in (Status.FAIL, Status.UNSAFE)],
             "failed_after": [r.id for r in self.after if r.status in (Status.FAIL, Status.UNSAFE)],
@@ -65,23 +72,45 @@ class RepairOutcome:
         }
 
 
-def plan_repair(the_plan: Plan, results: list[CheckResult], to: str | None) -> RepairPlan:
+def _ids(results: list[CheckResult], category: str) -> str:
+    ids = [r.id for r in results if r.category == category]
+    return f"{', '.join(ids[:4])}{' ...' if len(ids) > 4 else ''}"
+
+
+def plan_repair(the_plan: Plan, results: list[CheckResult], to: str | None,
+                init_optimizer_state: bool = False) -> RepairPlan:
     session = the_plan.session
     failed = [r for r in results if r.status in (Status.FAIL, Status.UNSAFE)]
-    rp = RepairPlan()
+    rp = RepairPlan(init_optimizer_state=init_optimizer_state)
     for category, why in REFUSED.items():
-        ids = [r.id for r in failed if r.category == category]
-        if ids:
-            rp.refusals.append(f"{why}: {', '.join(ids[:4])}{' ...' if len(ids) > 4 else ''}")
+        if any(r.category == category for r in failed):
+            rp.refusals.append(f"{why}: {_ids(failed, category)}")
+    optimizer_fails = [r for r in failed if r.category in OPTIMIZER_CATEGORIES]
+    if optimizer_fails and not init_optimizer_state:
+        rp.refusals.append(f"the optimizer state is missing or does not fit: {', '.join(r.id for r in optimizer_fails[:4])}"
+                           " (pass --init-optimizer-state to start it afresh, or resume from a checkpoint that has it)")
+    for category, why in LEFT_AS_IS.items():
+        if any(r.category == category for r in failed):
+            rp.left_as_is.append(f"{why}: {_ids(failed, category)}")
     if session is None:
         return rp
+    from .naming import SCHEMES
+
     manifest = session.manifest
-    rp.to = to or DEFAULT_OUTPUT.get(manifest.format, "torch")
-    spec_scheme = session.spec.scheme
+    suite = session.suite
+    suite_to = suite.repair[suite.repair.index("--to") + 1] if "--to" in suite.repair else None
+    rp.to = to or suite_to or DEFAULT_OUTPUT.get(manifest.format, "torch")
+    # The naming the target loads: the framework's, else the config's.
+    spec_scheme = SCHEMES[suite.naming] if suite.naming else session.spec.scheme
     rp.naming = None if spec_scheme.is_custom else ("hf" if rp.to == "hf" else spec_scheme.name)
     if rp.to == "hf" and spec_scheme.name != "hf":
         rp.refusals.append("--to hf writes Hugging Face names, but the config loads "
                            f"{spec_scheme.title} names; use --to torch, safetensors or dcp")
+    from .migrations import applicable
+
+    for migration in applicable(manifest):
+        if migration.to is None or rp.to in migration.to:
+            rp.steps.append(f"migrate ({migration.name}): {migration.title}")
     mapping = session.mapping
     if mapping.scheme.name != spec_scheme.name and not spec_scheme.is_custom:
         permute = mapping.scheme.rotary != spec_scheme.rotary
@@ -101,12 +130,19 @@ def plan_repair(the_plan: Plan, results: list[CheckResult], to: str | None) -> R
             rp.drop[r.key] = "not a tensor of the configured model"
     if rp.drop:
         rp.steps.append(f"drop {len(rp.drop)} keys the model does not have: {', '.join(list(rp.drop)[:4])}")
-    if manifest.nesting and rp.to in ("torch", "safetensors"):
+    if manifest.nesting and rp.to == "safetensors":
         rp.steps.append(f"unwrap the model tensors from {manifest.nesting!r}; training state is left behind")
     if rp.to == "dcp":
         rp.steps.append("nest the model tensors under 'model' (lingua's init_ckpt_path layout)")
     if rp.to in ("dcp", "hf") and session.config is not None:
         rp.steps.append(f"write {'config.json' if rp.to == 'hf' else 'params.json'} beside the weights")
+    if init_optimizer_state:
+        if rp.to not in ("torch", "dcp"):
+            rp.refusals.append(f"--to {rp.to} holds no optimizer state; use --to torch or --to dcp")
+        rp.steps.append("INITIALISE optimizer state: AdamW at step 0 with zero moments for every parameter, "
+                        "replacing whatever optimizer state the input has")
+    elif manifest.sections and rp.to in ("torch", "dcp"):
+        rp.steps.append(f"carry the training state over ({', '.join(manifest.sections)})")
     if not rp.steps and not rp.refusals:
         rp.steps.append("nothing to repair: every check passes (the output is a verified copy)")
     return rp
@@ -114,13 +150,13 @@ def plan_repair(the_plan: Plan, results: list[CheckResult], to: str | None) -> R
 
 def repair(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, config: str | os.PathLike[str] | None,
            options: Options, to: str | None = None, dry_run: bool = False, force: bool = False,
-           progress: bool = False) -> RepairOutcome:
+           progress: bool = False, init_optimizer_state: bool = False) -> RepairOutcome:
     the_plan = plan(src, config, options)
     try:
         before = run(the_plan)
     finally:
         the_plan.close()
-    rp = plan_repair(the_plan, before, to)
+    rp = plan_repair(the_plan, before, to, init_optimizer_state)
     outcome = RepairOutcome(rp, before)
     if dry_run or not rp.possible:
         return outcome
@@ -128,7 +164,8 @@ def repair(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, config: 
     assert session is not None
     cfg_for_convert = session.config
     outcome.conversion = convert(src, dst, to=rp.to, naming=rp.naming, config=cfg_for_convert, dtype=rp.dtype,
-                                 force=force, progress=progress, drop=rp.drop)
+                                 force=force, progress=progress, drop=rp.drop,
+                                 init_optimizer_state=rp.init_optimizer_state)
     check_path = Path(dst)
     after_plan = plan(check_path, session.config_arg, options)
     try:

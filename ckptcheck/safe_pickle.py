@@ -47,9 +47,14 @@ def _codecs_encode(text: Any, encoding: str = "utf-8") -> bytes:
     return text.encode(encoding)
 
 
+class AttrDict(dict):
+    """What an OrderedDict unpickles to: a dict that also takes attributes, because a module's
+    ``state_dict()`` pickles its ``_metadata`` attribute with it."""
+
+
 # Containers that any pickle may use; safe because calling them runs no user code.
 BASIC_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): dict,
+    ("collections", "OrderedDict"): AttrDict,
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "complex"): complex,
@@ -65,7 +70,7 @@ MAX_PICKLE_BYTES = 1 << 30
 class _Unpickler(pickle.Unpickler):
     def __init__(
         self,
-        stream: io.BytesIO,
+        stream: Any,
         *,
         path: str,
         member: str,
@@ -125,6 +130,29 @@ def safe_loads(
             _scan_trailing(rest, path=path, member=member, allowed=allowed)
             raise InputError(path, member, f"{len(rest)} unexpected bytes after the end of the pickle")
     return obj
+
+
+def safe_load_stream(
+    f: Any,
+    *,
+    path: str,
+    member: str,
+    allowed: Mapping[tuple[str, str], Any],
+    persistent_load: Callable[[Any], Any] | None = None,
+) -> Any:
+    """Unpickle one pickle from an open binary file, leaving it positioned right after it (the legacy
+    torch format stacks several pickles and then raw storage bytes in one file)."""
+    unpickler = _Unpickler(f, path=path, member=member, allowed=allowed, persistent_load=persistent_load)
+    try:
+        return unpickler.load()
+    except (UnsafeInputError, InputError):
+        raise
+    except RecursionError:
+        raise InputError(path, member, "pickle nests too deeply") from None
+    except MemoryError:
+        raise InputError(path, member, "pickle asks for more memory than it can hold") from None
+    except Exception as exc:
+        raise InputError(path, member, f"malformed pickle ({type(exc).__name__}: {_short(exc)})") from None
 
 
 def _scan_trailing(rest: bytes, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any]) -> None:

@@ -14,11 +14,22 @@ from .checks.model import CATEGORIES
 from .errors import InputError
 
 
+_UNSET = object()
+
+
 @dataclass(frozen=True)
 class Suite:
     name: str
     title: str
     categories: tuple[str, ...]
+    naming: str | None = None  # the scheme the framework loads; None: the config's
+    formats: tuple[str, ...] | None = None  # formats the framework loads; None: any
+    nesting: str | None = None  # with formats: "model" or None (flat)
+    repair: tuple[str, ...] = ()  # ckptcheck repair arguments producing the framework's layout
+
+    @property
+    def is_framework(self) -> bool:
+        return self.formats is not None
 
 
 def available() -> tuple[str, ...]:
@@ -36,4 +47,6 @@ def load_suite(name: str) -> Suite:
     if data.get("name") != name or unknown:
         raise InputError(f"suites/{name}.json", None, f"invalid suite (name {data.get('name')!r}, "
                          f"unknown categories {sorted(unknown)})")
-    return Suite(name=name, title=data.get("title", ""), categories=tuple(data["categories"]))
+    return Suite(name=name, title=data.get("title", ""), categories=tuple(data["categories"]),
+                 naming=data.get("naming"), formats=tuple(data["formats"]) if data.get("formats") else None,
+                 nesting=data.get("nesting"), repair=tuple(data.get("repair", ())))

@@ -22,7 +22,7 @@ CHECK_FIELDS = {"id", "category", "key", "status", "expected", "obtained", "mess
 def test_check_good_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", GOOD, "--model-config", LINGUA]) == 0
     out = capsys.readouterr().out
-    assert out.rstrip().endswith("PASS: 92 checks, 92 passed, 0 failed, 0 skipped")
+    assert out.rstrip().endswith("PASS: 93 checks, 93 passed, 0 failed, 0 skipped")
     assert "torch, meta naming, 21 tensors" in out
 
 
@@ -32,7 +32,7 @@ def test_check_broken_exits_1_and_names_each_failure(capsys: pytest.CaptureFixtu
     for line in ("FAIL   key_present[layers.0.feed_forward.w3.weight]", "FAIL   dtype[norm.weight]",
                  "FAIL   finite[layers.1.attention.wk.weight]", "expected: bfloat16", "obtained: float32"):
         assert line in out
-    assert out.rstrip().endswith("FAIL: 92 checks, 86 passed, 3 failed, 3 skipped")
+    assert out.rstrip().endswith("FAIL: 93 checks, 87 passed, 3 failed, 3 skipped")
 
 
 def test_json_document_follows_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
@@ -64,7 +64,7 @@ def test_config_found_beside_checkpoint(capsys: pytest.CaptureFixture[str]) -> N
     (["check", GOOD, "--model-config", LINGUA, "--dtype", "int3"], "invalid choice"),
     (["check", GOOD, "--model-config", LINGUA, "--model-factory", "nomodule"], "expected module:function"),
     (["inspect", str(CONFIGS / "lingua_params.json")], "not a checkpoint"),
-    (["check", GOOD, "--model-config", LINGUA, "--target", "bogus"], "unknown target 'bogus'; known: init, resume"),
+    (["check", GOOD, "--model-config", LINGUA, "--target", "bogus"], "unknown target 'bogus'; known: hf, init, lingua_init"),
 ])
 def test_bad_input_exits_2_with_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) if "--dtype" in args else _nullcontext():

@@ -131,3 +131,10 @@ def test_pytest_items(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--ckpt", str(GOOD / "tied"), "--ckpt-roundtrip", "2", "-k", "roundtrip", "-v")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*::test_fsdp_roundtrip?world_size=2? PASSED*"])
+
+
+def test_optimizer_trip_from_a_consolidated_file(tmp_path: Path) -> None:
+    """ckptcheck's converter carries lingua's optim section into the DCP the ranks load."""
+    result = roundtrip(GOOD / "lingua_consolidated", config=None, world_size=2, optimizer=True, workdir=tmp_path)
+    assert result.ok, result.lines()
+    assert result.converted and result.trips[0].ranks[0]["compared_tensors"] == 21 * 4

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .keys import plan_key_checks, plan_naming
+from .keys import plan_key_checks, plan_layout, plan_naming
 from .model import Check
+from .optimizer import plan_optimizer, plan_train_state
 from .roundtrip import plan_roundtrip
 from .state import plan_resume
 from .tensors import plan_config, plan_dtype, plan_finite, plan_shape
+from .version import plan_version
 
 if TYPE_CHECKING:
     from ..engine import Session
 
-PLANNERS = (plan_naming, plan_config, plan_key_checks, plan_shape, plan_dtype, plan_finite, plan_resume,
-            plan_roundtrip)
+PLANNERS = (plan_version, plan_naming, plan_layout, plan_config, plan_key_checks, plan_shape, plan_dtype, plan_finite, plan_resume,
+            plan_optimizer, plan_train_state, plan_roundtrip)
 
 
 def plan_checks(session: Session) -> list[Check]:

@@ -13,7 +13,9 @@ if TYPE_CHECKING:
 
 
 def plan_naming(session: Session) -> list[Check]:
-    target = session.spec.scheme
+    from ..naming import SCHEMES
+
+    target = SCHEMES[session.suite.naming] if session.suite.naming else session.spec.scheme
     if target.is_custom:
         return []
 
@@ -30,11 +32,28 @@ def plan_naming(session: Session) -> list[Check]:
             problems.append(f"keys carry wrapper prefixes: {titles}")
         if not problems:
             return Verdict.ok(f"keys use {target.title} naming", expected=target.name, obtained=found.name)
-        fix = None if found.is_custom else repairs.naming(session)
+        fix = None if found.is_custom else repairs.naming(session, target)
         obtained = found.name + "".join(f" + {w!r}" for w in session.mapping.wrappers)
         return Verdict.fail("; ".join(problems), expected=target.name, obtained=obtained, repair=fix)
 
     return [Check("naming", target.name, evaluate)]
+
+
+def plan_layout(session: Session) -> list[Check]:
+    suite = session.suite
+    if not suite.is_framework:
+        return []
+
+    def evaluate() -> Verdict:
+        m = session.manifest
+        want = " or ".join(suite.formats or ()) + (f", model under {suite.nesting!r}" if suite.nesting else ", flat")
+        got = m.format + (f", model under {m.nesting!r}" if m.nesting else ", flat")
+        if m.format in (suite.formats or ()) and m.nesting == suite.nesting:
+            return Verdict.ok(f"{got}, as {suite.name} loads it", expected=want, obtained=got)
+        return Verdict.fail(f"{suite.title.split(':')[0]} loads {want}; this is {got}", expected=want, obtained=got,
+                            repair=repairs.command(session, *suite.repair))
+
+    return [Check("layout", suite.name, evaluate)]
 
 
 def plan_key_checks(session: Session) -> list[Check]:

@@ -97,8 +97,12 @@ class Check:
 # Why each category matters, said once and shown with every failure of it.
 WHY: dict[str, str] = {
     "safety": "a pickle that names code outside the allowlist runs that code the moment torch.load opens it",
+    "version": "the torch that loads the checkpoint must be able to read its serialization and layout, "
+    "the way training reads it (memory-mapped, lazily, or through DCP)",
     "naming": "loaders match tensors by name: under another naming a strict load fails and a lenient one "
     "leaves every weight at its initial value",
+    "layout": "each framework loads one format and one nesting: lingua a DCP folder with the model under "
+    "'model', transformers safetensors, Meta's code consolidated.pth files",
     "config": "the config builds the model: where it disagrees with the weights, the weights cannot load",
     "key_present": "a missing tensor fails a strict load, or stays randomly initialised in a lenient one",
     "unexpected_key": "a strict load_state_dict fails on extra keys; a lenient one drops them, which hides a "
@@ -108,6 +112,13 @@ WHY: dict[str, str] = {
     "finite": "one NaN or Inf weight spreads to every activation: the loss is NaN from the first step",
     "resume": "resuming without optimizer state restarts AdamW's moments from zero: a loss spike and a "
     "different run",
+    "optimizer_state": "each parameter resumes with its own AdamW moments; a missing or misshapen one "
+    "fails the load or restarts that parameter's moments from zero",
+    "optimizer_groups": "a parameter in no param group is never updated; one in two is updated twice",
+    "optimizer_step": "AdamW's bias correction uses the step: parameters at different steps resume "
+    "inconsistently, and a step that disagrees with the train state means mixed-up files",
+    "train_state": "without the scheduler the learning rate restarts its warm-up; without the data loader "
+    "the run sees the same data again",
     "fsdp_roundtrip": "training loads the checkpoint sharded across ranks; a conversion or resharding error "
     "there surfaces as a silently different model, or a tied weight that is no longer tied",
 }

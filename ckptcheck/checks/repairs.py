@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..engine import Session
+    from ..naming import Scheme
 
 
 def repaired_path(ckpt: str) -> str:
@@ -24,28 +25,33 @@ def repaired_path(ckpt: str) -> str:
     return str(p.with_name(f"{p.stem}.repaired{p.suffix}"))
 
 
-def command(session: Session) -> str:
+def command(session: Session, *extra: str) -> str:
     """The ``ckptcheck repair`` command line for this session's checkpoint and config."""
-    parts = ["ckptcheck", "repair", session.ckpt_arg, repaired_path(session.ckpt_arg)]
+    dst = repaired_path(session.ckpt_arg)
+    to = extra[extra.index("--to") + 1] if "--to" in extra else None
+    if to is not None:  # name the output as that format names its files or folders
+        stem = str(Path(dst).with_suffix("")) if Path(dst).suffix in (".pth", ".pt", ".bin", ".safetensors") else dst
+        dst = stem + {"torch": ".pth", "safetensors": ".safetensors"}.get(to, "")
+    parts = ["ckptcheck", "repair", session.ckpt_arg, dst]
     if session.config_arg:
         parts += ["--model-config", session.config_arg]
     if session.options.target != "init":
         parts += ["--target", session.options.target]
     if session.options.dtype:
         parts += ["--dtype", session.options.dtype]
-    return shlex.join(parts)
+    return shlex.join([*parts, *extra])
 
 
-def naming(session: Session) -> str:
-    """Rename to the config's scheme (permuting q/k across rotary layouts) and strip wrappers."""
-    scheme, found = session.spec.scheme, session.mapping.scheme
+def naming(session: Session, scheme: Scheme) -> str:
+    """Rename to ``scheme`` (permuting q/k across rotary layouts) and strip wrappers."""
+    found = session.mapping.scheme
     what = []
     if found.name != scheme.name:
         what.append(f"renames the keys to {scheme.title} naming"
                     + (" and permutes wq/wk rows" if found.rotary != scheme.rotary else ""))
     if session.mapping.wrappers:
         what.append("strips " + ", ".join(repr(w) for w in session.mapping.wrappers))
-    return f"{command(session)}  ({'; '.join(what)})"
+    return f"{command(session, *session.suite.repair)}  ({'; '.join(what)})"
 
 
 def cast(session: Session, dtype: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .model import Check, Verdict
+from .repairs import command
 
 if TYPE_CHECKING:
     from ..engine import Session
@@ -25,8 +26,9 @@ def plan_resume(session: Session) -> list[Check]:
         return Verdict.fail(
             "no optimizer state: this checkpoint can initialise training but not resume it",
             expected="optimizer state (optim / optimizer section)", obtained=found,
-            repair="start from it instead: lingua checkpoint.init_ckpt_path, torchtitan "
-            "checkpoint.initial_load_model_only; or resume from a checkpoint saved with its optimizer",
+            repair="start from it instead (lingua checkpoint.init_ckpt_path, torchtitan "
+            "checkpoint.initial_load_model_only), or give it fresh optimizer state: "
+            f"{command(session)} --init-optimizer-state (AdamW at step 0)",
         )
 
     return [Check("resume", "optimizer", evaluate)]

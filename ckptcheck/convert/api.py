@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -14,9 +15,10 @@ from .. import dtypes
 from ..configs import ModelConfig, load_config, to_hf_config, to_lingua_params
 from ..errors import InputError
 from ..formats import open_checkpoint
+from ..manifest import Manifest
 from ..naming import HF, META, Scheme
 from .atomic import Staging, refuse_unsafe_destination
-from .plan import ConversionPlan, build_plan, scheme_named
+from .plan import ConversionPlan, build_plan, carry_state, fresh_adamw_state, scheme_named
 from .stream import ChunkSource
 from .verify import verify_output
 from .writers import DcpWriter, SafetensorsWriter, TorchZipWriter
@@ -39,6 +41,7 @@ class ConversionReport:
     dropped: list[tuple[str, str]]
     config_written: str | None = None
     precision: dict[str, dict[str, float]] = field(default_factory=dict)
+    optimizer_initialised: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -48,7 +51,8 @@ class ConversionReport:
         out = [
             f"wrote {self.dst} ({self.to}, {self.naming} naming"
             + (f", model under {self.nesting!r}" if self.nesting else "") + f") from {self.src}",
-            f"  {s['tensors']} tensors, {self.bytes_written / 1e6:.1f} MB in {self.seconds:.2f} s: "
+            f"  {s['tensors']} tensors" + (f" and {s['state_tensors']} training-state tensors" if s["state_tensors"] else "")
+            + f", {self.bytes_written / 1e6:.1f} MB in {self.seconds:.2f} s: "
             f"{s['renamed']} renamed, {s['permuted']} q/k permuted, {s['cast']} cast, {s['dropped']} dropped",
         ]
         if self.bytes_verified:
@@ -63,6 +67,9 @@ class ConversionReport:
                        f"{worst[1]['max_abs_error']:.3g} (in {worst[0]})")
         if self.config_written:
             out.append(f"  config: {self.config_written}")
+        if self.optimizer_initialised:
+            out.append("  NOTE: optimizer state was INITIALISED, not carried over: AdamW at step 0 with zero moments "
+                       "for every parameter. Training that resumes from this restarts its optimizer.")
         return out
 
 
@@ -89,6 +96,8 @@ def convert(
     progress: bool = False,
     drop: dict[str, str] | None = None,
     verify: bool = True,
+    init_optimizer_state: bool = False,
+    weights_only: bool = False,
 ) -> ConversionReport:
     """Convert ``src`` into ``dst``; raises ``InputError`` (nothing written) on any problem.
 
@@ -111,6 +120,19 @@ def convert(
         dst_scheme, nesting = _target_layout(fmt, naming, source.manifest.format)
         aliases = {"torch": "keep", "dcp": "copy"}.get(fmt, "drop")
         plan = build_plan(source.manifest, naming=dst_scheme, dtype=cast, config=cfg, drop=drop, aliases=aliases)
+        if init_optimizer_state:
+            if fmt not in ("torch", "dcp"):
+                raise InputError(dst_p, None, f"--to {fmt} holds no optimizer state; use --to torch or --to dcp")
+            plan = fresh_adamw_state(plan)
+        elif source.manifest.sections and not weights_only:
+            if fmt in ("torch", "dcp"):
+                plan = carry_state(plan, source, config=cfg)
+            else:
+                left = ", ".join(source.manifest.sections)
+                plan = dataclasses.replace(plan, dropped=(*plan.dropped, (left, f"training state: --to {fmt} holds "
+                                                                                "model tensors only")))
+        if plan.state and fmt == "torch":
+            nesting = nesting or "model"  # the training state goes beside the model: {"model": ..., "optim": ...}
         if fmt == "hf" and cfg is None:
             raise InputError(dst_p, None, "--to hf writes a config.json: pass --model-config")
         staging = Staging(dst_p, folder=fmt in ("dcp", "hf"))
@@ -119,6 +141,8 @@ def convert(
             with _progress_bar(progress, plan.total_bytes, f"converting to {fmt}") as tick:
                 _writer(fmt, staging.path, dst_p, nesting).write(plan, chunks, tick)
             written_config = _write_config(fmt, staging.path, dst_p, cfg, cast)
+            if fmt == "dcp" and plan.state and not init_optimizer_state:
+                _copy_train_states(source.manifest, staging.path)
             verified = verify_output(staging.path, plan, chunks, display=str(dst_p)) if verify else 0
             staging.commit()
         except BaseException:
@@ -127,9 +151,11 @@ def convert(
     precision = {k: {"max_abs_error": v.max_abs, "changed": v.changed, "elements": v.count}
                  for k, v in chunks.cast_stats.items()}
     return ConversionReport(
-        src=str(src_p), dst=str(dst_p), to=fmt, naming=plan.dst_scheme.name, nesting=nesting, summary=plan.summary(),
+        src=str(src_p), dst=str(dst_p), to=fmt, naming=plan.dst_scheme.name, nesting=nesting,
+        summary=plan.summary(),
         bytes_written=plan.total_bytes, bytes_verified=verified, seconds=time.perf_counter() - started,
         dropped=[list(d) for d in plan.dropped], config_written=written_config, precision=precision,  # type: ignore[misc]
+        optimizer_initialised=init_optimizer_state,
     )
 
 
@@ -171,6 +197,20 @@ def _write_config(fmt: str, staged: Path, dst: Path, cfg: ModelConfig | None, dt
         return str(dst / "config.json")
     (staged / "params.json").write_text(json.dumps(to_lingua_params(cfg), indent=2) + "\n")
     return str(dst / "params.json")
+
+
+def _copy_train_states(manifest: Manifest, staged: Path) -> None:
+    """lingua keeps each data-parallel rank's train state (step, scheduler, data loader) in
+    train_state_<rank>.json beside the DCP files: it travels with the training state."""
+    import shutil
+
+    from ..training_state import TRAIN_STATE_RE
+
+    folder = Path(manifest.path)
+    if manifest.format == "dcp" and folder.is_dir():
+        for f in sorted(folder.iterdir()):
+            if TRAIN_STATE_RE.match(f.name) and f.is_file():
+                shutil.copyfile(f, staged / f.name)
 
 
 class _progress_bar:  # noqa: N801 - used as a context manager

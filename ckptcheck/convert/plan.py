@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from .. import dtypes
 from ..configs import ModelConfig
 from ..errors import InputError
-from ..manifest import Manifest
+from ..manifest import OPTIMIZER_SECTIONS, Manifest
 from ..naming import CUSTOM, KeyMapping, Scheme, map_keys, role_of, strip_wrappers
 
 ROTARY_HEADS = {"layers.{i}.attention.wq.weight": "n_heads", "layers.{i}.attention.wk.weight": "n_kv_heads"}
@@ -25,6 +26,8 @@ class TensorMove:
     permute: tuple[int, int, str] | None = None
     # the destination key this one shares storage with (a tied weight), written once
     alias_of: str | None = None
+    # made, not read: every element this value (fresh optimizer state); src_key is then empty
+    fill: float | None = None
 
     @property
     def rows(self) -> int:
@@ -49,10 +52,17 @@ class ConversionPlan:
     dst_scheme: Scheme
     wrappers: tuple[str, ...]
     dropped: tuple[tuple[str, str], ...]  # (stored key, why)
+    # Sections beside the model ("optim": {...}) as nested dicts and lists whose leaves are TensorMoves
+    # (dst_key: the dotted path) or plain values; None when only the model is written.
+    state: dict[str, Any] | None = None
+
+    @property
+    def state_moves(self) -> tuple[TensorMove, ...]:
+        return tuple(leaf for _, leaf in flatten_state(self.state or {}) if isinstance(leaf, TensorMove))
 
     @property
     def written(self) -> tuple[TensorMove, ...]:
-        return tuple(m for m in self.moves if m.alias_of is None)
+        return tuple(m for m in self.moves if m.alias_of is None) + self.state_moves
 
     @property
     def total_bytes(self) -> int:
@@ -64,6 +74,7 @@ class ConversionPlan:
             "permuted": sum(m.permute is not None for m in self.moves),
             "cast": sum(m.src_dtype != m.dst_dtype for m in self.moves), "dropped": len(self.dropped),
             "aliases": sum(m.alias_of is not None for m in self.moves),
+            "state_tensors": len(self.state_moves),
         }
 
 
@@ -119,6 +130,109 @@ def build_plan(
         seen[m.dst_key] = m.src_key
     moves = [m if m.alias_of is None else _realias(m, dst_of) for m in moves]
     return ConversionPlan(tuple(moves), src, dst, mapping.wrappers, tuple(sorted(dropped.items())))
+
+
+def flatten_state(obj: Any, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """(path, leaf) pairs, flattened as DCP flattens: into dicts, and into lists that hold containers."""
+    if isinstance(obj, dict) and obj:
+        return [pair for k, v in obj.items() for pair in flatten_state(v, (*prefix, str(k)))]
+    if isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, list, tuple, TensorMove)) for v in obj):
+        return [pair for i, v in enumerate(obj) for pair in flatten_state(v, (*prefix, str(i)))]
+    return [(prefix, obj)]
+
+
+def carry_state(plan: ConversionPlan, checkpoint: Any, *, config: ModelConfig | None = None) -> ConversionPlan:
+    """The plan plus every section beside the model (optimizer, scheduler, data loader, train state),
+    rebuilt as nested dicts and lists: tensors as moves, values read through the allowlist.  Optimizer
+    state follows its parameters: keys and param-group names are renamed as the weights are, and
+    exp_avg/exp_avg_sq rows of wq/wk are permuted with them."""
+    import dataclasses
+
+    manifest = checkpoint.manifest
+    if not manifest.extra_paths:
+        return plan
+    by_src = {m.src_key: m for m in plan.moves}
+    bare = {strip_wrappers(m.src_key)[0]: m for m in plan.moves}
+
+    def param_move(name: str) -> TensorMove | None:
+        return by_src.get(name) or bare.get(strip_wrappers(name)[0])
+
+    def renamed(name: Any) -> Any:
+        move = param_move(name) if isinstance(name, str) else None
+        return move.dst_key if move is not None else name
+
+    from ..training_state import optimizer_path
+
+    root: dict[str, Any] = {}
+    for key, raw in manifest.extra_paths.items():
+        path = optimizer_path(raw)
+        dst_path = list(path)
+        owner = None
+        if len(path) >= 3 and path[0] in OPTIMIZER_SECTIONS and path[1] in ("state", "param_groups"):
+            owner = param_move(path[2])
+            if owner is not None:
+                dst_path[2] = owner.dst_key
+        if len(raw) == 2 and len(path) == 4:  # keep torchtitan's own flattened form
+            dst_path = [path[0], ".".join(dst_path[1:])]
+        dotted = ".".join(dst_path)
+        info = manifest.extra_tensors.get(key)
+        if info is not None:
+            permute = owner.permute if owner is not None and info.shape == owner.shape else None
+            leaf: Any = TensorMove(key, dotted, None, info.shape, info.dtype, info.dtype, permute)
+        else:
+            leaf = checkpoint.load_value(key)
+            if path[-1] == "params" and isinstance(leaf, list):
+                leaf = [renamed(n) for n in leaf]
+            elif path[-1] == "param_groups" and isinstance(leaf, list):  # DCP before 2.4: the whole list
+                leaf = [{**g, "params": [renamed(n) for n in g.get("params", [])]} if isinstance(g, dict) else g
+                        for g in leaf]
+        _insert(root, dst_path, leaf)
+    return dataclasses.replace(plan, state=_listify(root))
+
+
+def _insert(root: dict[str, Any], path: list[str], leaf: Any) -> None:
+    node = root
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = leaf
+
+
+def _listify(obj: Any, parent: str = "") -> Any:
+    """Undo flattening where it lost a type: param_groups was a list (its keys are 0..n-1), and a plain
+    optimizer.state_dict() keys its state by position (ints, matching the ints in its param groups)."""
+    if not isinstance(obj, dict):
+        return obj
+    items = {k: _listify(v, k) for k, v in obj.items()}
+    digits = bool(items) and all(k.isdigit() for k in items)
+    if parent == "param_groups" and digits and sorted(int(k) for k in items) == list(range(len(items))):
+        return [items[str(i)] for i in range(len(items))]
+    if parent == "state" and digits:
+        return {int(k): v for k, v in items.items()}
+    return items
+
+
+def fresh_adamw_state(plan: ConversionPlan, section: str = "optim") -> ConversionPlan:
+    """The plan plus AdamW state at step 0 for every trainable parameter, keyed by name as lingua's and
+    torchtitan's get_state_dict key it; the param group has this torch's AdamW defaults."""
+    import dataclasses
+
+    import torch
+
+    state: dict[str, Any] = {}
+    names = []
+    for m in plan.moves:
+        if m.alias_of is not None or m.dst_dtype not in dtypes.FLOATING:
+            continue
+        names.append(m.dst_key)
+        prefix = f"{section}.state.{m.dst_key}."
+        state[m.dst_key] = {
+            "step": TensorMove("", prefix + "step", None, (), "float32", "float32", fill=0.0),
+            "exp_avg": TensorMove("", prefix + "exp_avg", None, m.shape, m.dst_dtype, m.dst_dtype, fill=0.0),
+            "exp_avg_sq": TensorMove("", prefix + "exp_avg_sq", None, m.shape, m.dst_dtype, m.dst_dtype, fill=0.0),
+        }
+    defaults = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]).state_dict()["param_groups"][0]
+    group = {k: v for k, v in defaults.items() if k != "params"} | {"params": names}
+    return dataclasses.replace(plan, state={section: {"state": state, "param_groups": [group]}})
 
 
 def _realias(move: TensorMove, dst_of: dict[str, str]) -> TensorMove:

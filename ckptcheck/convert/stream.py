@@ -64,6 +64,13 @@ class ChunkSource:
     _pool: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def read(self, move: TensorMove, start: int, stop: int) -> torch.Tensor:
+        if move.fill is not None:
+            import torch
+
+            shape = (stop - start, *move.shape[1:]) if move.shape else ()
+            t = torch.full(shape, move.fill, dtype=dtypes.to_torch(move.dst_dtype))
+            self.checksums[(move.dst_key, start)] = zlib.crc32(as_bytes(t))
+            return t
         if move.permute is not None:
             # Rows permute within whole heads: read the heads these rows fall in, keep the rows asked for.
             head_dim = move.permute[1]

@@ -34,10 +34,14 @@ def verify_output(path: Path, plan: ConversionPlan, source: ChunkSource, *, disp
             missing, extra = sorted(expected - keys), sorted(keys - expected)
             raise VerificationError(display, None, f"output keys differ from the plan (missing {missing[:3]}, "
                                     f"extra {extra[:3]})")
-        for move in plan.moves:
-            if move.dst_key not in keys:
+        extra = out.manifest.extra_tensors
+        absent = [m.dst_key for m in plan.state_moves if m.dst_key not in extra]
+        if absent:
+            raise VerificationError(display, absent[0], f"{len(absent)} training-state tensors are missing from the output")
+        for move in (*plan.moves, *plan.state_moves):
+            if move.dst_key not in keys and move.dst_key not in extra:
                 continue
-            info = out.manifest.tensors[move.dst_key]
+            info = out.manifest.tensors.get(move.dst_key) or extra[move.dst_key]
             if info.shape != move.shape or info.dtype != move.dst_dtype:
                 raise VerificationError(display, move.dst_key, f"written as {info.dtype}{list(info.shape)}, "
                                         f"planned {move.dst_dtype}{list(move.shape)}")

@@ -102,7 +102,9 @@ class TorchZipWriter:
                 if move.alias_of is not None:
                     stubs[move.dst_key] = stubs[move.alias_of]
             ordered = {m.dst_key: stubs[m.dst_key] for m in plan.moves}
-            buf = _pickle_bytes(nest(ordered, self.nesting))
+            tree = nest(ordered, self.nesting)
+            tree.update(_replace_leaves(plan.state or {}, lambda m: stubs[m.dst_key]))
+            buf = _pickle_bytes(tree)
             records = [("data.pkl", buf), (".format_version", b"1"), (".storage_alignment", b"64"),
                        ("byteorder", b"little"), ("version", b"3\n"),
                        (".data/serialization_id", str(uuid.uuid4().int)[:20].encode())]
@@ -122,6 +124,17 @@ class TorchZipWriter:
         pad = (-start) % ALIGN
         info.extra = b"FB" + struct.pack("<H", pad) + b"Z" * pad
         return info
+
+
+def _replace_leaves(obj: Any, make: Callable[[TensorMove], Any]) -> Any:
+    """The state tree with each TensorMove leaf replaced by ``make(move)``."""
+    if isinstance(obj, TensorMove):
+        return make(obj)
+    if isinstance(obj, dict):
+        return {k: _replace_leaves(v, make) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_replace_leaves(v, make) for v in obj]
+    return obj
 
 
 def _pickle_bytes(obj: Any) -> bytes:
@@ -217,15 +230,22 @@ class DcpWriter:
         import torch
         import torch.distributed.checkpoint as dcp
 
-        moves = {m.dst_key: m for m in plan.written}
-        meta = {k: torch.empty(m.shape, dtype=dtypes.to_torch(m.dst_dtype), device="meta") for k, m in moves.items()}
+        def meta_of(m: TensorMove) -> torch.Tensor:
+            return torch.empty(m.shape, dtype=dtypes.to_torch(m.dst_dtype), device="meta")
+
+        prefix = f"{self.nesting}." if self.nesting else ""
+        model_moves = [m for m in plan.moves if m.alias_of is None]
+        # DCP flattens the state dict to dotted keys; state moves' dst_key already is theirs.
+        moves = {prefix + m.dst_key: m for m in model_moves} | {m.dst_key: m for m in plan.state_moves}
+        state = nest({m.dst_key: meta_of(m) for m in model_moves}, self.nesting)
+        state.update(_replace_leaves(plan.state or {}, meta_of))
         # DCP copies any tensor whose storage is larger than itself: give each chunk a buffer of its size.
         source.buffers = "exact"
-        planner = _ChunkedPlanner(moves, source, progress, self.nesting, self.chunk_bytes)
+        planner = _ChunkedPlanner(moves, source, progress, self.chunk_bytes)
         writer = _grouping_writer_class()(str(self.folder), FILE_BYTES)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.save(nest(meta, self.nesting), storage_writer=writer, planner=planner, no_dist=True)
+            dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
 
 
 FILE_BYTES = 256 << 20
@@ -293,16 +313,17 @@ def _chunked_planner_class() -> type:
 
     class ChunkedPlanner(DefaultSavePlanner):
         def __init__(self, moves: dict[str, TensorMove], source: ChunkSource, progress: Progress,
-                     nesting: str | None, chunk_bytes: int | None) -> None:
+                     chunk_bytes: int | None) -> None:
             super().__init__()
             self._moves, self._source, self._progress = moves, source, progress
-            self._prefix = f"{nesting}." if nesting else ""
             self._chunk_bytes = chunk_bytes
 
         def create_local_plan(self) -> SavePlan:
             items = []
-            for key, move in self._moves.items():
-                fqn = self._prefix + key
+            for fqn, obj in self.state_dict.items():  # flattened by set_up_planner
+                if fqn not in self._moves:  # a plain value (param group fields): DCP pickles it
+                    items.append(WriteItem(index=MetadataIndex(fqn), type=WriteItemType.BYTE_IO))
+            for fqn, move in self._moves.items():
                 props = TensorProperties(dtype=dtypes.to_torch(move.dst_dtype))
                 for start, stop in row_ranges(move, self._chunk_bytes):
                     offsets = (start, *([0] * (len(move.shape) - 1))) if move.shape else ()
@@ -315,8 +336,10 @@ def _chunked_planner_class() -> type:
             self.plan = SavePlan(items, planner_data=self.mappings)
             return self.plan
 
-        def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
-            move = self._moves[write_item.index.fqn[len(self._prefix):]]
+        def resolve_data(self, write_item: WriteItem) -> Any:
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            move = self._moves[write_item.index.fqn]
             chunk = write_item.tensor_data.chunk  # type: ignore[union-attr]
             start = chunk.offsets[0] if move.shape else 0
             stop = start + chunk.sizes[0] if move.shape else 1

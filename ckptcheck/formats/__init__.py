@@ -12,6 +12,7 @@ from pathlib import Path
 from ..errors import InputError
 from .base import Checkpoint
 from .dcp import METADATA_NAME, DcpCheckpoint
+from .legacy import LegacyTorchCheckpoint
 from .meta_shards import MetaShardsCheckpoint, shard_files
 from .safetensors_files import SafetensorsCheckpoint
 from .sharded import ShardedCheckpoint
@@ -70,11 +71,7 @@ def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
     if kind == "safetensors":
         return "safetensors", p
     if kind == "legacy":
-        raise InputError(
-            p, None,
-            "legacy torch serialization (torch < 1.6, not a zip archive) is not supported; "
-            "re-save it with a current torch.save",
-        )
+        return "torch-legacy", p
     raise InputError(p, None, f"not a checkpoint: the file is {kind}")
 
 
@@ -111,4 +108,6 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         return ShardedCheckpoint(target, TorchFileCheckpoint, fmt)
     if fmt == "safetensors":
         return SafetensorsCheckpoint(target)
+    if fmt == "torch-legacy":
+        return LegacyTorchCheckpoint(target)
     return TorchFileCheckpoint(target)

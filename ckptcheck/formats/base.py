@@ -6,7 +6,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import InputError
 from ..manifest import MODEL_SECTIONS, OPTIMIZER_SECTIONS, Manifest, TensorInfo, natural_key
@@ -31,6 +31,10 @@ class Checkpoint(ABC):
     @abstractmethod
     def load(self, key: str) -> torch.Tensor:
         """The tensor stored under ``key`` (a manifest key, model or extra), read from disk now."""
+
+    def load_value(self, key: str) -> Any:
+        """A non-tensor entry (``manifest.extra_entries``): a number, string, list... through the allowlist."""
+        raise InputError(self.manifest.path, key, "this format holds no non-tensor values")
 
     def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``start:stop`` along dim 0, reading no more than they need where the format allows.
@@ -61,8 +65,17 @@ class Layout:
     model: dict[str, TensorInfo]
     extra: dict[str, TensorInfo]
     others: tuple[str, ...]
-    # entry path -> its key in ``model`` or ``extra``
+    # entry path -> its key in ``model`` or ``extra`` (tensors)
     names: dict[tuple[str, ...], str]
+
+    @property
+    def extra_paths(self) -> dict[str, tuple[str, ...]]:
+        """Dotted key -> path, for every entry outside the model (tensors and values): an optimizer's
+        parameter names contain dots, so only the path says where one ends."""
+        others = set(self.others)
+        return {key: p for p in self.all_paths if (key := ".".join(p)) in self.extra or key in others}
+
+    all_paths: tuple[tuple[str, ...], ...] = ()
 
 
 def split_sections(entries: Iterable[tuple[tuple[str, ...], TensorInfo | None]]) -> Layout:
@@ -95,6 +108,7 @@ def split_sections(entries: Iterable[tuple[tuple[str, ...], TensorInfo | None]])
         (model if in_model else extra)[name] = _renamed(info, name)
     return Layout(
         nesting=nesting, sections=tuple(sorted(sections)), model=_sorted(model), extra=_sorted(extra), others=tuple(others), names=names,
+        all_paths=tuple(path for path, _ in items),
     )
 
 

@@ -171,7 +171,7 @@ def read_metadata(folder: Path) -> tuple[dict[str, Item], dict[str, str]]:
         if not isinstance(fqn, str):
             raise InputError(where, repr(fqn), "state_dict_metadata key is not a string")
         path = planner.get(fqn) if isinstance(planner, dict) else None
-        path = tuple(str(p) for p in path) if isinstance(path, (tuple, list)) and path else (fqn,)
+        path = tuple(str(p) for p in path) if isinstance(path, (tuple, list)) and path else _guess_path(fqn)
         if isinstance(entry, _BytesStorage):
             info = by_index.get((fqn, None))
             chunk = _chunk(folder, where, fqn, (), (), info, file_sizes) if info is not None else None
@@ -180,9 +180,30 @@ def read_metadata(folder: Path) -> tuple[dict[str, Item], dict[str, str]]:
             items[fqn] = _tensor_item(folder, where, fqn, path, entry, by_index, file_sizes)
         else:
             raise InputError(where, fqn, f"unknown storage metadata type {type(entry).__name__}")
-    facts = {"dcp metadata version": str(meta.__dict__.get("version") or "none (torch < 2.4)"),
+    version = meta.__dict__.get("version")
+    # Before torch 2.4 DCP kept lists (param_groups) whole and recorded no version (pytorch #133923).
+    whole_lists = any(it.info is None and it.path[-1] in ("param_groups",) for it in items.values())
+    layout = "before torch 2.4 (no metadata version" + (", lists kept whole)" if whole_lists else ")") \
+        if version is None else f"torch 2.4+ (metadata version {version})"
+    facts = {"dcp metadata version": str(version or "none"), "dcp layout": layout,
              "dcp storage files": str(len(file_sizes))}
     return dict(sorted(items.items())), facts
+
+
+def _guess_path(fqn: str) -> tuple[str, ...]:
+    """A flattened key's path when the checkpoint records none (saved without flatten_state_dict):
+    a model section's first component, an optimizer's (section, "state", parameter, field)."""
+    from ..manifest import MODEL_SECTIONS, OPTIMIZER_SECTIONS
+
+    head, _, rest = fqn.partition(".")
+    if head in MODEL_SECTIONS and rest:
+        return head, rest
+    if head in OPTIMIZER_SECTIONS and rest.startswith("state.") and rest.count(".") >= 2:
+        param, _, field = rest[len("state."):].rpartition(".")
+        return head, "state", param, field
+    if head in OPTIMIZER_SECTIONS and rest:
+        return (head, *rest.split("."))
+    return (fqn,)
 
 
 def _tensor_item(folder: Path, where: str, fqn: str, path: tuple[str, ...], entry: _TensorStorage,
@@ -258,12 +279,13 @@ class DcpCheckpoint(Checkpoint):
         items, facts = read_metadata(self.folder)
         layout = split_sections((it.path, it.info) for it in items.values())
         self._items = {layout.names[it.path]: it for it in items.values() if it.info is not None}
+        self._bytes_items = {".".join(it.path): it for it in items.values() if it.info is None}
         self._handles: dict[str, BinaryIO] = {}
         files = tuple(sorted({str(self.folder / c.file) for it in items.values() for c in it.chunks}))
         self.manifest = Manifest(
             path=self.path, format=self.format_name, tensors=layout.model,
             files=(str(self.folder / METADATA_NAME), *files), nesting=layout.nesting, sections=layout.sections,
-            extra_tensors=layout.extra, extra_entries=layout.others, facts=facts,
+            extra_tensors=layout.extra, extra_entries=layout.others, facts=facts, extra_paths=layout.extra_paths,
         )
 
     def _handle(self, rel: str) -> BinaryIO:
@@ -271,6 +293,19 @@ class DcpCheckpoint(Checkpoint):
         if h is None:
             h = self._handles[rel] = open_binary(self.folder / rel)
         return h
+
+    def load_value(self, key: str) -> Any:
+        """A bytes entry: DCP stores each as a torch.save blob, read here through the allowlist."""
+        item = self._bytes_items.get(key)
+        if item is None or not item.chunks:
+            raise InputError(self.path, key, "no such value in the checkpoint")
+        chunk = item.chunks[0]
+        f = self._handle(chunk.file)
+        f.seek(chunk.start)
+        if f.read(4) != ZIP_MAGIC:
+            raise InputError(self.folder / chunk.file, key, "bytes entry is not a torch.save blob")
+        return TorchArchive(f, path=f"{self.folder / chunk.file}@{chunk.start}", base=chunk.start,
+                            length=chunk.length).obj
 
     def _item(self, key: str) -> Item:
         item = self._items.get(key)

@@ -169,6 +169,9 @@ class StorageTable:
         self.storages: dict[str, StorageRef] = {}
 
     def __call__(self, pid: Any) -> StorageRef:
+        return self.add(pid)
+
+    def add(self, pid: Any) -> StorageRef:
         if not isinstance(pid, tuple) or len(pid) != 5 or pid[0] not in ("storage", b"storage"):
             raise MalformedTensor("unexpected persistent id")
         _, storage_type, key, location, numel = pid

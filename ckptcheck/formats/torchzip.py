@@ -209,11 +209,13 @@ class TorchFileCheckpoint(Checkpoint):
             raise
         layout = split_sections(entries)
         self._refs = {layout.names[path]: refs[".".join(path)] for path, info in entries if info is not None}
+        self._values = {".".join(path): value for path, value in walk(self.archive.obj)
+                        if not isinstance(value, TensorRef)}
         model = {k: _alias_renamed(v, layout.nesting) for k, v in layout.model.items()}
         self.manifest = Manifest(
             path=self.path, format=self.format_name, tensors=model, files=(self.path,), nesting=layout.nesting,
             sections=layout.sections, extra_tensors=layout.extra, extra_entries=layout.others,
-            facts=dict(self.archive.facts),
+            facts=dict(self.archive.facts), extra_paths=layout.extra_paths,
         )
 
     def _ref(self, key: str) -> TensorRef:
@@ -227,6 +229,11 @@ class TorchFileCheckpoint(Checkpoint):
 
     def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.archive.read(key, self._ref(key), (start, stop), out)
+
+    def load_value(self, key: str) -> Any:
+        if key not in self._values:
+            raise InputError(self.path, key, "no such value in the checkpoint")
+        return self._values[key]
 
     def close(self) -> None:
         self._f.close()

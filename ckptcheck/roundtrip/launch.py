@@ -191,9 +191,6 @@ def roundtrip(ckpt: str | Path, *, config: str | Path | None, world_size: int = 
         converted = fmt != "dcp"
         prepare = None
         if converted:
-            if optimizer:
-                raise InputError(ckpt, None, "the optimizer round trip needs a DCP checkpoint with optimizer "
-                                 "state (lingua or torchtitan step folder)")
             dcp_dir = work / "dcp"
 
             def prepare() -> None:

@@ -1,0 +1,145 @@
+"""The legacy torch serialization (torch < 1.6, or ``_use_new_zipfile_serialization=False``).
+
+One file of stacked pickles: a magic number, a protocol version, system info, the object (with
+persistent ids naming storages), the list of storage keys in the order their data follows, then for
+each storage an 8-byte element count and its raw bytes.  All pickles go through the same allowlist as
+the zip format; storage offsets are computed from the counts, validated against the file's size.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import dtypes
+from ..errors import InputError
+from ..manifest import Manifest, TensorInfo
+from ..safe_pickle import BASIC_GLOBALS, safe_load_stream
+from .base import Checkpoint, bytes_to_tensor, check_rows, open_binary, read_exact, row_span, split_sections
+from .torch_pickle import TORCH_ALLOWLIST, MalformedTensor, StorageRef, StorageTable, TensorRef, walk
+
+if TYPE_CHECKING:
+    import torch
+
+MAGIC = 0x1950A86A20F9469CFC6C
+PROTOCOL = 1001
+
+
+class _LegacyStorages(StorageTable):
+    """Legacy persistent ids carry a sixth field, view metadata, which only torch < 0.4 files use."""
+
+    def __call__(self, pid: Any) -> StorageRef:
+        if not isinstance(pid, tuple) or len(pid) != 6:
+            raise MalformedTensor("unexpected persistent id")
+        if pid[5] is not None:
+            raise MalformedTensor("storage views (torch < 0.4 files) are not supported")
+        return self.add(pid[:5])
+
+
+class LegacyTorchCheckpoint(Checkpoint):
+    format_name = "torch-legacy"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        self._f = open_binary(self.path)
+        try:
+            self._open()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _open(self) -> None:
+        f, where = self._f, self.path
+        size = os.fstat(f.fileno()).st_size
+        header = {k: v for k, v in BASIC_GLOBALS.items()}
+        if safe_load_stream(f, path=where, member="magic number", allowed=header) != MAGIC:
+            raise InputError(where, "magic number", "not a legacy torch file")
+        protocol = safe_load_stream(f, path=where, member="protocol version", allowed=header)
+        if protocol != PROTOCOL:
+            raise InputError(where, "protocol version", f"{protocol!r}, expected {PROTOCOL}")
+        info = safe_load_stream(f, path=where, member="system info", allowed=header)
+        if not isinstance(info, dict) or info.get("little_endian") is not True:
+            raise InputError(where, "system info", "big-endian or unreadable system info")
+        table = _LegacyStorages()
+        obj = safe_load_stream(f, path=where, member="object", allowed=TORCH_ALLOWLIST, persistent_load=table)
+        keys = safe_load_stream(f, path=where, member="storage keys", allowed=header)
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise InputError(where, "storage keys", "not a list of keys")
+        self._offsets: dict[str, int] = {}
+        pos = f.tell()
+        for key in keys:
+            ref = table.storages.get(key)
+            f.seek(pos)
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise InputError(where, f"storage {key}", "file ends before the storage's size")
+            (numel,) = struct.unpack("<q", raw)
+            if ref is None or numel != ref.numel:
+                raise InputError(where, f"storage {key}", f"holds {numel} elements, the object declares "
+                                 f"{None if ref is None else ref.numel}")
+            self._offsets[key] = pos + 8
+            pos += 8 + ref.nbytes
+            if pos > size:
+                raise InputError(where, f"storage {key}", "runs past the end of the file")
+        if set(table.storages) - set(self._offsets):
+            raise InputError(where, "storage keys", "the object refers to storages the file does not hold")
+        if not isinstance(obj, dict):
+            raise InputError(where, "object", f"holds a {type(obj).__name__}, not a state dict")
+        entries: list[tuple[tuple[str, ...], TensorInfo | None]] = []
+        refs: dict[tuple[str, ...], TensorRef] = {}
+        self._values: dict[str, Any] = {}
+        for p, leaf in walk(obj):
+            if isinstance(leaf, TensorRef):
+                if leaf.offset + leaf.extent > leaf.storage.numel and leaf.numel:
+                    raise InputError(where, ".".join(p), "tensor runs past its storage")
+                refs[p] = leaf
+                entries.append((p, TensorInfo(".".join(p), leaf.shape, leaf.dtype)))
+            else:
+                self._values[".".join(p)] = leaf
+                entries.append((p, None))
+        layout = split_sections(entries)
+        self._refs = {layout.names[p]: ref for p, ref in refs.items()}
+        self.manifest = Manifest(
+            path=self.path, format=self.format_name, tensors=layout.model, files=(self.path,),
+            nesting=layout.nesting, sections=layout.sections, extra_tensors=layout.extra,
+            extra_entries=layout.others, extra_paths=layout.extra_paths,
+            facts={"serialization": "legacy torch (pre-1.6 pickle stream, not a zip archive)",
+                   "legacy protocol": str(protocol)},
+        )
+
+    def _ref(self, key: str) -> TensorRef:
+        ref = self._refs.get(key)
+        if ref is None:
+            raise InputError(self.path, key, "no such tensor in the checkpoint")
+        return ref
+
+    def load(self, key: str) -> torch.Tensor:
+        ref = self._ref(key)
+        size = dtypes.itemsize(ref.dtype)
+        buf = read_exact(self._f, self._offsets[ref.storage.key] + ref.offset * size, ref.extent * size,
+                         path=self.path, item=key)
+        return bytes_to_tensor(buf, ref.dtype, ref.shape, None if ref.is_contiguous else ref.stride)
+
+    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        ref = self._ref(key)
+        if not ref.is_contiguous:
+            return self.load(key)[start:stop]
+        check_rows(self.path, key, ref.shape, start, stop)
+        size = dtypes.itemsize(ref.dtype)
+        first, count = row_span(ref.shape, start, stop)
+        buf = read_exact(self._f, self._offsets[ref.storage.key] + (ref.offset + first) * size, count * size,
+                         path=self.path, item=key, out=out)
+        return bytes_to_tensor(buf, ref.dtype, (stop - start, *ref.shape[1:]))
+
+    def load_value(self, key: str) -> Any:
+        if key not in self._values:
+            raise InputError(self.path, key, "no such value in the checkpoint")
+        return self._values[key]
+
+    def close(self) -> None:
+        self._f.close()
+
+
+__all__ = ["LegacyTorchCheckpoint", "Path"]
