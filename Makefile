@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 JOBS   ?= 2
 CFG    := fixtures/configs
 
-.PHONY: demo test test-fast fixtures clean
+.PHONY: demo test test-fast fixtures reports clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,16 @@ test-fast: $(STAMP)
 
 fixtures: $(STAMP)
 	$(BIN)/python fixtures/make_fixtures.py
+
+# Example reports from the fixtures, so a visitor sees what a report looks like.
+reports: $(STAMP)
+	for fmt in md html json; do \
+	  $(BIN)/ckptcheck report fixtures/good/dcp --target lingua_resume -o reports/lingua_step_folder.$$fmt || exit 2; \
+	  $(BIN)/ckptcheck report fixtures/broken/damaged.pth --model-config $(CFG)/lingua_params.json \
+	    -o reports/damaged_checkpoint.$$fmt; [ $$? -le 1 ] || exit 2; \
+	  $(BIN)/ckptcheck report fixtures/good/hf --model-config $(CFG)/lingua_params.json --target lingua_init \
+	    -o reports/hf_folder_for_lingua.$$fmt; [ $$? -le 1 ] || exit 2; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     trip.add_argument("--debug", action="store_true", help="show tracebacks")
     trip.set_defaults(func=cmd_roundtrip)
 
+    rpt = sub.add_parser("report", help="write a compatibility report (Markdown, HTML or JSON, by -o's suffix)")
+    add_options(rpt.add_argument, pytest=False, options=CHECK_OPTIONS)
+    rpt.add_argument("-o", "--output", required=True, metavar="PATH", help="report file: .md, .html or .json")
+    rpt.add_argument("--no-matrix", action="store_true", help="leave out the compatibility matrix")
+    rpt.add_argument("--debug", action="store_true", help="show tracebacks")
+    rpt.set_defaults(func=cmd_report)
+
     inspect = sub.add_parser("inspect", help="describe a checkpoint: format, naming, tensors, inferred config")
     inspect.add_argument("ckpt", metavar="CKPT", help=CHECK_OPTIONS[0].help)
     inspect.add_argument("--format", choices=("text", "json"), default="text")
@@ -98,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--debug", action="store_true", help="show tracebacks")
     inspect.set_defaults(func=cmd_inspect)
     return parser
+
+
+def _with_progress(checks: list[Any], text: bool) -> Any:
+    """A progress bar over the checks when they read data and a person watches (a terminal, text output)."""
+    if not (text and sys.stderr.isatty() and any(c.reads_data for c in checks)):
+        return checks
+    from tqdm import tqdm
+
+    return tqdm(checks, desc="checking", unit="check", file=sys.stderr, leave=False)
 
 
 def _output_options(p: argparse.ArgumentParser) -> None:
@@ -182,14 +198,25 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_FAIL
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report.document import build, write
+
+    data = build(args.ckpt, args.model_config, engine_options(lambda name: getattr(args, name)),
+                 matrix=not args.no_matrix)
+    path = write(data, args.output)
+    print(f"ckptcheck: wrote {path} ({data.summary['verdict']}: {data.summary['fail']} failed of "
+          f"{data.summary['total']})", file=sys.stderr)
+    return EXIT_OK if data.summary["verdict"] == "pass" else EXIT_FAIL
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    from .engine import plan, run, summarize
+    from .engine import plan, summarize
     from .report import json_report, text
 
     options = engine_options(lambda name: getattr(args, name))
     the_plan = plan(args.ckpt, args.model_config, options)
     try:
-        results = run(the_plan)
+        results = [check.run() for check in _with_progress(the_plan.checks, args.format == "text")]
     finally:
         the_plan.close()
     summary = summarize(results)

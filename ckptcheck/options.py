@@ -58,6 +58,11 @@ RESHARD = OptionDef("reshard", "--reshard", "--ckpt-reshard",
                     "with --roundtrip: save from the first world size and load again at this one", metavar="M")
 
 CHECK_OPTIONS = (CKPT, MODEL_CONFIG, MODEL_FACTORY, TARGET, DTYPE, METADATA_ONLY, ROUNDTRIP, RESHARD)
+REPORT = OptionDef("report", None, "--ckpt-report",
+                   "write a compatibility report to PATH (.md, .html or .json), once, from every worker's results",
+                   metavar="PATH")
+MATRIX = OptionDef("matrix", "--matrix", "--ckpt-matrix",
+                   "also check against every framework target and add the compatibility matrix", flag=True)
 
 
 def add_options(add: Callable[..., Any], *, pytest: bool, options: tuple[OptionDef, ...] = CHECK_OPTIONS) -> None:

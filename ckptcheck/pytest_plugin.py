@@ -8,18 +8,21 @@ each item runs its check when pytest runs it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .options import CHECK_OPTIONS, add_options, engine_options
+from .options import CHECK_OPTIONS, MATRIX, REPORT, add_options, engine_options
+
+RESULT_PROPERTY = "ckptcheck_result"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("ckptcheck", "checkpoint checks (ckptcheck)")
-    add_options(group.addoption, pytest=True, options=CHECK_OPTIONS)
+    add_options(group.addoption, pytest=True, options=(*CHECK_OPTIONS, REPORT, MATRIX))
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -32,7 +35,62 @@ class CheckpointSession:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
+        # Results by check id, from this process's items or, under xdist, from every worker's reports.
+        self.results: dict[str, Any] = {}
 
+    @property
+    def is_controller(self) -> bool:
+        return not hasattr(self.config, "workerinput")
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        for name, value in report.user_properties:
+            if name == RESULT_PROPERTY:
+                from .checks.model import CheckResult
+
+                result = CheckResult.from_json(json.loads(value))
+                self.results[result.id] = result
+
+    def _report_data(self) -> Any:
+        from .engine import plan, summarize
+        from .report.document import ReportData, sort_results
+
+        get = self.config.getoption
+        options = engine_options(get)
+        the_plan = plan(get("ckpt"), get("model_config"), options)  # metadata only: the header's facts
+        the_plan.close()
+        results = sort_results(list(self.results.values()))
+        rows = None
+        if get("matrix"):
+            from .matrix import compatibility_matrix
+
+            rows = compatibility_matrix(get("ckpt"), get("model_config"), options)
+        return ReportData(the_plan.checkpoint_info, the_plan.config_info, options.target, results,
+                          summarize(results), rows)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        path = self.config.getoption("report")
+        if path and self.is_controller and self.results:
+            from .report.document import write
+
+            self.written = write(self._report_data(), path)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.results or not self.is_controller:
+            return
+        from .report.document import ReportData, sort_results
+        from .report.text import category_table
+
+        results = sort_results(list(self.results.values()))
+        terminalreporter.section("ckptcheck")
+        terminalreporter.write_line(category_table(results))
+        data = ReportData({}, {}, "", results, {})
+        for command in data.repairs:
+            terminalreporter.write_line(f"repair: {command}")
+        if data.repairs and data.blocking:
+            terminalreporter.write_line(f"(ckptcheck repair refuses while these fail: {', '.join(data.blocking)})")
+        written = getattr(self, "written", None)
+        if written:
+            terminalreporter.write_line(f"report: {written}")
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         from .engine import resolve_config_path
 
@@ -88,7 +146,6 @@ class CheckItem(pytest.Item):
     def __init__(self, *, check: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.check = check
-        self.user_properties.append(("category", check.category))
 
     def runtest(self) -> None:
         from .checks.model import Status
@@ -97,8 +154,13 @@ class CheckItem(pytest.Item):
         try:
             result = self.check.run()
         except CkptError as exc:
+            from .checks.model import CheckResult, Status
+
+            failed = CheckResult(self.check.id, self.check.category, self.check.key, Status.FAIL, None, None,
+                                 exc.line(), "", None)
+            self.user_properties.append((RESULT_PROPERTY, json.dumps(failed.to_json())))
             raise CheckError(exc.line()) from None
-        self.user_properties.append(("status", result.status.value))
+        self.user_properties.append((RESULT_PROPERTY, json.dumps(result.to_json())))
         if result.status is Status.SKIP:
             pytest.skip(result.message)
         if result.status in (Status.FAIL, Status.UNSAFE):

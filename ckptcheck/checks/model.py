@@ -24,14 +24,18 @@ class Verdict:
     expected: str | None = None
     obtained: str | None = None
     repair: str | None = None
+    # structured extras for reports (the round trip's timings and memory), JSON-serialisable
+    details: dict[str, Any] | None = None
 
     @classmethod
-    def ok(cls, message: str = "", *, expected: Any = None, obtained: Any = None) -> Verdict:
-        return cls(Status.PASS, message, _text(expected), _text(obtained))
+    def ok(cls, message: str = "", *, expected: Any = None, obtained: Any = None,
+           details: dict[str, Any] | None = None) -> Verdict:
+        return cls(Status.PASS, message, _text(expected), _text(obtained), details=details)
 
     @classmethod
-    def fail(cls, message: str, *, expected: Any = None, obtained: Any = None, repair: str | None = None) -> Verdict:
-        return cls(Status.FAIL, message, _text(expected), _text(obtained), repair)
+    def fail(cls, message: str, *, expected: Any = None, obtained: Any = None, repair: str | None = None,
+             details: dict[str, Any] | None = None) -> Verdict:
+        return cls(Status.FAIL, message, _text(expected), _text(obtained), repair, details)
 
     @classmethod
     def skip(cls, message: str) -> Verdict:
@@ -57,11 +61,18 @@ class CheckResult:
     message: str
     why: str
     repair: str | None
+    details: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["status"] = self.status.value
+        if self.details is None:
+            del data["details"]
         return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CheckResult:
+        return cls(**{**data, "status": Status(data["status"]), "details": data.get("details")})
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +101,7 @@ class Check:
         return CheckResult(
             id=self.id, category=self.category, key=self.key, status=verdict.status,
             expected=verdict.expected, obtained=verdict.obtained, message=verdict.message,
-            why=WHY.get(self.category, ""), repair=verdict.repair,
+            why=WHY.get(self.category, ""), repair=verdict.repair, details=verdict.details,
         )
 
 

@@ -30,13 +30,15 @@ def _trip(session: Session, world: int, reshard: int | None):
         result = roundtrip(session.ckpt_arg, config=session.config_arg, world_size=world, reshard_to=reshard,
                            optimizer=session.options.target == "resume", factory=session.options.model_factory)
         lines = [t.summary() for t in result.trips]
+        details = {"trips": [{"world_size": t.world_size, "seconds": round(t.seconds, 2),
+                              "peak_rss_per_rank": t.peak_rss, "ok": t.ok} for t in result.trips]}
         expected = f"bitwise equal shards at world size {world}" + (f", then {reshard}" if reshard else "")
         if result.ok:
-            return Verdict.ok("; ".join(lines), expected=expected, obtained="equal")
+            return Verdict.ok("; ".join(lines), expected=expected, obtained="equal", details=details)
         failed = next(t for t in result.trips if not t.ok)
         obtained = "error" if failed.errors else f"{len(failed.mismatches)} mismatching shards"
         return Verdict.fail("; ".join(lines), expected=expected, obtained=obtained,
                             repair="convert with ckptcheck convert --to dcp and run the round trip again; "
-                            "a mismatch that persists is a bug in the loading path, worth reporting")
+                            "a mismatch that persists is a bug in the loading path, worth reporting", details=details)
 
     return evaluate
