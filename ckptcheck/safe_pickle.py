@@ -155,15 +155,50 @@ def safe_load_stream(
         raise InputError(path, member, f"malformed pickle ({type(exc).__name__}: {_short(exc)})") from None
 
 
+def scan_globals(data: bytes, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any]) -> None:
+    """Walk a pickle's opcodes (nothing is executed or built) and refuse any global outside ``allowed``,
+    in every pickle the bytes hold, one after another."""
+    _scan_trailing(data, path=path, member=member, allowed=allowed)
+
+
 def _scan_trailing(rest: bytes, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any]) -> None:
     """Name the global of a second, appended pickle, if it has one, so it is reported as unsafe."""
+
+    stream = io.BytesIO(rest)
+    while stream.tell() < len(rest):
+        start = stream.tell()
+        _scan_one(stream, path=path, member=member, allowed=allowed)
+        if stream.tell() == start:
+            return
+
+
+def _scan_one(stream: io.BytesIO, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any]) -> None:
     import pickletools
 
+    # A symbolic stack of the strings that matter: STACK_GLOBAL takes its module and name from the two
+    # most recent ones, which memo tricks (PUT then GET) can bring back from far earlier.
+    memo: dict[int, str | None] = {}
+    memo_count = 0
     last: list[str] = []
+    pushed: str | None = None
     try:
-        for op, arg, _pos in pickletools.genops(io.BytesIO(rest)):
-            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"):
-                last = (last + [str(arg)])[-2:]
+        for op, arg, _pos in pickletools.genops(stream):
+            was, pushed = pushed, None
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING",
+                           "BINUNICODE8"):
+                pushed = str(arg)
+                last = (last + [pushed])[-2:]
+            elif op.name == "MEMOIZE":
+                memo[memo_count] = was
+                memo_count += 1
+                pushed = was
+            elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[int(arg)] = was
+                pushed = was
+            elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                pushed = memo.get(int(arg))
+                if pushed is not None:
+                    last = (last + [pushed])[-2:]
             elif op.name in ("GLOBAL", "INST"):
                 module, _, name = str(arg).partition(" ")
                 _check_global(module, name, path=path, member=member, allowed=allowed)
@@ -172,7 +207,7 @@ def _scan_trailing(rest: bytes, *, path: str, member: str, allowed: Mapping[tupl
     except UnsafeInputError:
         raise
     except Exception:
-        return
+        stream.seek(0, 2)  # unreadable past here: nothing more to scan
 
 
 def _check_global(module: str, name: str, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any]) -> None:

@@ -78,7 +78,7 @@ def test_failure_mid_write_leaves_no_destination(tmp_path: Path, monkeypatch: py
         return original(self, move, start, stop)
 
     monkeypatch.setattr(api.ChunkSource, "read", failing_read)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="cannot write the output: No space left on device"):
         convert(GOOD / "consolidated.pth", tmp_path / "out.pth")
     assert list(tmp_path.iterdir()) == []
 

@@ -135,7 +135,10 @@ def convert(
             nesting = nesting or "model"  # the training state goes beside the model: {"model": ..., "optim": ...}
         if fmt == "hf" and cfg is None:
             raise InputError(dst_p, None, "--to hf writes a config.json: pass --model-config")
-        staging = Staging(dst_p, folder=fmt in ("dcp", "hf"))
+        try:
+            staging = Staging(dst_p, folder=fmt in ("dcp", "hf"))
+        except OSError as exc:
+            raise InputError(dst_p, None, f"cannot create the output: {exc.strerror or exc}") from None
         try:
             chunks = ChunkSource(source)
             with _progress_bar(progress, plan.total_bytes, f"converting to {fmt}") as tick:
@@ -145,6 +148,9 @@ def convert(
                 _copy_train_states(source.manifest, staging.path)
             verified = verify_output(staging.path, plan, chunks, display=str(dst_p)) if verify else 0
             staging.commit()
+        except OSError as exc:  # a full disk, a file size limit, a read-only folder: nothing is left behind
+            staging.abort()
+            raise InputError(dst_p, None, f"cannot write the output: {exc.strerror or exc}") from None
         except BaseException:
             staging.abort()
             raise

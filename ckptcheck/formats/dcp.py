@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 METADATA_NAME = ".metadata"
 MAX_METADATA = 512 << 20
-MAX_CHUNKS_FOR_OVERLAP_CHECK = 4096
+MAX_CHUNKS_FOR_OVERLAP_CHECK = 512  # pairwise for odd layouts; above it, coverage by element count only
 
 
 class _Record:
@@ -262,7 +262,12 @@ def _check_coverage(where: str, fqn: str, size: tuple[int, ...], chunks: list[Ch
     covered = sum(math.prod(c.sizes) for c in chunks)
     if covered != total or (total and not chunks):
         raise InputError(where, fqn, f"chunks cover {covered} of {total} elements")
-    if len(chunks) <= MAX_CHUNKS_FOR_OVERLAP_CHECK:
+    if chunks and size and all(c.sizes[1:] == size[1:] for c in chunks):  # row blocks (DCP's usual): sort, compare neighbours
+        ordered = sorted(chunks, key=lambda c: c.offsets[0])
+        for a, b in zip(ordered, ordered[1:]):
+            if a.offsets[0] + a.sizes[0] > b.offsets[0] and a.sizes[0] and b.sizes[0]:
+                raise InputError(where, fqn, f"chunks at {list(a.offsets)} and {list(b.offsets)} overlap")
+    elif len(chunks) <= MAX_CHUNKS_FOR_OVERLAP_CHECK:
         for i, a in enumerate(chunks):
             for b in chunks[i + 1:]:
                 if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)):
@@ -281,6 +286,14 @@ class DcpCheckpoint(Checkpoint):
         self._items = {layout.names[it.path]: it for it in items.values() if it.info is not None}
         self._bytes_items = {".".join(it.path): it for it in items.values() if it.info is None}
         self._handles: dict[str, BinaryIO] = {}
+        # Every bytes entry is a pickle that dcp.load would unpickle: read each through the allowlist now,
+        # so a payload anywhere in the folder makes the checkpoint unsafe, whichever checks run.
+        try:
+            for key in self._bytes_items:
+                self.load_value(key)
+        except BaseException:
+            self.close()
+            raise
         files = tuple(sorted({str(self.folder / c.file) for it in items.values() for c in it.chunks}))
         self.manifest = Manifest(
             path=self.path, format=self.format_name, tensors=layout.model,

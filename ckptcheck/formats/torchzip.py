@@ -11,6 +11,7 @@ import io
 import os
 import struct
 import zipfile
+import zlib
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import InputError
@@ -21,7 +22,9 @@ from .torch_pickle import StorageRef, TensorRef, load_torch_pickle, walk
 if TYPE_CHECKING:
     import torch
 
-MAX_DATA_PKL = 256 << 20
+MAX_DATA_PKL = 64 << 20  # data.pkl of a 70B checkpoint with optimizer state is a few MB
+MAX_RATIO = 200  # a compressed member expanding more than this is treated as a zip bomb
+PICKLE_HEADS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 ZIP_MAGIC = b"PK\x03\x04"
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra lengths at offset 26
 
@@ -73,6 +76,8 @@ class TorchArchive:
             raise InputError(path, None, f"not a readable torch zip archive ({exc})") from None
         except (OSError, ValueError, EOFError, struct.error) as exc:
             raise InputError(path, None, f"damaged zip archive ({type(exc).__name__}: {exc})") from None
+        for info in infos:
+            _check_member_name(path, info.filename)
         pickles = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
         if len(pickles) != 1:
             found = "no" if not pickles else f"{len(pickles)}"
@@ -90,6 +95,7 @@ class TorchArchive:
             self.facts["byteorder"] = byteorder
         data = self._read_member(pkl, MAX_DATA_PKL)
         self.obj, self.storages = load_torch_pickle(data, path=path, member=pkl.filename)
+        self._scan_other_pickles(pkl)
         for key, storage in self.storages.items():
             info = self._members.get(f"{self.prefix}data/{key}")
             if info is None:
@@ -102,15 +108,31 @@ class TorchArchive:
             if info.compress_type != zipfile.ZIP_STORED:
                 raise InputError(path, f"{self.prefix}data/{key}", "storage record is compressed; torch never does that")
 
-    def _read_member(self, info: zipfile.ZipInfo, limit: int) -> bytes:
-        if info.file_size > limit:
+    def _scan_other_pickles(self, main: zipfile.ZipInfo) -> None:
+        """Any other member that is a pickle is scanned, never loaded, for globals outside the allowlist:
+        torch reads only data.pkl, but a payload parked beside it is still a hostile file."""
+        from ..safe_pickle import scan_globals
+        from .torch_pickle import TORCH_ALLOWLIST
+
+        for info in self._members.values():
+            if info is main or info.filename.startswith(f"{self.prefix}data/") or info.file_size < 2:
+                continue
+            head = self._read_member(info, 2, whole=False)
+            if head in PICKLE_HEADS or info.filename.endswith((".pkl", ".pickle")):
+                scan_globals(self._read_member(info, MAX_DATA_PKL), path=self.path, member=info.filename,
+                             allowed=TORCH_ALLOWLIST)
+
+    def _read_member(self, info: zipfile.ZipInfo, limit: int, whole: bool = True) -> bytes:
+        if whole and info.file_size > limit:
             raise InputError(self.path, info.filename, f"{info.file_size} bytes exceeds the {limit} byte limit")
+        if info.compress_size and info.file_size / info.compress_size > MAX_RATIO and info.file_size > (1 << 20):
+            raise InputError(self.path, info.filename, f"expands {info.file_size // info.compress_size}x: a zip bomb")
         try:
             with self._zip.open(info) as member:
-                data = member.read(limit + 1)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
+                data = member.read(limit + 1 if whole else limit)
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, zlib.error) as exc:
             raise InputError(self.path, info.filename, f"cannot read record ({exc})") from None
-        if len(data) > limit:
+        if whole and len(data) > limit:
             raise InputError(self.path, info.filename, f"expands past the {limit} byte limit")
         return data
 
@@ -154,9 +176,23 @@ class TorchArchive:
             buf = read_exact(self._f, base + first * size, count * size, path=self.path, item=key, out=out)
             return bytes_to_tensor(buf, ref.dtype, (rows[1] - rows[0], *ref.shape[1:]), big_endian=self.big_endian)
         buf = read_exact(self._f, base, ref.extent * size, path=self.path, item=key)
+        if ref.offset == 0 and ref.extent == ref.storage.numel:  # the whole record: check it as torch would
+            info = self._members[f"{self.prefix}data/{ref.storage.key}"]
+            if zlib.crc32(memoryview(buf.numpy())) != info.CRC:
+                raise InputError(self.path, info.filename, "bad CRC-32: the record is corrupted")
         stride = None if ref.is_contiguous else ref.stride
         tensor = bytes_to_tensor(buf, ref.dtype, ref.shape, stride, big_endian=self.big_endian)
         return tensor if rows is None else tensor[rows[0]:rows[1]]
+
+
+def _check_member_name(path: str, name: str) -> None:
+    """A member name that climbs out of the archive, is absolute or hides control characters is hostile."""
+    from ..errors import UnsafeInputError
+
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or ".." in parts or any(ord(c) < 32 for c in name) or len(name) > 4096:
+        raise UnsafeInputError(path, repr(name[:80]), "zip member name points outside the archive or hides "
+                               "control characters", culprit=name[:80])
 
 
 def single_tensor_ref(archive: TorchArchive, item: str) -> TensorRef:
