@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 JOBS   ?= 2
 CFG    := fixtures/configs
 
-.PHONY: demo test test-fast fixtures reports clean
+.PHONY: demo test test-fast fuzz fixtures reports clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/ruff check ckptcheck tests bench fixtures
 	$(BIN)/pytest -n $(JOBS) -m "not slow" tests
+
+# A long fuzzing run over every fixture format (CI runs 12 examples per format, this 1000).
+fuzz: $(STAMP)
+	CKPTCHECK_FUZZ_EXAMPLES=$${CKPTCHECK_FUZZ_EXAMPLES:-1000} $(BIN)/pytest -n $(JOBS) tests/test_fuzz.py -p no:randomly
 
 fixtures: $(STAMP)
 	$(BIN)/python fixtures/make_fixtures.py

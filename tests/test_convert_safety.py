@@ -121,3 +121,21 @@ def test_sigkill_mid_conversion_leaves_no_destination(tmp_path: Path) -> None:
     # A later run clears the dead writer's temporary and succeeds.
     convert(src, dst)
     assert dst.is_file() and not temp.exists()
+
+
+def test_a_full_disk_quota_gives_one_clean_line(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE stands in for a full disk: the write fails part-way, nothing is left behind."""
+    import resource
+
+    limit = 20_000  # the output is about 70 KB
+
+    def small_quota() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    dst = tmp_path / "out" / "model.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "ckptcheck.cli", "convert", str(GOOD / "consolidated.pth"), str(dst)],
+                          capture_output=True, text=True, timeout=120, preexec_fn=small_quota,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"ckptcheck: error: {dst}: cannot write the output: File too large"
+    assert list((tmp_path / "out").iterdir()) == []

@@ -72,7 +72,21 @@ def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
         return "safetensors", p
     if kind == "legacy":
         return "torch-legacy", p
+    if kind.startswith("a bare pickle"):
+        _refuse_unsafe_pickle(p)
     raise InputError(p, None, f"not a checkpoint: the file is {kind}")
+
+
+def _refuse_unsafe_pickle(p: Path) -> None:
+    """torch.load treats a file that is neither a zip nor a legacy stream as a legacy one and unpickles
+    it: scan it (never load it) so that a payload is reported as unsafe, not merely unreadable."""
+    from ..safe_pickle import scan_globals
+    from .torch_pickle import TORCH_ALLOWLIST
+    from .torchzip import MAX_DATA_PKL
+
+    with open(p, "rb") as f:
+        data = f.read(MAX_DATA_PKL)
+    scan_globals(data, path=str(p), member="pickle", allowed=TORCH_ALLOWLIST)
 
 
 def _detect_folder(p: Path) -> tuple[str, Path]:

@@ -74,7 +74,7 @@ class TorchArchive:
             infos = self._zip.infolist()
         except zipfile.BadZipFile as exc:
             raise InputError(path, None, f"not a readable torch zip archive ({exc})") from None
-        except (OSError, ValueError, EOFError, struct.error) as exc:
+        except (OSError, ValueError, EOFError, struct.error, NotImplementedError, zlib.error) as exc:
             raise InputError(path, None, f"damaged zip archive ({type(exc).__name__}: {exc})") from None
         for info in infos:
             _check_member_name(path, info.filename)
@@ -123,15 +123,15 @@ class TorchArchive:
                              allowed=TORCH_ALLOWLIST)
 
     def _read_member(self, info: zipfile.ZipInfo, limit: int, whole: bool = True) -> bytes:
-        if whole and info.file_size > limit:
-            raise InputError(self.path, info.filename, f"{info.file_size} bytes exceeds the {limit} byte limit")
         if info.compress_size and info.file_size / info.compress_size > MAX_RATIO and info.file_size > (1 << 20):
             raise InputError(self.path, info.filename, f"expands {info.file_size // info.compress_size}x: a zip bomb")
+        if whole and info.file_size > limit:
+            raise InputError(self.path, info.filename, f"{info.file_size} bytes exceeds the {limit} byte limit")
         try:
             with self._zip.open(info) as member:
                 data = member.read(limit + 1 if whole else limit)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, zlib.error) as exc:
-            raise InputError(self.path, info.filename, f"cannot read record ({exc})") from None
+        except Exception as exc:  # zipfile raises many kinds on hostile members (encrypted, odd methods, CRC)
+            raise InputError(self.path, info.filename, f"cannot read record ({type(exc).__name__}: {exc})") from None
         if whole and len(data) > limit:
             raise InputError(self.path, info.filename, f"expands past the {limit} byte limit")
         return data
