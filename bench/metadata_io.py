@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 import warnings
 from pathlib import Path
+
+from common import drop_caches, size_of
 
 from ckptcheck.engine import Options, plan, run
 from ckptcheck.iostats import bytes_read
@@ -43,19 +44,6 @@ def generate(out: Path, layers: int) -> dict[str, Path]:
         warnings.simplefilter("ignore")
         dcp.save({"model": state}, checkpoint_id=str(paths["dcp"]))
     return {"params": params, **paths}
-
-
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def size_of(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def main() -> None:

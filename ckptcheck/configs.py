@@ -101,7 +101,7 @@ def read_json(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise InputError(path, None, exc.strerror or str(exc)) from None
     try:
-        data = json.loads(text, object_pairs_hook=_no_duplicates)
+        data = json.loads(text, object_pairs_hook=reject_duplicate_keys)
     except json.JSONDecodeError as exc:
         raise InputError(path, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}") from None
     except ValueError as exc:
@@ -111,7 +111,8 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: JSON parsers keep the last of duplicate keys silently; refuse them."""
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
@@ -175,18 +176,24 @@ def _positive(f: _Fields, name: str, value: Any) -> int:
     return value
 
 
+def _heads(f: _Fields, dim: int, dim_field: str, heads_field: str, kv_field: str) -> tuple[int, int, int]:
+    """(n_heads, n_kv_heads, head_dim): KV heads default to the heads, head_dim to dim / heads."""
+    n_heads = _positive(f, heads_field, f.int(heads_field))
+    n_kv = f.int(kv_field, None)
+    n_kv = n_heads if n_kv is None else _positive(f, kv_field, n_kv)
+    head_dim = f.int("head_dim", None)
+    if head_dim is None:
+        if dim % n_heads:
+            raise f._err(heads_field, f"{n_heads} does not divide {dim_field}={dim} and no head_dim is given")
+        head_dim = dim // n_heads
+    return n_heads, n_kv, _positive(f, "head_dim", head_dim)
+
+
 def _from_meta_like(path: Path, model: dict[str, Any], *, schema: str, raw: dict[str, Any]) -> ModelConfig:
     prefix = "model." if schema == "lingua" else ""
     f = _Fields(path, model, prefix)
     dim = _positive(f, "dim", f.int("dim"))
-    n_heads = _positive(f, "n_heads", f.int("n_heads"))
-    n_kv = f.int("n_kv_heads", None)
-    n_kv = n_heads if n_kv is None else _positive(f, "n_kv_heads", n_kv)
-    head_dim = f.int("head_dim", None)
-    if head_dim is None:
-        if dim % n_heads:
-            raise f._err("n_heads", f"{n_heads} does not divide dim={dim} and no head_dim is given")
-        head_dim = dim // n_heads
+    n_heads, n_kv, head_dim = _heads(f, dim, "dim", "n_heads", "n_kv_heads")
     vocab = f.int("vocab_size", None)
     if vocab is not None and vocab < 0:
         vocab = None  # Meta's -1: set from the tokenizer at load time
@@ -225,14 +232,7 @@ def _from_hf(path: Path, data: dict[str, Any]) -> ModelConfig:
             "describe other models with --model-factory",
         )
     dim = _positive(f, "hidden_size", f.int("hidden_size"))
-    n_heads = _positive(f, "num_attention_heads", f.int("num_attention_heads"))
-    n_kv = f.int("num_key_value_heads", None)
-    n_kv = n_heads if n_kv is None else _positive(f, "num_key_value_heads", n_kv)
-    head_dim = f.int("head_dim", None)
-    if head_dim is None:
-        if dim % n_heads:
-            raise f._err("num_attention_heads", f"{n_heads} does not divide hidden_size={dim}")
-        head_dim = dim // n_heads
+    n_heads, n_kv, head_dim = _heads(f, dim, "hidden_size", "num_attention_heads", "num_key_value_heads")
     dtype_name = data.get("torch_dtype", data.get("dtype"))
     dtype = None
     if dtype_name is not None:
@@ -243,7 +243,7 @@ def _from_hf(path: Path, data: dict[str, Any]) -> ModelConfig:
     return ModelConfig(
         source=str(path), schema="hf", dim=dim,
         n_layers=_positive(f, "num_hidden_layers", f.int("num_hidden_layers")),
-        n_heads=n_heads, n_kv_heads=n_kv, head_dim=_positive(f, "head_dim", head_dim),
+        n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
         vocab_size=_positive(f, "vocab_size", f.int("vocab_size")),
         ffn_dim=_positive(f, "intermediate_size", f.int("intermediate_size")),
         tie_embeddings=f.bool("tie_word_embeddings", False),

@@ -85,10 +85,7 @@ class _Unpickler(pickle.Unpickler):
         try:
             return self._allowed[(module, name)]
         except (KeyError, TypeError):
-            pass
-        culprit = f"{module}.{name}"
-        why = "known to execute code or reach the system" if is_dangerous(module, name) else "not on the allowlist"
-        raise UnsafeInputError(self._path, self._member, f"pickle global {culprit} ({why}); refused to load", culprit)
+            raise _refusal(module, name, self._path, self._member, "refused to load") from None
 
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent is None:
@@ -113,21 +110,13 @@ def safe_loads(
     if len(data) > MAX_PICKLE_BYTES:
         raise InputError(path, member, f"pickle of {len(data)} bytes exceeds the {MAX_PICKLE_BYTES} byte limit")
     stream = io.BytesIO(data)
-    unpickler = _Unpickler(stream, path=path, member=member, allowed=allowed, persistent_load=persistent_load)
-    try:
-        obj = unpickler.load()
-    except (UnsafeInputError, InputError):
-        raise
-    except RecursionError:
-        raise InputError(path, member, "pickle nests too deeply") from None
-    except MemoryError:
-        raise InputError(path, member, "pickle asks for more memory than it can hold") from None
-    except Exception as exc:  # malformed pickles raise anything from UnpicklingError to IndexError
-        raise InputError(path, member, f"malformed pickle ({type(exc).__name__}: {_short(exc)})") from None
+    obj = _load(_Unpickler(stream, path=path, member=member, allowed=allowed, persistent_load=persistent_load),
+                path, member)
     if require_single and stream.tell() != len(data):
         rest = data[stream.tell():]
         if rest.strip(b"\x00"):
-            _scan_trailing(rest, path=path, member=member, allowed=allowed)
+            _scan_trailing(rest, path=path, member=member, allowed=allowed,
+                           how="in a pickle appended after the first, found without loading it")
             raise InputError(path, member, f"{len(rest)} unexpected bytes after the end of the pickle")
     return obj
 
@@ -142,7 +131,12 @@ def safe_load_stream(
 ) -> Any:
     """Unpickle one pickle from an open binary file, leaving it positioned right after it (the legacy
     torch format stacks several pickles and then raw storage bytes in one file)."""
-    unpickler = _Unpickler(f, path=path, member=member, allowed=allowed, persistent_load=persistent_load)
+    return _load(_Unpickler(f, path=path, member=member, allowed=allowed, persistent_load=persistent_load),
+                 path, member)
+
+
+def _load(unpickler: _Unpickler, path: str, member: str) -> Any:
+    """Run the unpickler; whatever a malformed pickle raises becomes one ``InputError`` line."""
     try:
         return unpickler.load()
     except (UnsafeInputError, InputError):
@@ -151,28 +145,30 @@ def safe_load_stream(
         raise InputError(path, member, "pickle nests too deeply") from None
     except MemoryError:
         raise InputError(path, member, "pickle asks for more memory than it can hold") from None
-    except Exception as exc:
+    except Exception as exc:  # malformed pickles raise anything from UnpicklingError to IndexError
         raise InputError(path, member, f"malformed pickle ({type(exc).__name__}: {_short(exc)})") from None
 
 
 def scan_globals(data: bytes, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any]) -> None:
     """Walk a pickle's opcodes (nothing is executed or built) and refuse any global outside ``allowed``,
     in every pickle the bytes hold, one after another."""
-    _scan_trailing(data, path=path, member=member, allowed=allowed)
+    _scan_trailing(data, path=path, member=member, allowed=allowed, how="found without loading it")
 
 
-def _scan_trailing(rest: bytes, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any]) -> None:
+def _scan_trailing(rest: bytes, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any],
+                   how: str) -> None:
     """Name the global of a second, appended pickle, if it has one, so it is reported as unsafe."""
 
     stream = io.BytesIO(rest)
     while stream.tell() < len(rest):
         start = stream.tell()
-        _scan_one(stream, path=path, member=member, allowed=allowed)
+        _scan_one(stream, path=path, member=member, allowed=allowed, how=how)
         if stream.tell() == start:
             return
 
 
-def _scan_one(stream: io.BytesIO, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any]) -> None:
+def _scan_one(stream: io.BytesIO, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any],
+              how: str) -> None:
     import pickletools
 
     # A symbolic stack of the strings that matter: STACK_GLOBAL takes its module and name from the two
@@ -201,20 +197,25 @@ def _scan_one(stream: io.BytesIO, *, path: str, member: str, allowed: Mapping[tu
                     last = (last + [pushed])[-2:]
             elif op.name in ("GLOBAL", "INST"):
                 module, _, name = str(arg).partition(" ")
-                _check_global(module, name, path=path, member=member, allowed=allowed)
+                _check_global(module, name, path=path, member=member, allowed=allowed, how=how)
             elif op.name == "STACK_GLOBAL" and len(last) == 2:
-                _check_global(last[0], last[1], path=path, member=member, allowed=allowed)
+                _check_global(last[0], last[1], path=path, member=member, allowed=allowed, how=how)
     except UnsafeInputError:
         raise
     except Exception:
         stream.seek(0, 2)  # unreadable past here: nothing more to scan
 
 
-def _check_global(module: str, name: str, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any]) -> None:
+def _check_global(module: str, name: str, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any],
+                  how: str) -> None:
     if (module, name) not in allowed:
-        culprit = f"{module}.{name}"
-        why = "known to execute code or reach the system" if is_dangerous(module, name) else "not on the allowlist"
-        raise UnsafeInputError(path, member, f"pickle global {culprit} ({why}) in a second pickle after the first", culprit)
+        raise _refusal(module, name, path, member, how)
+
+
+def _refusal(module: str, name: str, path: str, member: str, how: str) -> UnsafeInputError:
+    culprit = f"{module}.{name}"
+    why = "known to execute code or reach the system" if is_dangerous(module, name) else "not on the allowlist"
+    return UnsafeInputError(path, member, f"pickle global {culprit} ({why}); {how}", culprit)
 
 
 def _short(exc: BaseException) -> str:

@@ -154,7 +154,7 @@ def cases() -> list[Case]:
         Case("nested_pickle_loads", lambda t, s: torch_zip(t, pickle.dumps(
             Payload(pickle.loads, pickle.dumps(Payload(os.system, touch(s)))), 2)), 1, "pickle.loads"),
         Case("benign_then_malicious", lambda t, s: torch_zip(
-            t, pickle.dumps({"w": 1}, 2) + pickle.dumps(Payload(os.system, touch(s)), 2)), 1, "second pickle"),
+            t, pickle.dumps({"w": 1}, 2) + pickle.dumps(Payload(os.system, touch(s)), 2)), 1, "appended after the first"),
         Case("payload_in_other_member", lambda t, s: torch_zip(
             t, extra={"model/extra.pkl": pickle.dumps(Payload(os.system, touch(s)), 2)}), 1, "posix.system"),
         Case("payload_in_member_without_suffix", lambda t, s: torch_zip(

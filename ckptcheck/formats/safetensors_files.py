@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from ..configs import reject_duplicate_keys
 from ..dtypes import SAFETENSORS_DTYPE, itemsize
 from ..errors import InputError
 from ..manifest import Manifest, TensorInfo, natural_key
@@ -49,7 +50,7 @@ class SafetensorsFile:
                 raise InputError(path, "header", f"declares a {n} byte header but the file has {size - 8} bytes after it")
             raw = f.read(n)
         try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique)
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
         except UnicodeDecodeError:
             raise InputError(path, "header", "is not valid UTF-8") from None
         except json.JSONDecodeError as exc:
@@ -82,15 +83,6 @@ class SafetensorsFile:
                 + ("trailing bytes after the last tensor" if cursor < size else "file is truncated"),
             )
         self.entries = {e.info.key: e for e in sorted(entries, key=lambda e: natural_key(e.info.key))}
-
-
-def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
 
 
 def _entry(path: str, key: str, value: Any, data_start: int) -> Entry:
