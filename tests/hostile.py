@@ -214,6 +214,9 @@ def cases() -> list[Case]:
         Case("dcp_truncated_distcp", lambda t, s: _dcp_files(t, lambda f: _truncate(f, 0.5)), 2, "past the end"),
         Case("dcp_chunk_out_of_bounds", lambda t, s: _dcp_chunk(t, offsets=(64, 0)), 2, "lies outside"),
         Case("dcp_chunks_do_not_cover", lambda t, s: _dcp_chunk(t, sizes=(3, 32)), 2, "chunks cover"),
+        Case("dcp_declares_a_huge_tensor", lambda t, s: _dcp_huge(t), 2, "needs 4000000000000"),
+        Case("zip_record_larger_than_file", lambda t, s: _grow_record(torch_zip(
+            t, _tensor_pickle(numel=0xFFFFFFF0 // 4, shape=(0xFFFFFFF0 // 4,)))), 2, "cannot fit"),
         Case("config_invalid_json", lambda t, s: GOOD / "consolidated.pth", 2, "invalid JSON",
              config=Path("INVALID_JSON")),
         Case("config_heads_do_not_divide_dim", lambda t, s: GOOD / "consolidated.pth", 2, "does not divide dim",
@@ -321,6 +324,33 @@ def _dcp_chunk(tmp: Path, offsets: tuple[int, ...] | None = None, sizes: tuple[i
             chunk.sizes = torch.Size(sizes)
         del old
     return edit_metadata(dcp_copy(tmp), change)
+
+
+def _dcp_huge(tmp: Path) -> Path:
+    """A tensor declared 10^12 elements large, stored in one small chunk: nothing may try to allocate it."""
+    def change(meta):
+        entry = meta.state_dict_metadata["model.norm.weight"]
+        entry.size = torch.Size([10**12])
+        entry.chunks[0].sizes = torch.Size([10**12])
+    return edit_metadata(dcp_copy(tmp), change)
+
+
+def _grow_record(path: Path) -> Path:
+    """Rewrite a storage record's sizes in the central directory (not the data) to 2 TB."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data/0"))
+    start = 0
+    while True:  # find this member's central directory record
+        start = data.find(b"PK\x01\x02", start)
+        name_len = struct.unpack("<H", data[start + 28:start + 30])[0]
+        if data[start + 46:start + 46 + name_len].decode() == info.filename:
+            break
+        start += 4
+    big = 0xFFFFFFF0
+    data[start + 20:start + 28] = struct.pack("<II", big, big)
+    path.write_bytes(bytes(data))
+    return path
 
 
 def _index(tmp: Path, shard_name: str) -> Path:

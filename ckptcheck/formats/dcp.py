@@ -227,7 +227,11 @@ def _tensor_item(folder: Path, where: str, fqn: str, path: tuple[str, ...], entr
         info = by_index.get((fqn, offsets))
         if info is None:
             raise InputError(where, fqn, f"chunk {i} at {list(offsets)} has no storage entry")
-        chunks.append(_chunk(folder, where, fqn, offsets, sizes, info, file_sizes))
+        chunk = _chunk(folder, where, fqn, offsets, sizes, info, file_sizes)
+        need = math.prod(sizes) * dtypes.itemsize(str(dtype))
+        if chunk.length < need:  # checked before anything is allocated for the tensor
+            raise InputError(where, fqn, f"chunk {i} is stored in {chunk.length} bytes but needs {need}")
+        chunks.append(chunk)
     _check_coverage(where, fqn, size, chunks)
     return Item(fqn, path, TensorInfo(fqn, size, str(dtype)), tuple(chunks))
 

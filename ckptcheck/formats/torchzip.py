@@ -107,6 +107,9 @@ class TorchArchive:
                 )
             if info.compress_type != zipfile.ZIP_STORED:
                 raise InputError(path, f"{self.prefix}data/{key}", "storage record is compressed; torch never does that")
+            if info.header_offset + info.file_size > size:  # validated before anything is allocated for it
+                raise InputError(path, f"{self.prefix}data/{key}",
+                                 f"record of {info.file_size} bytes cannot fit in a {size} byte file")
 
     def _scan_other_pickles(self, main: zipfile.ZipInfo) -> None:
         """Any other member that is a pickle is scanned, never loaded, for globals outside the allowlist:
