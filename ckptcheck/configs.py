@@ -263,16 +263,10 @@ def to_lingua_params(cfg: ModelConfig) -> dict[str, Any]:
     """The config as a lingua params.json (the raw file when it already is one)."""
     if cfg.schema == "lingua":
         return cfg.raw
-    return {"model": _meta_model_fields(cfg, lingua=True)}
+    return {"model": _meta_model_fields(cfg)}
 
 
-def to_meta_params(cfg: ModelConfig) -> dict[str, Any]:
-    if cfg.schema == "meta":
-        return cfg.raw
-    return _meta_model_fields(cfg, lingua=False)
-
-
-def _meta_model_fields(cfg: ModelConfig, *, lingua: bool) -> dict[str, Any]:
+def _meta_model_fields(cfg: ModelConfig) -> dict[str, Any]:
     from .infer import ffn_params
 
     out: dict[str, Any] = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
@@ -281,9 +275,7 @@ def _meta_model_fields(cfg: ModelConfig, *, lingua: bool) -> dict[str, Any]:
         out["head_dim"] = cfg.head_dim
     out["vocab_size"] = cfg.vocab_size if cfg.vocab_size is not None else -1
     out.update(ffn_params(cfg.dim, cfg.ffn_dim))
-    out.update({"norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta})
-    if lingua:
-        out["weight_tying"] = cfg.tie_embeddings
+    out.update({"norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "weight_tying": cfg.tie_embeddings})
     return out
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .bits import bit_view, unravel
@@ -163,5 +162,3 @@ def render(report: DiffReport) -> str:
     lines.append("EQUAL" if report.equal else "DIFFERENT")
     return "\n".join(lines) + "\n"
 
-
-__all__ = ["DiffReport", "diff", "render", "Path"]

@@ -74,11 +74,6 @@ def itemsize(name: str) -> int:
     return ITEMSIZE[name]
 
 
-def short(name: str) -> str:
-    """Compact spelling for tables: bf16, fp32, ..."""
-    return {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16", "float64": "fp64"}.get(name, name)
-
-
 def to_torch(name: str) -> Any:
     import torch
 

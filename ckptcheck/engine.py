@@ -71,6 +71,19 @@ class Session:
     notes: list[str] = field(default_factory=list)
 
     @cached_property
+    def optimizer_view(self) -> Any:
+        """The checkpoint's optimizer state, read once for every resume check (training_state.OptimizerView)."""
+        from .training_state import optimizer_view
+
+        return optimizer_view(self.checkpoint)
+
+    @cached_property
+    def train_state(self) -> Any:
+        from .training_state import train_state
+
+        return train_state(self.checkpoint)
+
+    @cached_property
     def suite(self) -> Suite:
         return load_suite(self.options.target)
 

@@ -137,7 +137,6 @@ class CheckpointCollector(pytest.Collector):
         except CkptError as exc:
             raise self.CollectError(f"ckptcheck: {exc.line()}") from None
         self.config.add_cleanup(the_plan.close)
-        self.config.stash[PLAN_KEY] = the_plan
         for check in the_plan.checks:
             yield CheckItem.from_parent(self, name=f"test_{check.category}[{check.key}]", check=check)
 
@@ -180,5 +179,3 @@ class CheckItem(pytest.Item):
     def reportinfo(self) -> tuple[Path | str, int | None, str]:
         return self.path, None, self.name
 
-
-PLAN_KEY = pytest.StashKey[Any]()

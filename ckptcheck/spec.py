@@ -126,11 +126,3 @@ def spec_from_factory(target: str, config: ModelConfig | None = None) -> ModelSp
     }
     tied = {to_key(k): to_key(v) for k, v in tied_raw.items()}
     return ModelSpec(scheme=scheme, tensors=tensors, tied=tied, config=config, source=target)
-
-
-def describe(spec: ModelSpec) -> dict[str, Any]:
-    return {
-        "source": spec.source, "naming": spec.scheme.name, "tensors": len(spec.tensors),
-        "tied": dict(spec.tied), "dtype": spec.dtype,
-        **({"config": spec.config.describe()} if spec.config else {}),
-    }

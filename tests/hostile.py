@@ -9,7 +9,6 @@ import os
 import pickle
 import shutil
 import struct
-import sys
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -17,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .writers import CONFIGS, FIXTURES
 
@@ -112,12 +110,6 @@ def zip_bomb(tmp: Path) -> Path:
     return torch_zip(tmp, data_pkl=pickle.dumps({}, protocol=2) + b"\x00" * (80 << 20), compress=True)
 
 
-def _builtin(name: str):
-    import builtins
-
-    return getattr(builtins, name)
-
-
 def cases() -> list[Case]:
     import functools
     import pkgutil
@@ -125,11 +117,6 @@ def cases() -> list[Case]:
 
     import pip
 
-    def payload_zip(func, *args, protocol: int = 2):
-        return lambda tmp, s: torch_zip(tmp, pickle.dumps({"w": Payload(func, *args)}, protocol=protocol))
-
-    sentinel_arg = "SENTINEL"  # replaced per case below where a path is needed
-    del sentinel_arg
     out = [
         # --- never execute: payloads in every kind of pickle ckptcheck reads --------------------------------
         Case("reduce_os_system", lambda t, s: torch_zip(t, pickle.dumps({"w": Payload(os.system, touch(s))}, 2)),
@@ -373,5 +360,3 @@ def bad_configs(tmp: Path) -> dict[str, Path]:
         out[name].write_text(json.dumps(data))
     return out
 
-
-__all__ = ["Case", "bad_configs", "cases", "save_file", "sys"]

@@ -18,22 +18,11 @@ NO_OPTIMIZER = "no optimizer state at all (see resume[optimizer])"
 
 
 def _view(session: Session) -> OptimizerView | None:
-    from ..training_state import optimizer_view
-
-    return _cached(session, "optimizer_view", lambda: optimizer_view(session.checkpoint))
+    return session.optimizer_view
 
 
 def _train(session: Session) -> TrainState:
-    from ..training_state import train_state
-
-    return _cached(session, "train_state", lambda: train_state(session.checkpoint))
-
-
-def _cached(session: Session, name: str, make: Any) -> Any:
-    store = session.__dict__.setdefault("_cache", {})
-    if name not in store:
-        store[name] = make()
-    return store[name]
+    return session.train_state
 
 
 def _trainable(session: Session) -> list[str]:

@@ -16,9 +16,9 @@ from ..configs import ModelConfig, load_config, to_hf_config, to_lingua_params
 from ..errors import InputError
 from ..formats import open_checkpoint
 from ..manifest import Manifest
-from ..naming import HF, META, Scheme
+from ..naming import HF, Scheme
 from .atomic import Staging, refuse_unsafe_destination
-from .plan import ConversionPlan, build_plan, carry_state, fresh_adamw_state, scheme_named
+from .plan import build_plan, carry_state, fresh_adamw_state, scheme_named
 from .stream import ChunkSource
 from .verify import verify_output
 from .writers import DcpWriter, SafetensorsWriter, TorchZipWriter
@@ -117,7 +117,7 @@ def convert(
     cast = dtypes.canonical(dtype) if dtype else None
     started = time.perf_counter()
     with open_checkpoint(src_p) as source:
-        dst_scheme, nesting = _target_layout(fmt, naming, source.manifest.format)
+        dst_scheme, nesting = _target_layout(fmt, naming)
         aliases = {"torch": "keep", "dcp": "copy"}.get(fmt, "drop")
         plan = build_plan(source.manifest, naming=dst_scheme, dtype=cast, config=cfg, drop=drop, aliases=aliases)
         if init_optimizer_state:
@@ -165,7 +165,7 @@ def convert(
     )
 
 
-def _target_layout(fmt: str, naming: str | None, src_format: str) -> tuple[Scheme | None, str | None]:
+def _target_layout(fmt: str, naming: str | None) -> tuple[Scheme | None, str | None]:
     """The output's key scheme (None: keep the source's) and model nesting.
 
     ``--to dcp`` writes lingua's layout (model keys under "model") unless torchtitan naming is asked
@@ -236,5 +236,3 @@ class _progress_bar:  # noqa: N801 - used as a context manager
         if self.bar is not None:
             self.bar.close()
 
-
-__all__ = ["ConversionPlan", "ConversionReport", "OUTPUT_FORMATS", "convert", "META"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import struct
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import dtypes
@@ -141,5 +140,3 @@ class LegacyTorchCheckpoint(Checkpoint):
     def close(self) -> None:
         self._f.close()
 
-
-__all__ = ["LegacyTorchCheckpoint", "Path"]
