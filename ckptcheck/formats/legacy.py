@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from .. import dtypes
 from ..errors import InputError
-from ..manifest import Manifest, TensorInfo
 from ..safe_pickle import BASIC_GLOBALS, safe_load_stream
-from .base import Checkpoint, bytes_to_tensor, check_rows, open_binary, read_exact, row_span, split_sections
-from .torch_pickle import TORCH_ALLOWLIST, MalformedTensor, StorageRef, StorageTable, TensorRef, walk
+from .base import bytes_to_tensor, check_rows, open_binary, read_exact, row_span
+from .torch_pickle import TORCH_ALLOWLIST, MalformedTensor, StorageRef, StorageTable, TensorRef
+from .torchzip import PickledCheckpoint
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +37,7 @@ class _LegacyStorages(StorageTable):
         return self.add(pid[:5])
 
 
-class LegacyTorchCheckpoint(Checkpoint):
+class LegacyTorchCheckpoint(PickledCheckpoint):
     format_name = "torch-legacy"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -52,7 +52,7 @@ class LegacyTorchCheckpoint(Checkpoint):
     def _open(self) -> None:
         f, where = self._f, self.path
         size = os.fstat(f.fileno()).st_size
-        header = {k: v for k, v in BASIC_GLOBALS.items()}
+        header = dict(BASIC_GLOBALS)
         if safe_load_stream(f, path=where, member="magic number", allowed=header) != MAGIC:
             raise InputError(where, "magic number", "not a legacy torch file")
         protocol = safe_load_stream(f, path=where, member="protocol version", allowed=header)
@@ -80,63 +80,24 @@ class LegacyTorchCheckpoint(Checkpoint):
                                  f"{None if ref is None else ref.numel}")
             self._offsets[key] = pos + 8
             pos += 8 + ref.nbytes
-            if pos > size:
+            if pos > size:  # validated before anything is allocated for it
                 raise InputError(where, f"storage {key}", "runs past the end of the file")
         if set(table.storages) - set(self._offsets):
             raise InputError(where, "storage keys", "the object refers to storages the file does not hold")
-        if not isinstance(obj, dict):
-            raise InputError(where, "object", f"holds a {type(obj).__name__}, not a state dict")
-        entries: list[tuple[tuple[str, ...], TensorInfo | None]] = []
-        refs: dict[tuple[str, ...], TensorRef] = {}
-        self._values: dict[str, Any] = {}
-        for p, leaf in walk(obj):
-            if isinstance(leaf, TensorRef):
-                if leaf.offset + leaf.extent > leaf.storage.numel and leaf.numel:
-                    raise InputError(where, ".".join(p), "tensor runs past its storage")
-                refs[p] = leaf
-                entries.append((p, TensorInfo(".".join(p), leaf.shape, leaf.dtype)))
-            else:
-                self._values[".".join(p)] = leaf
-                entries.append((p, None))
-        layout = split_sections(entries)
-        self._refs = {layout.names[p]: ref for p, ref in refs.items()}
-        self.manifest = Manifest(
-            path=self.path, format=self.format_name, tensors=layout.model, files=(self.path,),
-            nesting=layout.nesting, sections=layout.sections, extra_tensors=layout.extra,
-            extra_entries=layout.others, extra_paths=layout.extra_paths,
-            facts={"serialization": "legacy torch (pre-1.6 pickle stream, not a zip archive)",
-                   "legacy protocol": str(protocol)},
-        )
+        self._index(obj, "object", {"serialization": "legacy torch (pre-1.6 pickle stream, not a zip archive)",
+                                    "legacy protocol": str(protocol)})
 
-    def _ref(self, key: str) -> TensorRef:
-        ref = self._refs.get(key)
-        if ref is None:
-            raise InputError(self.path, key, "no such tensor in the checkpoint")
-        return ref
-
-    def load(self, key: str) -> torch.Tensor:
-        ref = self._ref(key)
+    def _read(self, key: str, ref: TensorRef, rows: tuple[int, int] | None, out: torch.Tensor | None) -> torch.Tensor:
         size = dtypes.itemsize(ref.dtype)
-        buf = read_exact(self._f, self._offsets[ref.storage.key] + ref.offset * size, ref.extent * size,
-                         path=self.path, item=key)
-        return bytes_to_tensor(buf, ref.dtype, ref.shape, None if ref.is_contiguous else ref.stride)
-
-    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        ref = self._ref(key)
-        if not ref.is_contiguous:
-            return self.load(key)[start:stop]
-        check_rows(self.path, key, ref.shape, start, stop)
-        size = dtypes.itemsize(ref.dtype)
-        first, count = row_span(ref.shape, start, stop)
-        buf = read_exact(self._f, self._offsets[ref.storage.key] + (ref.offset + first) * size, count * size,
-                         path=self.path, item=key, out=out)
-        return bytes_to_tensor(buf, ref.dtype, (stop - start, *ref.shape[1:]))
-
-    def load_value(self, key: str) -> Any:
-        if key not in self._values:
-            raise InputError(self.path, key, "no such value in the checkpoint")
-        return self._values[key]
+        base = self._offsets[ref.storage.key] + ref.offset * size
+        if rows is not None and ref.is_contiguous:
+            check_rows(self.path, key, ref.shape, *rows)
+            first, count = row_span(ref.shape, *rows)
+            buf = read_exact(self._f, base + first * size, count * size, path=self.path, item=key, out=out)
+            return bytes_to_tensor(buf, ref.dtype, (rows[1] - rows[0], *ref.shape[1:]))
+        buf = read_exact(self._f, base, ref.extent * size, path=self.path, item=key)
+        tensor = bytes_to_tensor(buf, ref.dtype, ref.shape, None if ref.is_contiguous else ref.stride)
+        return tensor if rows is None else tensor[rows[0]:rows[1]]
 
     def close(self) -> None:
         self._f.close()
-

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from abc import abstractmethod
 import struct
 import zipfile
 import zlib
@@ -145,15 +146,6 @@ class TorchArchive:
             return None
         return self._read_member(info, 4096).decode("ascii", "replace").strip()
 
-    def check_ref(self, key: str, ref: TensorRef) -> None:
-        """A tensor's view must lie inside its storage."""
-        if ref.offset + ref.extent > ref.storage.numel and ref.numel:
-            raise InputError(
-                self.path, key,
-                f"tensor of shape {list(ref.shape)} at offset {ref.offset} runs past its storage "
-                f"of {ref.storage.numel} elements",
-            )
-
     def _data_offset(self, storage: StorageRef) -> int:
         info = self._members[f"{self.prefix}data/{storage.key}"]
         self._f.seek(self._base + info.header_offset)
@@ -203,36 +195,84 @@ def single_tensor_ref(archive: TorchArchive, item: str) -> TensorRef:
     ref = archive.obj
     if not isinstance(ref, TensorRef):
         raise InputError(archive.path, item, f"blob holds a {type(ref).__name__}, not one tensor")
-    archive.check_ref(item, ref)
+    check_ref(archive.path, item, ref)
     return ref
 
 
-def tensor_entries(archive: TorchArchive) -> tuple[list[tuple[tuple[str, ...], TensorInfo | None]], dict[str, TensorRef]]:
-    """Flatten an archive's object into (path, TensorInfo) entries, marking aliases (tied weights)."""
-    obj = archive.obj
+def check_ref(path: str, key: str, ref: TensorRef) -> None:
+    """A tensor's view must lie inside its storage."""
+    if ref.offset + ref.extent > ref.storage.numel and ref.numel:
+        raise InputError(path, key, f"tensor of shape {list(ref.shape)} at offset {ref.offset} runs past its storage "
+                         f"of {ref.storage.numel} elements")
+
+
+def tensor_entries(obj: Any, *, path: str, member: str,
+                   ) -> tuple[list[tuple[tuple[str, ...], TensorInfo | None]], dict[str, TensorRef]]:
+    """Flatten an unpickled state dict into (path, TensorInfo) entries, marking aliases (tied weights)."""
     if not isinstance(obj, dict):
-        raise InputError(archive.path, "data.pkl", f"holds a {type(obj).__name__}, not a state dict")
+        raise InputError(path, member, f"holds a {type(obj).__name__}, not a state dict")
     entries: list[tuple[tuple[str, ...], TensorInfo | None]] = []
     refs: dict[str, TensorRef] = {}
     first_view: dict[tuple[str, int, tuple[int, ...], tuple[int, ...]], str] = {}
     try:
         leaves = list(walk(obj))
     except ValueError as exc:
-        raise InputError(archive.path, "data.pkl", str(exc)) from None
-    for path, leaf in leaves:
-        dotted = ".".join(path)
+        raise InputError(path, member, str(exc)) from None
+    for p, leaf in leaves:
+        dotted = ".".join(p)
         if isinstance(leaf, TensorRef):
-            archive.check_ref(dotted, leaf)
+            check_ref(path, dotted, leaf)
             view = (leaf.storage.key, leaf.offset, leaf.shape, leaf.stride)
             alias = first_view.setdefault(view, dotted)
             refs[dotted] = leaf
-            entries.append((path, TensorInfo(dotted, leaf.shape, leaf.dtype, None if alias == dotted else alias)))
+            entries.append((p, TensorInfo(dotted, leaf.shape, leaf.dtype, None if alias == dotted else alias)))
         else:
-            entries.append((path, None))
+            entries.append((p, None))
     return entries, refs
 
 
-class TorchFileCheckpoint(Checkpoint):
+class PickledCheckpoint(Checkpoint):
+    """A checkpoint that is one unpickled state dict whose tensors are read by storage offsets: the zip
+    format and the legacy one differ only in where a storage's bytes are (``_read``)."""
+
+    path: str
+    format_name: str
+
+    def _index(self, obj: Any, member: str, facts: dict[str, str]) -> None:
+        entries, refs = tensor_entries(obj, path=self.path, member=member)
+        layout = split_sections(entries)
+        self._refs = {layout.names[p]: refs[".".join(p)] for p, info in entries if info is not None}
+        self._values = {".".join(p): value for p, value in walk(obj) if not isinstance(value, TensorRef)}
+        model = {k: _alias_renamed(v, layout.nesting) for k, v in layout.model.items()}
+        self.manifest = Manifest(
+            path=self.path, format=self.format_name, tensors=model, files=(self.path,), nesting=layout.nesting,
+            sections=layout.sections, extra_tensors=layout.extra, extra_entries=layout.others, facts=facts,
+            extra_paths=layout.extra_paths,
+        )
+
+    @abstractmethod
+    def _read(self, key: str, ref: TensorRef, rows: tuple[int, int] | None, out: torch.Tensor | None) -> torch.Tensor:
+        """The tensor ``ref`` describes, or rows of it (into ``out`` when given)."""
+
+    def _ref(self, key: str) -> TensorRef:
+        ref = self._refs.get(key)
+        if ref is None:
+            raise InputError(self.path, key, "no such tensor in the checkpoint")
+        return ref
+
+    def load(self, key: str) -> torch.Tensor:
+        return self._read(key, self._ref(key), None, None)
+
+    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self._read(key, self._ref(key), (start, stop), out)
+
+    def load_value(self, key: str) -> Any:
+        if key not in self._values:
+            raise InputError(self.path, key, "no such value in the checkpoint")
+        return self._values[key]
+
+
+class TorchFileCheckpoint(PickledCheckpoint):
     """A single torch.save file: a flat state dict, or one nested as {"model": ..., "optim": ...}."""
 
     format_name = "torch"
@@ -242,37 +282,13 @@ class TorchFileCheckpoint(Checkpoint):
         self._f = open_binary(self.path)
         try:
             self.archive = TorchArchive(self._f, path=self.path)
-            entries, refs = tensor_entries(self.archive)
+            self._index(self.archive.obj, f"{self.archive.prefix}data.pkl", dict(self.archive.facts))
         except BaseException:
             self._f.close()
             raise
-        layout = split_sections(entries)
-        self._refs = {layout.names[path]: refs[".".join(path)] for path, info in entries if info is not None}
-        self._values = {".".join(path): value for path, value in walk(self.archive.obj)
-                        if not isinstance(value, TensorRef)}
-        model = {k: _alias_renamed(v, layout.nesting) for k, v in layout.model.items()}
-        self.manifest = Manifest(
-            path=self.path, format=self.format_name, tensors=model, files=(self.path,), nesting=layout.nesting,
-            sections=layout.sections, extra_tensors=layout.extra, extra_entries=layout.others,
-            facts=dict(self.archive.facts), extra_paths=layout.extra_paths,
-        )
 
-    def _ref(self, key: str) -> TensorRef:
-        ref = self._refs.get(key)
-        if ref is None:
-            raise InputError(self.path, key, "no such tensor in the checkpoint")
-        return ref
-
-    def load(self, key: str) -> torch.Tensor:
-        return self.archive.read(key, self._ref(key))
-
-    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.archive.read(key, self._ref(key), (start, stop), out)
-
-    def load_value(self, key: str) -> Any:
-        if key not in self._values:
-            raise InputError(self.path, key, "no such value in the checkpoint")
-        return self._values[key]
+    def _read(self, key: str, ref: TensorRef, rows: tuple[int, int] | None, out: torch.Tensor | None) -> torch.Tensor:
+        return self.archive.read(key, ref, rows, out)
 
     def close(self) -> None:
         self._f.close()
