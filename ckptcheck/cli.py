@@ -11,9 +11,8 @@ from typing import Any
 
 from . import __version__
 from .errors import CkptError, UnsafeInputError
+from .convert.api import OUTPUT_FORMATS
 from .options import CHECK_OPTIONS, DTYPE, MODEL_CONFIG, MODEL_FACTORY, TARGET, add_options, engine_options
-
-OUTPUT_FORMATS = ("torch", "safetensors", "dcp", "hf")
 
 EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_BUG = 0, 1, 2, 3
 

@@ -106,19 +106,16 @@ def _compare(ca, a_key: str, source_b: ChunkSource, move, name: str, atol: float
     for start, stop in row_ranges(move):
         got_a = ca.load(a_key) if not info.shape else ca.read_rows(a_key, start, stop)
         got_b = source_b.read(move, start, stop)
+        x, y = got_a.double().reshape(-1), got_b.double().reshape(-1)
         if exact and got_a.dtype == got_b.dtype:
             bad = bit_view(got_a) != bit_view(got_b)
-            if not bool(bad.any()):
-                continue
         else:
-            x, y = got_a.double().reshape(-1), got_b.double().reshape(-1)
             bad = ~torch.isclose(x, y, rtol=rtol, atol=atol, equal_nan=True)
-            if not bool(bad.any()):
-                continue
-        x, y = got_a.double().reshape(-1), got_b.double().reshape(-1)
+        if not bool(bad.any()):
+            continue
         delta = (x - y).abs().nan_to_num(nan=math.inf)
-        worst = max(worst, float(delta[bad].max()) if bool(bad.any()) else 0.0)
-        if first is None and bool(bad.any()):
+        worst = max(worst, float(delta[bad].max()))
+        if first is None:
             flat = int(bad.nonzero()[0, 0]) + start * (info.numel // max(1, info.shape[0]) if info.shape else 1)
             first = unravel(flat, info.shape)
     if first is None:
