@@ -139,3 +139,68 @@ def test_a_full_disk_quota_gives_one_clean_line(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"ckptcheck: error: {dst}: cannot write the output: File too large"
     assert list((tmp_path / "out").iterdir()) == []
+
+
+# A child process that replaces DST with --force and SIGKILLs itself at the dangerous point: with
+# the atomic exchange, right after the swap; without it (the fallback), after the old DST was moved
+# aside and before the new one is renamed into place.
+_CRASHING_REPLACE = """
+import os, signal, sys
+from pathlib import Path
+from ckptcheck.convert import atomic
+from ckptcheck.convert.api import convert
+
+src, dst, mode = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+real_replace = os.replace
+
+def kill(*args):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if mode == "fallback":
+    atomic._exchange = lambda a, b: False
+    def replace(a, b):
+        if Path(b) == dst and not dst.exists():
+            kill()
+        real_replace(a, b)
+    atomic.os.replace = replace
+else:
+    atomic._remove = kill
+convert(src, dst, to="dcp", force=True)
+"""
+
+
+def _tag(folder: Path) -> str | None:
+    return (folder / "tag").read_text() if (folder / "tag").is_file() else None
+
+
+@pytest.mark.parametrize("mode", ["exchange", "fallback"])
+def test_a_crash_while_replacing_loses_neither_old_nor_new(mode: str, tmp_path: Path) -> None:
+    from ckptcheck.convert import atomic
+
+    if mode == "exchange":
+        probe_a, probe_b = tmp_path / "a", tmp_path / "b"
+        probe_a.mkdir()
+        probe_b.mkdir()
+        if not atomic._exchange(probe_a, probe_b):
+            pytest.skip("this kernel or filesystem has no renameat2(RENAME_EXCHANGE)")
+    dst = tmp_path / "out"
+    convert(GOOD / "consolidated.pth", dst, to="dcp")
+    (dst / "tag").write_text("old")
+    proc = subprocess.run([sys.executable, "-c", _CRASHING_REPLACE, str(GOOD / "consolidated.pth"), str(dst), mode],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    survivors = [p for p in tmp_path.iterdir() if p.name.startswith((".out", "out"))]
+    old = [p for p in survivors if _tag(p) == "old"]
+    new = [p for p in survivors if p.is_dir() and (p / ".metadata").is_file() and _tag(p) is None]
+    assert old or new, survivors
+    if mode == "exchange":
+        assert (dst / ".metadata").is_file() and _tag(dst) is None  # the new output is in place
+    else:
+        assert not dst.exists() and old and old[0].name.startswith(".out.ckptcheck-replaced-")
+    # The next run puts the old DST back (or keeps the new one) before anything else: without --force
+    # it is refused because DST exists again, and nothing is lost.
+    with pytest.raises(InputError, match="already exists"):
+        convert(GOOD / "consolidated.pth", dst, to="dcp")
+    assert _tag(dst) == ("old" if mode == "fallback" else None)
+    convert(GOOD / "consolidated.pth", dst, to="dcp", force=True)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
