@@ -1,9 +1,13 @@
 """Starting the round trip's ranks on this machine with torch's elastic launcher (torchrun).
 
 ``torchrun --standalone`` finds a free port for its rendezvous itself, so two round trips at once (say
-under ``pytest -n 2``) never collide.  Ranks run in their own process group with a wall-clock limit;
-on a timeout or any failure the whole group is killed, so no worker outlives its round trip, and each
-rank's own error (from its report file) is what the caller sees.
+under ``pytest -n 2``) never collide.  Ranks run with a wall-clock limit; when a trip ends, however it
+ends, every process carrying its tag is killed (``reaper``), so none outlives it, and each rank's own
+error (from its report file) is what the caller sees.
+
+Before any rank starts, every input the ranks will read has passed ckptcheck's own safe readers (the
+source, and the DCP folder with its metadata and every bytes entry): hostile input stops the trip with
+``UnsafeInputError`` and no rank ever sees it.  The ranks then read the DCP through the same allowlist.
 """
 
 from __future__ import annotations
@@ -15,13 +19,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from .reaper import PATIENCE_S, TRIP_ENV, kill_all_with_env
 
 
 @dataclass
@@ -83,8 +91,21 @@ def run_world(*, dcp: str | Path, source: str | Path, world_size: int, config: s
 
     ``prepare`` (the conversion to DCP) runs here while the ranks start up, import torch and meet;
     they wait for the DCP folder, which the converter renames into place only once it is complete.
+    Whatever happens (success, failure, timeout, an exception here, SIGTERM), no process of the trip
+    outlives this call and its report folder is removed.
     """
     report_dir = Path(tempfile.mkdtemp(prefix="ckptcheck-roundtrip-"))
+    try:
+        return _run_world(report_dir, dcp=dcp, source=source, world_size=world_size, config=config,
+                          factory=factory, optimizer=optimizer, save=save, timeout=timeout, backend=backend,
+                          prepare=prepare)
+    finally:
+        shutil.rmtree(report_dir, ignore_errors=True)
+
+
+def _run_world(report_dir: Path, *, dcp: str | Path, source: str | Path, world_size: int, config: str | None,
+               factory: str | None, optimizer: bool, save: str | Path | None, timeout: float, backend: str,
+               prepare: Callable[[], None] | None) -> TripResult:
     worker_args = ["--dcp", str(dcp), "--source", str(source), "--report", str(report_dir),
                    "--timeout", str(max(30.0, timeout / 4))]
     if prepare is not None:
@@ -99,50 +120,106 @@ def run_world(*, dcp: str | Path, source: str | Path, world_size: int, config: s
         worker_args += ["--save", str(save)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
            "--max-restarts=0", "--monitor-interval=0.2", "-m", "ckptcheck.roundtrip", *worker_args]
+    tag = uuid.uuid4().hex
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "CKPTCHECK_BACKEND": backend_for(world_size, backend), "PYTHONUNBUFFERED": "1"}
+           "CKPTCHECK_BACKEND": backend_for(world_size, backend), "PYTHONUNBUFFERED": "1", TRIP_ENV: tag}
     if env["CKPTCHECK_BACKEND"] == "gloo":
         env["CUDA_VISIBLE_DEVICES"] = ""  # gloo round trips run on CPU, whatever the machine has
     started = time.perf_counter()
     log = report_dir / "torchrun.log"
     errors: list[str] = []
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
+    survivors: list[int] = []
+    proc: subprocess.Popen[bytes] | None = None
+    with open(log, "wb") as sink, _sigterm_as_exit():
+        try:  # torchrun itself carries the tag: cleanup finds it even if a signal lands before ``proc`` is set
+            proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             if prepare is not None:
                 prepare()
             proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - started)))
         except subprocess.TimeoutExpired:
             errors.append(f"timed out after {timeout:.0f} s")
         finally:
-            _kill_group(proc)
-            proc.wait()
-    output = log.read_bytes()
+            survivors = _end_trip(proc, tag)
     seconds = time.perf_counter() - started
-    ranks = []
-    for path in sorted(report_dir.glob("rank*.json")):
-        ranks.append(json.loads(path.read_text()))
-    shutil.rmtree(report_dir, ignore_errors=True)
-    for r in sorted(ranks, key=lambda r: r["rank"]):
+    ranks, report_errors = read_reports(report_dir, world_size)
+    for r in ranks:
         if r.get("error"):
             errors.append(f"rank {r['rank']} failed in phase {r.get('current_phase')}: {r['error']}")
         elif errors and errors[0].startswith("timed out"):
             errors.append(f"rank {r['rank']} was in phase {r.get('current_phase')}")
-    reported = {r["rank"] for r in ranks}
-    missing = sorted(set(range(world_size)) - reported)
+    errors += report_errors
+    missing = sorted(set(range(world_size)) - {r["rank"] for r in ranks})
     if missing and not errors:
         errors.append(f"ranks {missing} ended without a report")
+    assert proc is not None
     if proc.returncode not in (0, None) and not errors:
-        tail = output.decode(errors="replace").strip().splitlines()[-5:]
+        tail = log.read_bytes().decode(errors="replace").strip().splitlines()[-5:]
         errors.append(f"torchrun exited with {proc.returncode}: " + " | ".join(tail))
+    if survivors:
+        errors.append(f"processes {survivors} of the round trip survived SIGKILL for {PATIENCE_S:.0f} s")
     return TripResult(world_size, str(dcp), ranks, seconds, errors)
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+def read_reports(report_dir: Path, world_size: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each rank's ``rank<N>.json``, in rank order, and a line for each report that is not whole.
+
+    Workers write their report beside it and rename it into place, so a ``.tmp`` file alone means the
+    rank was killed while writing; a final file that does not parse is named the same way.
+    """
+    ranks: list[dict[str, Any]] = []
+    errors: list[str] = []
+    for rank in range(world_size):
+        path = report_dir / f"rank{rank}.json"
+        if not path.exists():
+            if path.with_name(path.name + ".tmp").exists():
+                errors.append(f"rank {rank}'s report is incomplete (the rank was killed while writing it)")
+            continue
+        try:
+            report = json.loads(path.read_text())
+        except (ValueError, OSError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            report = None
+        if not isinstance(report, dict) or report.get("rank") != rank:
+            errors.append(f"rank {rank}'s report is incomplete (the rank was killed while writing it)")
+            continue
+        ranks.append(report)
+    return ranks, errors
+
+
+def _end_trip(proc: subprocess.Popen[bytes] | None, tag: str) -> list[int]:
+    """Kill torchrun's group, then every process carrying the trip's tag (workers run in sessions of
+    their own), with SIGTERM and SIGINT held back meanwhile so that cleanup itself is never cut short.
+    Returns the processes SIGKILL could not end."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        survivors = kill_all_with_env(TRIP_ENV, tag)
+        if proc is not None:
+            proc.wait()
+        return survivors
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM to the launcher unwinds it like Ctrl-C does, so the trip's cleanup runs (only the main
+    thread can take signals; elsewhere the default stays)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -167,6 +244,18 @@ class RoundtripResult:
                 "launcher_peak_rss": self.launcher_peak_rss,
                 "trips": [{"world_size": t.world_size, "ok": t.ok, "seconds": t.seconds, "errors": t.errors,
                            "mismatches": t.mismatches, "peak_rss": t.peak_rss, "dcp": t.dcp} for t in self.trips]}
+
+
+def check_inputs(*paths: str | Path) -> None:
+    """Open each checkpoint the ranks will read with ckptcheck's own readers, which read a DCP's
+    metadata and every bytes entry through the allowlist; raises ``UnsafeInputError`` (a payload) or
+    ``InputError`` (unreadable) before any rank starts.  A DCP that ckptcheck converts is written from a
+    source checked here, and read by the ranks through the allowlist all the same."""
+    from ..formats import open_checkpoint
+
+    for path in dict.fromkeys(Path(p).resolve() for p in paths):
+        with open_checkpoint(path):
+            pass
 
 
 def roundtrip(ckpt: str | Path, *, config: str | Path | None, world_size: int = 2, reshard_to: int | None = None,
@@ -199,10 +288,12 @@ def roundtrip(ckpt: str | Path, *, config: str | Path | None, world_size: int = 
                         verify=False)
         else:
             dcp_dir = Path(target)
+        check_inputs(ckpt, *(() if converted else (dcp_dir,)))
         trips = [run_world(dcp=dcp_dir, source=ckpt, world_size=world_size, config=config_path, factory=factory,
                            optimizer=optimizer, save=work / f"saved_{world_size}" if reshard_to else None,
                            timeout=timeout, backend=backend, prepare=prepare)]
         if reshard_to and trips[0].ok:
+            check_inputs(work / f"saved_{world_size}")
             trips.append(run_world(dcp=work / f"saved_{world_size}", source=ckpt, world_size=reshard_to,
                                    config=config_path, factory=factory, optimizer=optimizer, save=None,
                                    timeout=timeout, backend=backend))

@@ -10,7 +10,11 @@ compares the shard it holds with the same rows of the source, bit for bit, one t
 ranks together compare every element once, and no rank ever holds more than its shard plus one shard
 read from the source.  It then checks that tied weights are still one Parameter and, if asked, saves
 the sharded state back to DCP (from this world size, for a later load into another).  Each rank writes
-``rank<N>.json`` into ``--report``, errors included, so a failed rank is reported with its own error.
+``rank<N>.json`` into ``--report``, errors included, so a failed rank is reported with its own error;
+the file appears whole or not at all (written beside it, then renamed).
+
+The DCP folder is read through ckptcheck's allowlist (``storage``): ``.metadata`` and every bytes entry
+are never unpickled by torch, whose default reader and planner would run any pickled code in them.
 """
 
 from __future__ import annotations
@@ -61,8 +65,15 @@ def main(argv: list[str] | None = None) -> None:
         raise
     finally:
         report["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        (out / f"rank{rank}.json").write_text(json.dumps(report, indent=2))
+        write_report(out / f"rank{rank}.json", report)
         _destroy()
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Atomically: a rank killed while writing leaves a ``.tmp`` file, never a torn report."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
 
 
 def one_line(exc: BaseException) -> str:
@@ -96,7 +107,6 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
         set_optimizer_state_dict,
@@ -117,7 +127,7 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
     report.update(backend=backend, device=str(device), world_size=world)
 
     from ..formats import open_checkpoint
-    from ..formats.dcp import read_metadata
+    from .storage import SafeLoadPlanner, open_dcp
 
     if args.wait_for_dcp:
         with Phase(report, "wait"):
@@ -126,7 +136,7 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{args.dcp} did not appear within {args.timeout:.0f} s")
                 time.sleep(0.05)
-    items, _ = read_metadata(Path(args.dcp))
+    items, reader = open_dcp(args.dcp)
     with Phase(report, "build"):
         model, cfg = _build(args, dtype=_dcp_dtype(items))
         for block in getattr(model, "layers", []):
@@ -151,7 +161,7 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             raise RuntimeError(f"the checkpoint lacks {len(missing_model)} model tensors, first {missing_model[0]}")
         # Optimizer fields newer than the checkpoint (say AdamW's decoupled_weight_decay) keep their
         # defaults: load partially, and report what was absent.
-        dcp.load(state, checkpoint_id=args.dcp, planner=DefaultLoadPlanner(allow_partial_load=True))
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(args.dcp, allow_partial_load=True))
         loaded = dict(state["model"] if nested else {k: state[k] for k in model_sd})
         loaded.update({k: loaded[first] for k, first in tied.items()})
         set_model_state_dict(model, loaded, options=StateDictOptions(strict=True))

@@ -1,0 +1,115 @@
+"""What the round trip's ranks read a DCP folder through: never torch's own unpickling.
+
+torch's ``FileSystemReader.read_metadata`` unpickles ``.metadata`` with ``pickle.load`` and
+``DefaultLoadPlanner.load_bytes`` unpickles every bytes entry with ``torch.load(weights_only=False)``:
+either runs whatever a hostile checkpoint names.  Here ``.metadata`` is the allowlisted read of
+``ckptcheck.formats.dcp`` (its validated items, turned into torch's own ``Metadata``), and each bytes
+entry is unpickled through the torch allowlist.  The objects checked are the objects loaded, so nothing
+is unpickled twice and nothing can be swapped in between.  Tensor chunks stay torch's
+``torch.load(weights_only=True)``, which builds tensors only.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._nested_dict import set_element
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import ReadItem
+
+from .. import dtypes
+from ..errors import InputError
+from ..formats.dcp import Item, read_metadata
+from ..formats.torch_pickle import TensorRef, _Dtype
+from ..safe_pickle import AttrDict
+from ..formats.torchzip import ZIP_MAGIC, TorchArchive
+
+
+def torch_metadata(items: dict[str, Item], version: str | None) -> Metadata:
+    """torch's ``Metadata`` for items that ``formats.dcp.read_metadata`` has already validated."""
+    state: dict[str, Any] = {}
+    storage: dict[MetadataIndex, _StorageInfo] = {}
+    for fqn, item in items.items():
+        if item.info is None:
+            state[fqn] = BytesStorageMetadata()
+            for chunk in item.chunks:
+                storage[MetadataIndex(fqn)] = _StorageInfo(chunk.file, chunk.start, chunk.length)
+            continue
+        chunks = [ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in item.chunks]
+        state[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtypes.to_torch(item.info.dtype)),
+                                           torch.Size(item.info.shape), chunks)
+        for chunk in item.chunks:
+            storage[MetadataIndex(fqn, chunk.offsets)] = _StorageInfo(chunk.file, chunk.start, chunk.length)
+    planner = {fqn: item.path for fqn, item in items.items()}
+    return Metadata(state, planner_data=planner, storage_data=storage, storage_meta=StorageMeta(), version=version)
+
+
+def open_dcp(folder: str | Path) -> tuple[dict[str, Item], SafeFileSystemReader]:
+    """Read ``.metadata`` once, through the allowlist: its items, and the reader that loads them."""
+    items, facts = read_metadata(Path(folder))
+    version = facts["dcp metadata version"]
+    return items, SafeFileSystemReader(folder, items, None if version == "none" else version)
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """A ``FileSystemReader`` whose metadata is the allowlisted read, not ``pickle.load``.
+
+    ``read_metadata`` takes no ``rank`` keyword on purpose: torch then never falls back to a rank-local
+    ``__<rank>.metadata`` that ckptcheck has not read.
+    """
+
+    def __init__(self, path: str | Path, items: dict[str, Item], version: str | None) -> None:
+        super().__init__(path)
+        self._metadata = torch_metadata(items, version)
+
+    def read_metadata(self, *args: Any) -> Metadata:  # type: ignore[override]
+        self._metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
+        return self._metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """``DefaultLoadPlanner`` whose bytes entries go through the torch allowlist, not ``torch.load``."""
+
+    def __init__(self, where: str | Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.where = str(where)
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        obj = load_bytes_entry(value.getvalue(), where=f"{self.where}@{fqn}", item=fqn)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
+def load_bytes_entry(data: bytes, *, where: str, item: str) -> Any:
+    """A DCP bytes entry (a ``torch.save`` blob) unpickled through the allowlist, its tensors read."""
+    if not data.startswith(ZIP_MAGIC):
+        raise InputError(where, item, "bytes entry is not a torch.save blob")
+    archive = TorchArchive(io.BytesIO(data), path=where, base=0, length=len(data))  # type: ignore[arg-type]
+    return _materialize(archive, archive.obj, item)
+
+
+def _materialize(archive: TorchArchive, obj: Any, item: str) -> Any:
+    """The unpickled records as the values torch would have built: tensors for tensor records, torch
+    dtypes for dtype markers; containers keep their type."""
+    if isinstance(obj, TensorRef):
+        return archive.read(item, obj)
+    if isinstance(obj, _Dtype):
+        return dtypes.to_torch(str(obj))
+    if isinstance(obj, dict):
+        values = ((k, _materialize(archive, v, item)) for k, v in obj.items())
+        return OrderedDict(values) if isinstance(obj, AttrDict) else dict(values)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_materialize(archive, v, item) for v in obj)
+    return obj
