@@ -36,6 +36,9 @@ class ModelConfig:
     dtype: str | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    # Biases (HF attention_bias: q/k/v/o projections; mlp_bias: gate/up/down), absent in Meta's Llama.
+    attention_bias: bool = False
+    mlp_bias: bool = False
     # canonical dimension name -> how this file spells it, for messages ("dim" -> "hidden_size").
     fields: dict[str, str] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -211,6 +214,7 @@ def _from_meta_like(path: Path, model: dict[str, Any], *, schema: str, raw: dict
         tie_embeddings=f.bool("weight_tying", False) if schema == "lingua" else False,
         norm_eps=f.float("norm_eps", 1e-5) or 1e-5,
         rope_theta=f.float("rope_theta", 10000.0) or 10000.0,
+        attention_bias=f.bool("attention_bias", False), mlp_bias=f.bool("mlp_bias", False),
         fields={
             "dim": prefix + "dim", "n_layers": prefix + "n_layers", "n_heads": prefix + "n_heads",
             "n_kv_heads": prefix + "n_kv_heads", "head_dim": prefix + "head_dim",
@@ -250,6 +254,7 @@ def _from_hf(path: Path, data: dict[str, Any]) -> ModelConfig:
         dtype=dtype,
         norm_eps=f.float("rms_norm_eps", 1e-6) or 1e-6,
         rope_theta=f.float("rope_theta", 10000.0) or 10000.0,
+        attention_bias=f.bool("attention_bias", False), mlp_bias=f.bool("mlp_bias", False),
         fields={
             "dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
             "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
@@ -259,44 +264,61 @@ def _from_hf(path: Path, data: dict[str, Any]) -> ModelConfig:
     )
 
 
-def to_lingua_params(cfg: ModelConfig) -> dict[str, Any]:
-    """The config as a lingua params.json (the raw file when it already is one)."""
+def to_lingua_params(cfg: ModelConfig, vocab_size: int | None = None) -> dict[str, Any]:
+    """The config as a lingua params.json (the raw file when it already is one); ``vocab_size``, the
+    rows of the embedding written, fills in a vocabulary the config left to the tokenizer."""
     if cfg.schema == "lingua":
-        return cfg.raw
-    return {"model": _meta_model_fields(cfg)}
+        if cfg.vocab_size is not None or vocab_size is None:
+            return cfg.raw
+        return {**cfg.raw, "model": {**cfg.raw["model"], "vocab_size": vocab_size}}
+    return {"model": _meta_model_fields(cfg, vocab_size)}
 
 
-def _meta_model_fields(cfg: ModelConfig) -> dict[str, Any]:
+def _meta_model_fields(cfg: ModelConfig, vocab_size: int | None) -> dict[str, Any]:
     from .infer import ffn_params
 
     out: dict[str, Any] = {"dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                            "n_kv_heads": cfg.n_kv_heads}
     if cfg.head_dim * cfg.n_heads != cfg.dim:
         out["head_dim"] = cfg.head_dim
-    out["vocab_size"] = cfg.vocab_size if cfg.vocab_size is not None else -1
+    vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab_size
+    out["vocab_size"] = vocab if vocab is not None else -1
     out.update(ffn_params(cfg.dim, cfg.ffn_dim))
     out.update({"norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "weight_tying": cfg.tie_embeddings})
+    out.update({name: True for name in ("attention_bias", "mlp_bias") if getattr(cfg, name)})
     return out
 
 
-def to_hf_config(cfg: ModelConfig, dtype: str | None = None) -> dict[str, Any]:
-    """The config as a transformers LlamaConfig config.json."""
+# Meta's use_scaled_rope: Llama 3.1's frequency scaling, as transformers names it.
+LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+
+
+def to_hf_config(cfg: ModelConfig, dtype: str, vocab_size: int | None = None) -> dict[str, Any]:
+    """The config as a transformers LlamaConfig config.json for weights stored as ``dtype`` (transformers
+    loads them as the config's torch_dtype says); ``vocab_size``, the embedding's rows, fills in a
+    vocabulary the config left to the tokenizer (Meta's -1)."""
     if cfg.schema == "hf":
         data = dict(cfg.raw)
-        if dtype:
-            data["torch_dtype"] = dtype
+        data["torch_dtype"] = dtype
+        if "dtype" in data:
+            data["dtype"] = dtype
         return data
     model = cfg.raw.get("model", cfg.raw) if isinstance(cfg.raw.get("model"), dict) else cfg.raw
+    vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab_size
+    if vocab is None:
+        raise InputError(cfg.source, "field vocab_size", "is left to the tokenizer and no embedding gives it: "
+                         "a config.json needs a vocab_size")
+    max_positions = model.get("max_seqlen", model.get("max_seq_len"))
     data: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
-        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
-        "mlp_bias": False, "max_position_embeddings": int(model.get("max_seqlen") or 8192),
-        "torch_dtype": dtype or cfg.dtype or "bfloat16",
+        "vocab_size": vocab, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": cfg.attention_bias,
+        "mlp_bias": cfg.mlp_bias, "max_position_embeddings": int(max_positions or 8192),
+        "torch_dtype": dtype,
     }
     if model.get("use_scaled_rope"):
-        data["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        data["rope_scaling"] = dict(LLAMA3_ROPE_SCALING)
     return data

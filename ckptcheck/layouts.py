@@ -14,26 +14,30 @@ from .naming import role_of
 if TYPE_CHECKING:
     import torch
 
-ROTARY_ROLES = {"layers.{i}.attention.wq.weight": "n_heads", "layers.{i}.attention.wk.weight": "n_kv_heads"}
+# The q/k tensors whose rows follow the rotary layout: the projections and their biases.
+ROTARY_ROLES = {
+    "layers.{i}.attention.wq.weight": "n_heads", "layers.{i}.attention.wk.weight": "n_kv_heads",
+    "layers.{i}.attention.wq.bias": "n_heads", "layers.{i}.attention.wk.bias": "n_kv_heads",
+}
 
 
 def interleaved_to_half(w: torch.Tensor, n: int) -> torch.Tensor:
-    """Meta layout -> Hugging Face layout for a [n * head_dim, cols] projection."""
+    """Meta layout -> Hugging Face layout for a [n * head_dim, cols] projection or its [n * head_dim] bias."""
     rows, cols = _check(w, n)
-    return w.view(n, rows // n // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    return w.reshape(n, rows // n // 2, 2, cols).transpose(1, 2).reshape(w.shape)
 
 
 def half_to_interleaved(w: torch.Tensor, n: int) -> torch.Tensor:
     """Hugging Face layout -> Meta layout; the inverse of ``interleaved_to_half``."""
     rows, cols = _check(w, n)
-    return w.view(n, 2, rows // n // 2, cols).transpose(1, 2).reshape(rows, cols)
+    return w.reshape(n, 2, rows // n // 2, cols).transpose(1, 2).reshape(w.shape)
 
 
 def _check(w: torch.Tensor, n: int) -> tuple[int, int]:
-    if w.dim() != 2 or n <= 0 or w.shape[0] % (2 * n):
+    if w.dim() not in (1, 2) or n <= 0 or w.shape[0] % (2 * n):
         raise ValueError(f"cannot permute a {list(w.shape)} projection over {n} heads: rows must split into "
                          "heads of even size")
-    return w.shape[0], w.shape[1]
+    return w.shape[0], (w.shape[1] if w.dim() == 2 else 1)
 
 
 def change_rotary(canonical_key: str, w: torch.Tensor, src: str, dst: str, n_heads: int, n_kv_heads: int) -> torch.Tensor:

@@ -78,18 +78,24 @@ def streaming_logits(ckpt: Checkpoint, cfg: ModelConfig, tokens: torch.Tensor) -
             raise InputError(ckpt.manifest.path, canonical, "missing: cannot run the reference forward")
         return ckpt.load(stored).float()
 
+    def linear(x, weight: str):
+        """x @ W.T, plus the projection's bias when the checkpoint has one (attention_bias, mlp_bias)."""
+        out = x @ w(weight).T
+        bias = mapping.stored_for(weight.removesuffix(".weight") + ".bias")
+        return out if bias is None else out + ckpt.load(bias).float()
+
     h = F.embedding(tokens, w("tok_embeddings.weight"))
     seq = tokens.shape[0]
     angles = rotary_angles(seq, cfg.head_dim, cfg.rope_theta)
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         x = rms_norm(h, w(p + "attention_norm.weight"), cfg.norm_eps)
-        q = (x @ w(p + "attention.wq.weight").T).view(seq, cfg.n_heads, cfg.head_dim)
-        k = (x @ w(p + "attention.wk.weight").T).view(seq, cfg.n_kv_heads, cfg.head_dim)
-        v = (x @ w(p + "attention.wv.weight").T).view(seq, cfg.n_kv_heads, cfg.head_dim)
+        q = linear(x, p + "attention.wq.weight").view(seq, cfg.n_heads, cfg.head_dim)
+        k = linear(x, p + "attention.wk.weight").view(seq, cfg.n_kv_heads, cfg.head_dim)
+        v = linear(x, p + "attention.wv.weight").view(seq, cfg.n_kv_heads, cfg.head_dim)
         q, k = apply_rotary(q, angles, convention), apply_rotary(k, angles, convention)
-        h = h + attention(q, k, v) @ w(p + "attention.wo.weight").T
+        h = h + linear(attention(q, k, v), p + "attention.wo.weight")
         x = rms_norm(h, w(p + "ffn_norm.weight"), cfg.norm_eps)
-        h = h + (F.silu(x @ w(p + "feed_forward.w1.weight").T) * (x @ w(p + "feed_forward.w3.weight").T)) \
-            @ w(p + "feed_forward.w2.weight").T
+        gated = F.silu(linear(x, p + "feed_forward.w1.weight")) * linear(x, p + "feed_forward.w3.weight")
+        h = h + linear(gated, p + "feed_forward.w2.weight")
     return rms_norm(h, w("norm.weight"), cfg.norm_eps) @ w("output.weight").T

@@ -27,6 +27,14 @@ CANONICAL = (
     "layers.{i}.ffn_norm.weight",
     "norm.weight",
     "output.weight",
+    # Biases, present when the config asks for them (HF attention_bias: q/k/v/o; mlp_bias: gate/down/up).
+    "layers.{i}.attention.wq.bias",
+    "layers.{i}.attention.wk.bias",
+    "layers.{i}.attention.wv.bias",
+    "layers.{i}.attention.wo.bias",
+    "layers.{i}.feed_forward.w1.bias",
+    "layers.{i}.feed_forward.w2.bias",
+    "layers.{i}.feed_forward.w3.bias",
 )
 
 
@@ -124,6 +132,13 @@ HF = Scheme(
         "model.layers.{i}.post_attention_layernorm.weight",
         "model.norm.weight",
         "lm_head.weight",
+        "model.layers.{i}.self_attn.q_proj.bias",
+        "model.layers.{i}.self_attn.k_proj.bias",
+        "model.layers.{i}.self_attn.v_proj.bias",
+        "model.layers.{i}.self_attn.o_proj.bias",
+        "model.layers.{i}.mlp.gate_proj.bias",
+        "model.layers.{i}.mlp.down_proj.bias",
+        "model.layers.{i}.mlp.up_proj.bias",
     ),
     buffers=("model.layers.{i}.self_attn.rotary_emb.inv_freq", "model.rotary_emb.inv_freq"),
 )

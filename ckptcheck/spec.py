@@ -35,6 +35,15 @@ class ModelSpec:
         return self.scheme.from_canonical(key) or key
 
 
+# Bias roles and the config flag that puts them in the model.
+BIAS_FLAGS = {
+    "layers.{i}.attention.wq.bias": "attention_bias", "layers.{i}.attention.wk.bias": "attention_bias",
+    "layers.{i}.attention.wv.bias": "attention_bias", "layers.{i}.attention.wo.bias": "attention_bias",
+    "layers.{i}.feed_forward.w1.bias": "mlp_bias", "layers.{i}.feed_forward.w2.bias": "mlp_bias",
+    "layers.{i}.feed_forward.w3.bias": "mlp_bias",
+}
+
+
 def spec_from_config(cfg: ModelConfig) -> ModelSpec:
     shapes = {
         "tok_embeddings.weight": (cfg.vocab_size, cfg.dim),
@@ -49,8 +58,16 @@ def spec_from_config(cfg: ModelConfig) -> ModelSpec:
         "layers.{i}.ffn_norm.weight": (cfg.dim,),
         "norm.weight": (cfg.dim,),
         "output.weight": (cfg.vocab_size, cfg.dim),
+        "layers.{i}.attention.wq.bias": (cfg.n_heads * cfg.head_dim,),
+        "layers.{i}.attention.wk.bias": (cfg.n_kv_heads * cfg.head_dim,),
+        "layers.{i}.attention.wv.bias": (cfg.n_kv_heads * cfg.head_dim,),
+        "layers.{i}.attention.wo.bias": (cfg.dim,),
+        "layers.{i}.feed_forward.w1.bias": (cfg.ffn_dim,),
+        "layers.{i}.feed_forward.w2.bias": (cfg.dim,),
+        "layers.{i}.feed_forward.w3.bias": (cfg.ffn_dim,),
     }
     assert tuple(shapes) == CANONICAL
+    shapes = {k: v for k, v in shapes.items() if k not in BIAS_FLAGS or getattr(cfg, BIAS_FLAGS[k])}
     tensors: dict[str, ExpectedTensor] = {}
     tied: dict[str, str] = {}
 

@@ -27,7 +27,7 @@ def random_state_dict(cfg: ModelConfig, *, dtype: str = "bfloat16", seed: int = 
     out: dict[str, torch.Tensor] = {}
     for key, expected in spec_from_config(cfg).tensors.items():
         shape = tuple(cfg.vocab_size if d is None else d for d in expected.shape)
-        if len(shape) == 1:
+        if len(shape) == 1 and not key.endswith(".bias"):  # norms
             t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         else:
             t = 0.02 * torch.randn(shape, generator=gen)

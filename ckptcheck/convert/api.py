@@ -18,7 +18,7 @@ from ..formats import open_checkpoint
 from ..manifest import Manifest
 from ..naming import HF, Scheme
 from .atomic import Staging, refuse_unsafe_destination
-from .plan import build_plan, carry_state, fresh_adamw_state, scheme_named
+from .plan import ConversionPlan, build_plan, carry_state, fresh_adamw_state, scheme_named
 from .stream import ChunkSource
 from .verify import verify_output
 from .writers import DcpWriter, SafetensorsWriter, TorchZipWriter
@@ -143,7 +143,7 @@ def convert(
             chunks = ChunkSource(source)
             with _progress_bar(progress, plan.total_bytes, f"converting to {fmt}") as tick:
                 _writer(fmt, staging.path, dst_p, nesting).write(plan, chunks, tick)
-            written_config = _write_config(fmt, staging.path, dst_p, cfg, cast)
+            written_config = _write_config(fmt, staging.path, dst_p, cfg, plan)
             if fmt == "dcp" and plan.state and not init_optimizer_state:
                 _copy_train_states(source.manifest, staging.path)
             verified = verify_output(staging.path, plan, chunks, display=str(dst_p)) if verify else 0
@@ -195,14 +195,30 @@ def _writer(fmt: str, staged: Path, dst: Path, nesting: str | None):
     return SafetensorsWriter(staged, sharded_in=staged)
 
 
-def _write_config(fmt: str, staged: Path, dst: Path, cfg: ModelConfig | None, dtype: str | None) -> str | None:
+def _write_config(fmt: str, staged: Path, dst: Path, cfg: ModelConfig | None, plan: ConversionPlan) -> str | None:
+    """The config beside the weights, describing them as written: their dtype, and the embedding's rows
+    where the input config left the vocabulary to the tokenizer."""
     if cfg is None or fmt not in ("dcp", "hf"):
         return None
+    vocab = next((m.shape[0] for m in plan.moves if m.canonical == "tok_embeddings.weight" and m.shape), None)
     if fmt == "hf":
-        (staged / "config.json").write_text(json.dumps(to_hf_config(cfg, dtype), indent=2) + "\n")
+        data = to_hf_config(cfg, written_dtype(plan), vocab)
+        (staged / "config.json").write_text(json.dumps(data, indent=2) + "\n")
+        load_config(staged / "config.json")  # what was written must read back as a valid config
         return str(dst / "config.json")
-    (staged / "params.json").write_text(json.dumps(to_lingua_params(cfg), indent=2) + "\n")
+    (staged / "params.json").write_text(json.dumps(to_lingua_params(cfg, vocab), indent=2) + "\n")
     return str(dst / "params.json")
+
+
+def written_dtype(plan: ConversionPlan) -> str:
+    """The floating dtype holding most of the model's bytes as written (transformers' torch_dtype)."""
+    from collections import Counter
+
+    counts: Counter[str] = Counter()
+    for m in plan.moves:
+        if m.dst_dtype in dtypes.FLOATING:
+            counts[m.dst_dtype] += m.nbytes
+    return max(sorted(counts), key=lambda d: counts[d]) if counts else "float32"
 
 
 def _copy_train_states(manifest: Manifest, staged: Path) -> None:

@@ -9,9 +9,8 @@ from .. import dtypes
 from ..configs import ModelConfig
 from ..errors import InputError
 from ..manifest import OPTIMIZER_SECTIONS, Manifest
+from ..layouts import ROTARY_ROLES
 from ..naming import CUSTOM, KeyMapping, Scheme, map_keys, role_of, strip_wrappers
-
-ROTARY_HEADS = {"layers.{i}.attention.wq.weight": "n_heads", "layers.{i}.attention.wk.weight": "n_kv_heads"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +244,7 @@ def _permutation(manifest: Manifest, key: str, canonical: str | None, shape: tup
                  dst: Scheme, config: ModelConfig | None) -> tuple[int, int, str] | None:
     if canonical is None or src.rotary == dst.rotary or src.is_custom or dst.is_custom:
         return None
-    heads_field = ROTARY_HEADS.get(role_of(canonical))
+    heads_field = ROTARY_ROLES.get(role_of(canonical))
     if heads_field is None:
         return None
     if config is None:
@@ -255,7 +254,7 @@ def _permutation(manifest: Manifest, key: str, canonical: str | None, shape: tup
             "so the head counts are known",
         )
     heads = getattr(config, heads_field)
-    if len(shape) != 2 or shape[0] != heads * config.head_dim or config.head_dim % 2:
+    if len(shape) not in (1, 2) or shape[0] != heads * config.head_dim or config.head_dim % 2:
         raise InputError(manifest.path, key, f"shape {list(shape)} does not split into {heads} heads of "
                          f"{config.head_dim} rows: is --model-config the config of this checkpoint?")
     return heads, config.head_dim, f"{src.rotary}->{dst.rotary}"
