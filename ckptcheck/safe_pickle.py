@@ -1,43 +1,145 @@
 """An allowlisting unpickler: the only way ckptcheck ever reads a pickle.
 
 Every global a pickle names is looked up in an explicit table of stand-ins that ckptcheck wrote itself
-(plain records, never the real classes), so nothing from the file is imported or called.  The first
-global outside the table stops the load with ``UnsafeInputError`` naming it; nothing after it is read.
-Opcodes that build objects without a global (``NEWOBJ``, ``BUILD``, ``REDUCE``) can only reach callables
-that came out of this table, which is what makes the allowlist sufficient.
+(plain records, never the real classes), so nothing from the file is imported or called.  A global that
+can act (``GLOBAL_KINDS``: ``os.system``, ``builtins.eval``, ...) stops the load with ``UnsafeInputError``.
+Any other global outside the table is data torch's ``weights_only`` loader refuses (``argparse.Namespace``,
+numpy scalars): it becomes a fresh inert ``Unknown`` record, named in ``refused``, and the load goes on.
+
+Whatever ``find_class`` returns is immutable or fresh per load, so ``BUILD`` cannot change it for the next
+file; constructors whose result size the pickle chooses are charged to a budget bounded by its bytes.
 """
 
 from __future__ import annotations
 
 import io
 import pickle
+import pickletools
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from .errors import InputError, UnsafeInputError
 
-# Globals that are known to run code or reach the system; named as such in the report.  Anything else
-# outside an allowlist is still refused, just described as "not on the allowlist".
-_DANGEROUS_MODULES = (
-    "os", "posix", "nt", "subprocess", "sys", "runpy", "pip", "importlib", "pkgutil", "shutil",
-    "socket", "webbrowser", "ctypes", "pty", "code", "codeop", "commands", "marshal", "pickle",
-    "_pickle", "dill", "cloudpickle", "asyncio", "multiprocessing", "signal", "tempfile", "requests",
-    "urllib", "http", "ftplib", "smtplib", "telnetlib", "platform", "types", "operator", "functools",
+# Module roots whose globals can act (run code, touch files, processes or the network, or reach any
+# other object); a global from one is unsafe unless an allowlist holds it.
+_DANGEROUS_MODULES = frozenset((
+    "os", "posix", "nt", "subprocess", "_posixsubprocess", "sys", "runpy", "pip", "importlib", "imp", "pkgutil",
+    "zipimport", "shutil", "socket", "ssl", "select", "selectors", "webbrowser", "ctypes", "_ctypes", "cffi",
+    "pty", "code", "codeop", "commands", "marshal", "pickle", "_pickle", "copyreg", "copy_reg", "dill",
+    "cloudpickle", "joblib", "shelve", "dbm", "sqlite3", "asyncio", "multiprocessing", "concurrent", "threading",
+    "_thread", "signal", "tempfile", "requests", "urllib", "urllib3", "http", "ftplib", "smtplib", "telnetlib",
+    "xmlrpc", "platform", "types", "operator", "_operator", "functools", "_functools", "builtins", "__builtin__",
+    "io", "_io", "inspect", "gc", "pdb", "bdb", "timeit", "trace", "profile", "cProfile", "doctest", "unittest",
+    "venv", "ensurepip", "distutils", "setuptools", "site", "sysconfig", "logging", "mmap", "fcntl", "resource",
+    "atexit", "_winapi", "msvcrt", "winreg", "IPython", "numexpr", "yaml", "jinja2",
+))
+_DANGEROUS_PREFIXES = (
+    "torch.hub", "torch.jit", "torch.package", "torch.ops", "torch._ops", "torch._C", "torch._classes",
+    "torch.classes", "torch.library", "torch.utils.cpp_extension", "torch.distributed.rpc", "torch._dynamo",
+    "torch._inductor", "torch.fx", "torch.serialization", "torch.multiprocessing", "torch.cuda",
+    "numpy.lib.npyio", "numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.ctypeslib", "pandas.io",
+    "pandas.core.computation",
 )
-_DANGEROUS_NAMES = {
-    ("builtins", n) for n in (
-        "eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "delattr", "globals",
-        "locals", "vars", "breakpoint", "input", "help", "apply", "execfile", "file", "reload",
-    )
-} | {("__builtin__", n) for n in ("eval", "exec", "compile", "open", "__import__", "getattr", "apply")} | {
-    ("torch", "load"), ("torch.serialization", "load"), ("torch", "_load_global_deps"),
-    ("torch.hub", "load"), ("torch.jit", "load"), ("numpy", "load"), ("numpy.lib.npyio", "load"),
-}
+_DANGEROUS_NAMES = frozenset({
+    ("torch", n) for n in ("load", "save", "from_file", "compile", "_load_global_deps", "_C")
+} | {("numpy", n) for n in ("load", "save", "savez", "savetxt", "loadtxt", "genfromtxt", "fromfile", "memmap")}
+  | {("pandas", n) for n in ("eval", "read_pickle", "read_csv", "to_pickle")})
+
+# Globals known to be inert data that torch's weights_only loader still refuses: safe to pass to
+# ``torch.serialization.add_safe_globals``.  Anything else that is not dangerous is unknown data.
+INERT_DATA = frozenset({
+    ("argparse", "Namespace"), ("numpy", "dtype"), ("numpy", "ndarray"),
+    *((m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("scalar", "_reconstruct")),
+    *(("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")),
+    *(("datetime", n) for n in ("datetime", "date", "time", "timedelta", "timezone")),
+    *(("builtins", n) for n in ("int", "float", "str", "bytes", "list", "dict", "tuple", "bool", "range")),
+    ("collections", "defaultdict"), ("collections", "Counter"), ("decimal", "Decimal"), ("fractions", "Fraction"),
+    ("uuid", "UUID"),
+})
+_INERT_MODULES = ("numpy.dtypes",)
 
 
 def is_dangerous(module: str, name: str) -> bool:
-    root = module.split(".", 1)[0]
-    return root in _DANGEROUS_MODULES or (module, name) in _DANGEROUS_NAMES
+    """Whether the global can act.  A dotted or dunder name reaches attributes of anything, so it can too."""
+    if not isinstance(module, str) or not isinstance(name, str):
+        return True
+    if (module, name) in INERT_DATA:
+        return False
+    return (
+        module.split(".", 1)[0] in _DANGEROUS_MODULES
+        or any(module == p or module.startswith(p + ".") for p in _DANGEROUS_PREFIXES)
+        or (module, name) in _DANGEROUS_NAMES
+        or "." in name or name.startswith("__") or not name or not module
+    )
+
+
+def is_inert_data(module: str, name: str) -> bool:
+    return (module, name) in INERT_DATA or module in _INERT_MODULES
+
+
+class Frozen(type):
+    """Metaclass of every class a pickle can reach: ``BUILD``'s setattr cannot change it for later loads."""
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        raise pickle.UnpicklingError(f"attempt to set {name!r} on the class {cls.__name__}")
+
+    def __delattr__(cls, name: str) -> None:
+        raise pickle.UnpicklingError(f"attempt to delete {name!r} from the class {cls.__name__}")
+
+
+class Function:
+    """A table's callable as a pickle sees it: no attributes to set, no state to BUILD into."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise pickle.UnpicklingError(f"attempt to set {name!r} on an allowlisted global")
+
+    def __setstate__(self, state: Any) -> None:
+        raise pickle.UnpicklingError("BUILD on an allowlisted global")
+
+
+@dataclass(frozen=True, slots=True)
+class Sized:
+    """A constructor whose result's size the pickle chooses (``bytearray(3 << 30)``): ``cost`` says how
+    many elements a call allocates, from its arguments and without allocating, charged to the load's budget."""
+
+    build: Callable[..., Any]
+    cost: Callable[..., int]
+
+
+class _Budget:
+    """Elements a load may allocate through ``Sized`` constructors: proportional to the pickle's bytes."""
+
+    def __init__(self, size: int) -> None:
+        self.left = 2 * size + (1 << 16)
+
+    def charge(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise InputError(None, None, f"a constructor in the pickle asks for {n} elements, more than "
+                             "its bytes can hold")
+
+    def bind(self, sized: Sized) -> Function:
+        def call(*args: Any) -> Any:
+            self.charge(sized.cost(*args))
+            return sized.build(*args)
+
+        return Function(call)
+
+
+def _length(value: Any = (), *_rest: Any) -> int:
+    """Elements ``bytearray``/``set``/``tuple`` would make of ``value``: an int is a size, else its length."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(value, 0)
+    return len(value)  # TypeError for anything unsized: a malformed pickle
 
 
 def _codecs_encode(text: Any, encoding: str = "utf-8") -> bytes:
@@ -47,24 +149,69 @@ def _codecs_encode(text: Any, encoding: str = "utf-8") -> bytes:
     return text.encode(encoding)
 
 
-class AttrDict(dict):
+class AttrDict(dict, metaclass=Frozen):
     """What an OrderedDict unpickles to: a dict that also takes attributes, because a module's
     ``state_dict()`` pickles its ``_metadata`` attribute with it."""
+
+
+class Unknown(metaclass=Frozen):
+    """A global outside the allowlist that cannot act, kept unexecuted: calling, NEWOBJ, BUILD and item
+    opcodes only record their arguments.  ``find_class`` makes one subclass per global per load."""
+
+    __slots__ = ("args", "state", "contents")
+    global_name: ClassVar[str] = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Unknown:
+        obj = object.__new__(cls)
+        for slot, value in (("args", (*args, *kwargs.items())), ("state", None), ("contents", [])):
+            object.__setattr__(obj, slot, value)
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise pickle.UnpicklingError(f"attempt to set {name!r} on a stand-in for {self.global_name}")
+
+    def __setstate__(self, state: Any) -> None:
+        object.__setattr__(self, "state", state)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.contents.append((key, value))
+
+    def append(self, value: Any) -> None:
+        self.contents.append(value)
+
+    def extend(self, values: Any) -> None:
+        self.contents.extend(values)
+
+    add = append
+
+    def __repr__(self) -> str:
+        return f"<{self.global_name}, kept unexecuted>"
 
 
 # Containers that any pickle may use; safe because calling them runs no user code.
 BASIC_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): AttrDict,
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
-    ("builtins", "complex"): complex,
-    ("builtins", "slice"): slice,
-    ("builtins", "bytearray"): bytearray,
-    ("_codecs", "encode"): _codecs_encode,
-    ("__builtin__", "set"): set,
+    ("builtins", "set"): Sized(set, _length),
+    ("builtins", "frozenset"): Sized(frozenset, _length),
+    ("builtins", "complex"): Function(complex),
+    ("builtins", "slice"): Function(slice),
+    ("builtins", "bytearray"): Sized(bytearray, _length),
+    ("_codecs", "encode"): Sized(_codecs_encode, _length),
+    ("__builtin__", "set"): Sized(set, _length),
 }
 
 MAX_PICKLE_BYTES = 1 << 30
+MAX_INDEX = (1 << 63) - 1
+MAX_RANK = 64  # dimensions of a tensor a pickle may declare; torch itself allows 64
+
+
+def is_index(value: Any) -> bool:
+    """A size, offset or count a pickle may declare: a non-negative int that fits in 64 bits (a larger one
+    would cost time in arithmetic and fail to print)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INDEX
 
 
 class _Unpickler(pickle.Unpickler):
@@ -76,16 +223,31 @@ class _Unpickler(pickle.Unpickler):
         member: str,
         allowed: Mapping[tuple[str, str], Any],
         persistent_load: Callable[[Any], Any] | None,
+        size: int,
+        refused: set[str] | None,
     ) -> None:
         super().__init__(stream)
         self._path, self._member, self._allowed = path, member, allowed
         self._persistent = persistent_load
+        self._budget = _Budget(size)
+        self._refused = refused
+        self._unknown: dict[str, type[Unknown]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return self._allowed[(module, name)]
+            entry = self._allowed[(module, name)]
         except (KeyError, TypeError):
-            raise _refusal(module, name, self._path, self._member, "refused to load") from None
+            return self._not_allowed(module, name)
+        return self._budget.bind(entry) if isinstance(entry, Sized) else entry
+
+    def _not_allowed(self, module: str, name: str) -> type[Unknown]:
+        if self._refused is None or is_dangerous(module, name):
+            raise _refusal(module, name, self._path, self._member, "refused to load")
+        culprit = f"{module}.{name}"
+        self._refused.add(culprit)
+        if culprit not in self._unknown:
+            self._unknown[culprit] = Frozen(name, (Unknown,), {"__slots__": (), "global_name": culprit})
+        return self._unknown[culprit]
 
     def persistent_load(self, pid: Any) -> Any:
         if self._persistent is None:
@@ -101,22 +263,28 @@ def safe_loads(
     allowed: Mapping[tuple[str, str], Any],
     persistent_load: Callable[[Any], Any] | None = None,
     require_single: bool = True,
+    refused: set[str] | None = None,
 ) -> Any:
     """Unpickle ``data`` through ``allowed`` only.  Errors come back as one-line ``CkptError``s.
 
+    With ``refused`` (a set to fill), a global that cannot act but is not allowed becomes an ``Unknown``
+    record and its name is added; without it, such a global is refused as unsafe like any other.
     ``require_single`` refuses bytes after the STOP opcode: a second pickle appended to a benign one is
     how payloads hide from scanners that stop at the first.
     """
     if len(data) > MAX_PICKLE_BYTES:
         raise InputError(path, member, f"pickle of {len(data)} bytes exceeds the {MAX_PICKLE_BYTES} byte limit")
     stream = io.BytesIO(data)
-    obj = _load(_Unpickler(stream, path=path, member=member, allowed=allowed, persistent_load=persistent_load),
-                path, member)
+    obj = _load(_Unpickler(stream, path=path, member=member, allowed=allowed, persistent_load=persistent_load,
+                           size=len(data), refused=refused), path, member)
     if require_single and stream.tell() != len(data):
         rest = data[stream.tell():]
         if rest.strip(b"\x00"):
-            _scan_trailing(rest, path=path, member=member, allowed=allowed,
-                           how="in a pickle appended after the first, found without loading it")
+            try:
+                _scan_all(rest, path=path, member=member, allowed=allowed,
+                          how="in a pickle appended after the first, found without loading it")
+            except _Unprovable:
+                pass
             raise InputError(path, member, f"{len(rest)} unexpected bytes after the end of the pickle")
     return obj
 
@@ -127,20 +295,25 @@ def safe_load_stream(
     path: str,
     member: str,
     allowed: Mapping[tuple[str, str], Any],
+    size: int,
     persistent_load: Callable[[Any], Any] | None = None,
+    refused: set[str] | None = None,
 ) -> Any:
     """Unpickle one pickle from an open binary file, leaving it positioned right after it (the legacy
-    torch format stacks several pickles and then raw storage bytes in one file)."""
-    return _load(_Unpickler(f, path=path, member=member, allowed=allowed, persistent_load=persistent_load),
-                 path, member)
+    torch format stacks several pickles and then raw storage bytes in one file).  ``size``: the bytes
+    left in the file, which bound what the pickle may allocate."""
+    return _load(_Unpickler(f, path=path, member=member, allowed=allowed, persistent_load=persistent_load,
+                            size=size, refused=refused), path, member)
 
 
 def _load(unpickler: _Unpickler, path: str, member: str) -> Any:
     """Run the unpickler; whatever a malformed pickle raises becomes one ``InputError`` line."""
     try:
         return unpickler.load()
-    except (UnsafeInputError, InputError):
+    except UnsafeInputError:
         raise
+    except InputError as exc:
+        raise InputError(exc.path or path, exc.item or member, exc.cause) from None
     except RecursionError:
         raise InputError(path, member, "pickle nests too deeply") from None
     except MemoryError:
@@ -149,66 +322,128 @@ def _load(unpickler: _Unpickler, path: str, member: str) -> Any:
         raise InputError(path, member, f"malformed pickle ({type(exc).__name__}: {_short(exc)})") from None
 
 
+class _Unprovable(Exception):
+    """The opcodes cannot be followed far enough to name every global the pickle would import."""
+
+
 def scan_globals(data: bytes, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any]) -> None:
-    """Walk a pickle's opcodes (nothing is executed or built) and refuse any global outside ``allowed``,
-    in every pickle the bytes hold, one after another."""
-    _scan_trailing(data, path=path, member=member, allowed=allowed, how="found without loading it")
+    """Follow a pickle's opcodes on a simulated stack (nothing is built or imported) and refuse any global
+    that can act, in every pickle the bytes hold.  A pickle whose globals cannot be named (malformed
+    opcodes, a STACK_GLOBAL on values that are not known strings) cannot be proven free of code: unsafe."""
+    how = "found without loading it"
+    try:
+        _scan_all(data, path=path, member=member, allowed=allowed, how=how)
+    except _Unprovable as exc:
+        raise UnsafeInputError(path, member, f"pickle cannot be proven free of code ({exc}); {how}",
+                               "unparseable pickle") from None
 
 
-def _scan_trailing(rest: bytes, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any],
-                   how: str) -> None:
-    """Name the global of a second, appended pickle, if it has one, so it is reported as unsafe."""
+def looks_like_pickle(head: bytes) -> bool:
+    """Whether a file's first bytes are pickle opcodes, of any protocol (torch.load unpickles a file that
+    is not a zip archive): they parse, up to a STOP or the end of ``head``."""
+    if not head or head[:1] not in _FIRST_OPCODES:
+        return False
+    try:
+        for op, _arg, _pos in pickletools.genops(io.BytesIO(head)):
+            if op.name == "STOP":
+                return True
+    except ValueError as exc:
+        return any(cut in str(exc) for cut in ("remain", "exhausted", "newline"))  # cut off by the head's end
+    return True
 
-    stream = io.BytesIO(rest)
-    while stream.tell() < len(rest):
-        start = stream.tell()
+
+# What pickle.dumps writes first, by protocol: PROTO (2+), or a protocol 0/1 value or container opcode.
+_FIRST_OPCODES = frozenset(bytes([c]) for c in b"\x80(}])cNIJKLMFGSTUVX\x88\x89")
+
+
+def _scan_all(data: bytes, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any], how: str) -> None:
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        if not data[stream.tell():].strip(b"\x00"):
+            return  # zero padding after the last pickle
         _scan_one(stream, path=path, member=member, allowed=allowed, how=how)
-        if stream.tell() == start:
-            return
+
+
+_MARK = object()
+_VALUE = object()  # anything but a string the scan needs to know
+_STRING_OPS = frozenset(("STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+                         "BINUNICODE8"))
 
 
 def _scan_one(stream: io.BytesIO, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any],
               how: str) -> None:
-    import pickletools
+    """One pickle, STOP included, on a simulated stack: strings are kept, everything else is ``_VALUE``."""
+    stack: list[Any] = []
+    memo: dict[int, Any] = {}
 
-    # A symbolic stack of the strings that matter: STACK_GLOBAL takes its module and name from the two
-    # most recent ones, which memo tricks (PUT then GET) can bring back from far earlier.
-    memo: dict[int, str | None] = {}
-    memo_count = 0
-    last: list[str] = []
-    pushed: str | None = None
+    def pop() -> Any:
+        if not stack or stack[-1] is _MARK:
+            raise _Unprovable("stack underflow")
+        return stack.pop()
+
     try:
-        for op, arg, _pos in pickletools.genops(stream):
-            was, pushed = pushed, None
-            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING",
-                           "BINUNICODE8"):
-                pushed = str(arg)
-                last = (last + [pushed])[-2:]
-            elif op.name == "MEMOIZE":
-                memo[memo_count] = was
-                memo_count += 1
-                pushed = was
-            elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
-                memo[int(arg)] = was
-                pushed = was
-            elif op.name in ("BINGET", "LONG_BINGET", "GET"):
-                pushed = memo.get(int(arg))
-                if pushed is not None:
-                    last = (last + [pushed])[-2:]
-            elif op.name in ("GLOBAL", "INST"):
-                module, _, name = str(arg).partition(" ")
-                _check_global(module, name, path=path, member=member, allowed=allowed, how=how)
-            elif op.name == "STACK_GLOBAL" and len(last) == 2:
-                _check_global(last[0], last[1], path=path, member=member, allowed=allowed, how=how)
-    except UnsafeInputError:
-        raise
-    except Exception:
-        stream.seek(0, 2)  # unreadable past here: nothing more to scan
+        ops = pickletools.genops(stream)
+        for op, arg, pos in ops:
+            name = op.name
+            if name in _STRING_OPS:
+                stack.append(str(arg))
+            elif name == "MARK":
+                stack.append(_MARK)
+            elif name in ("GLOBAL", "INST"):
+                module, _, attr = str(arg).partition(" ")
+                _check_global(module, attr, path=path, member=member, allowed=allowed, how=how)
+                _apply(op, stack, pop)
+            elif name == "STACK_GLOBAL":
+                attr, module = pop(), pop()
+                if not isinstance(module, str) or not isinstance(attr, str):
+                    raise _Unprovable(f"STACK_GLOBAL at byte {pos} on values that are not known strings")
+                _check_global(module, attr, path=path, member=member, allowed=allowed, how=how)
+                stack.append(_VALUE)
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                if not stack or stack[-1] is _MARK:
+                    raise _Unprovable(f"memo store of nothing at byte {pos}")
+                memo[len(memo) if name == "MEMOIZE" else int(arg)] = stack[-1]
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                if int(arg) not in memo:
+                    raise _Unprovable(f"memo {arg} read before it is written, at byte {pos}")
+                stack.append(memo[int(arg)])
+            elif name == "DUP":
+                top = pop()
+                stack += [top, top]
+            elif name == "POP":
+                if not stack:
+                    raise _Unprovable("stack underflow")
+                stack.pop()  # a value, or the mark itself when nothing is above it
+            elif name in ("EXT1", "EXT2", "EXT4"):
+                raise _Unprovable(f"extension code {arg} names a global only the loading process knows")
+            elif name == "STOP":
+                pop()
+                return
+            else:
+                _apply(op, stack, pop)
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError) as exc:  # genops on malformed bytes
+        raise _Unprovable(_short(exc)) from None
+    raise _Unprovable("no STOP opcode")
+
+
+def _apply(op: pickletools.OpcodeInfo, stack: list[Any], pop: Callable[[], Any]) -> None:
+    """An opcode's generic stack effect, from pickletools' own description of it."""
+    before = op.stack_before
+    if pickletools.markobject in before:
+        if _MARK not in stack:
+            raise _Unprovable(f"{op.name} without a MARK")
+        del stack[len(stack) - 1 - stack[::-1].index(_MARK):]
+        below = before.index(pickletools.markobject)
+    else:
+        below = len(before)
+    for _ in range(below):
+        pop()
+    stack.extend(_VALUE for _ in op.stack_after)
 
 
 def _check_global(module: str, name: str, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any],
                   how: str) -> None:
-    if (module, name) not in allowed:
+    if (module, name) not in allowed and is_dangerous(module, name):
         raise _refusal(module, name, path, member, how)
 
 
@@ -221,3 +456,4 @@ def _refusal(module: str, name: str, path: str, member: str, how: str) -> Unsafe
 def _short(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= 120 else text[:117] + "..."
+

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..formats.torch_pickle import WEIGHTS_ONLY_REFUSES
+from ..safe_pickle import is_inert_data
 from .model import Check, Verdict
 
 if TYPE_CHECKING:
@@ -53,7 +55,28 @@ def plan_version(session: Session) -> list[Check]:
     checks = [Check("version", "serialization", _serialization(session))]
     if m.format == "dcp":
         checks.append(Check("version", "dcp_layout", _dcp_layout(session)))
+    if m.facts.get(WEIGHTS_ONLY_REFUSES):
+        checks.append(Check("version", "weights_only", _weights_only(m.facts[WEIGHTS_ONLY_REFUSES].split(", "))))
     return checks
+
+
+def _weights_only(refused: list[str]):
+    """torch.load(weights_only=True), torch's default since 2.6, refuses a pickle naming a global outside
+    its allowlist: ``argparse.Namespace`` for the training args, numpy scalars for a logged loss.  That is
+    no attack (globals that can act are ``safety`` findings); ckptcheck kept each as an inert record."""
+    def evaluate() -> Verdict:
+        unknown = [g for g in refused if not is_inert_data(*g.rsplit(".", 1))]
+        caution = f" (ckptcheck does not know {', '.join(unknown)} as plain data: check what it is)" if unknown else ""
+        return Verdict.fail(
+            f"torch.load(weights_only=True) refuses the pickle globals {', '.join(refused)}{caution}; "
+            "ckptcheck kept them unexecuted",
+            expected="tensors and torch's safe globals only", obtained=", ".join(refused),
+            repair=f"in the loading code, before torch.load: torch.serialization.add_safe_globals([{', '.join(refused)}]); "
+                   "or re-save the checkpoint without them (vars(args) instead of an argparse.Namespace, "
+                   "float(x) instead of a numpy scalar)",
+        )
+
+    return evaluate
 
 
 def _migration_repair(session: Session, name: str) -> str:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from ..errors import InputError
+from ..safe_pickle import looks_like_pickle
 from .base import Checkpoint
 from .dcp import METADATA_NAME, DcpCheckpoint
 from .legacy import LegacyTorchCheckpoint
@@ -49,7 +50,7 @@ def _sniff(path: Path) -> str:
     for magic, name in _MAGIC_NAMES.items():
         if head.startswith(magic):
             return name
-    if head[:1] == b"\x80":
+    if looks_like_pickle(head):  # any protocol: torch.load unpickles what is not a zip archive
         return "a bare pickle (not a torch.save zip archive)"
     return f"unrecognised data (first bytes {head[:8].hex()})"
 

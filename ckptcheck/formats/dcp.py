@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from .. import dtypes
 from ..errors import InputError, UnsafeInputError
 from ..manifest import Manifest, TensorInfo
-from ..safe_pickle import BASIC_GLOBALS, safe_loads
+from ..safe_pickle import MAX_RANK, Frozen, Function, is_index, safe_loads
 from .base import Checkpoint, bytes_to_tensor, check_rows, open_binary, read_exact, row_span, split_sections
+from .torch_pickle import TORCH_VALUES, WEIGHTS_ONLY_REFUSES, _Dtype
 from .torchzip import ZIP_MAGIC, TorchArchive, single_tensor_ref
 
 if TYPE_CHECKING:
@@ -28,8 +30,9 @@ MAX_METADATA = 512 << 20
 MAX_CHUNKS_FOR_OVERLAP_CHECK = 512  # pairwise for odd layouts; above it, coverage by element count only
 
 
-class _Record:
-    """Stand-in for DCP's dataclasses: accepts NEWOBJ and BUILD, keeps the state as attributes."""
+class _Record(metaclass=Frozen):
+    """Stand-in for DCP's dataclasses: accepts NEWOBJ and BUILD, keeps the state as attributes.  The
+    classes themselves cannot be changed (``Frozen``): BUILD reaches instances only, fresh per load."""
 
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, tuple) and len(state) == 2:  # (dict, slots) form
@@ -82,16 +85,21 @@ class _MetadataIndex(_Record):
 
 
 def _as_tuple(value: Any) -> tuple[int, ...] | None:
-    return None if value is None else tuple(value)
+    """Offsets or sizes as a tuple (a torch.Size unpickles to one); anything but a sequence is malformed."""
+    if value is None or isinstance(value, tuple):
+        return value
+    if isinstance(value, list):
+        return tuple(value)
+    raise ValueError(f"offsets or sizes are a {type(value).__name__}, not a sequence")
 
 
-class _Dtype(str):
-    pass
+def _path(sep: str) -> Function:
+    return Function(lambda *parts: sep.join(str(p) for p in parts))
 
 
 def _allowlist() -> dict[tuple[str, str], Any]:
     md = "torch.distributed.checkpoint.metadata"
-    table: dict[tuple[str, str], Any] = dict(BASIC_GLOBALS)
+    table = dict(TORCH_VALUES)
     table.update({
         (md, "Metadata"): _Metadata,
         (md, "TensorStorageMetadata"): _TensorStorage,
@@ -100,25 +108,26 @@ def _allowlist() -> dict[tuple[str, str], Any]:
         (md, "TensorProperties"): _TensorProperties,
         (md, "StorageMeta"): _StorageMeta,
         (md, "MetadataIndex"): _MetadataIndex,
-        (md, "_MEM_FORMAT_ENCODING"): lambda value: int(value),
+        (md, "_MEM_FORMAT_ENCODING"): _MEM_FORMAT,
         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _StorageInfo,
         # torch < 2.2 pickled TensorProperties from the sharded-tensor module.
         ("torch.distributed._shard.sharded_tensor.metadata", "TensorProperties"): _TensorProperties,
-        ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"): lambda value: int(value),
-        ("torch", "Size"): lambda *a: tuple(a[0]) if a else (),
-        ("torch.serialization", "_get_layout"): lambda *a: "strided",
-        ("torch", "strided"): "strided",
-        ("torch", "contiguous_format"): "contiguous_format",
-        ("pathlib", "PosixPath"): lambda *parts: "/".join(str(p) for p in parts),
-        ("pathlib", "PurePosixPath"): lambda *parts: "/".join(str(p) for p in parts),
-        ("pathlib", "WindowsPath"): lambda *parts: "\\".join(str(p) for p in parts),
-        ("pathlib", "PureWindowsPath"): lambda *parts: "\\".join(str(p) for p in parts),
+        ("torch.distributed._shard.sharded_tensor.metadata", "MEM_FORMAT_ENCODING"): _MEM_FORMAT,
+        ("pathlib", "PosixPath"): _path("/"),
+        ("pathlib", "PurePosixPath"): _path("/"),
+        ("pathlib", "WindowsPath"): _path("\\"),
+        ("pathlib", "PureWindowsPath"): _path("\\"),
     })
-    for name in dtypes.ITEMSIZE:
-        table[("torch", name)] = _Dtype(name)
-    for alias in ("float", "double", "half", "long", "int", "short", "cfloat", "cdouble"):
-        table[("torch", alias)] = _Dtype(dtypes.torch_global_dtype(alias) or alias)
     return table
+
+
+def _mem_format(value: Any) -> int:
+    if not is_index(value) or value > 16:
+        raise ValueError("unknown memory format encoding")
+    return value
+
+
+_MEM_FORMAT = Function(_mem_format)
 
 
 DCP_ALLOWLIST = _allowlist()
@@ -162,7 +171,8 @@ def read_metadata(folder: Path) -> tuple[dict[str, Item], dict[str, str]]:
         raise InputError(where, None, "Metadata lacks state_dict_metadata or storage_data")
     by_index: dict[tuple[str, tuple[int, ...] | None], Any] = {}
     for index, info in storage.items():
-        if not isinstance(index, _MetadataIndex) or not isinstance(info, _StorageInfo):
+        if not isinstance(index, _MetadataIndex) or not isinstance(info, _StorageInfo) \
+                or not isinstance(index.__dict__.get("fqn"), str):
             raise InputError(where, "storage_data", "entries are not MetadataIndex -> _StorageInfo")
         by_index[(index.__dict__.get("fqn"), _as_tuple(index.__dict__.get("offset")))] = info
     file_sizes: dict[str, int] = {}
@@ -171,7 +181,8 @@ def read_metadata(folder: Path) -> tuple[dict[str, Item], dict[str, str]]:
         if not isinstance(fqn, str):
             raise InputError(where, repr(fqn), "state_dict_metadata key is not a string")
         path = planner.get(fqn) if isinstance(planner, dict) else None
-        path = tuple(str(p) for p in path) if isinstance(path, (tuple, list)) and path else _guess_path(fqn)
+        known = isinstance(path, (tuple, list)) and path and all(isinstance(p, str) or is_index(p) for p in path)
+        path = tuple(str(p) for p in path) if known else _guess_path(fqn)
         if isinstance(entry, _BytesStorage):
             info = by_index.get((fqn, None))
             chunk = _chunk(folder, where, fqn, (), (), info, file_sizes) if info is not None else None
@@ -180,7 +191,7 @@ def read_metadata(folder: Path) -> tuple[dict[str, Item], dict[str, str]]:
             items[fqn] = _tensor_item(folder, where, fqn, path, entry, by_index, file_sizes)
         else:
             raise InputError(where, fqn, f"unknown storage metadata type {type(entry).__name__}")
-    version = meta.__dict__.get("version")
+    version = _version(where, meta.__dict__.get("version"))
     # Before torch 2.4 DCP kept lists (param_groups) whole and recorded no version (pytorch #133923).
     whole_lists = any(it.info is None and it.path[-1] in ("param_groups",) for it in items.values())
     layout = "before torch 2.4 (no metadata version" + (", lists kept whole)" if whole_lists else ")") \
@@ -188,6 +199,16 @@ def read_metadata(folder: Path) -> tuple[dict[str, Item], dict[str, str]]:
     facts = {"dcp metadata version": str(version or "none"), "dcp layout": layout,
              "dcp storage files": str(len(file_sizes))}
     return dict(sorted(items.items())), facts
+
+
+def _version(where: str, version: Any) -> str | None:
+    """DCP's metadata version: absent (before torch 2.4) or dotted numbers such as "1.0.0"."""
+    if version is None:
+        return None
+    if not isinstance(version, str) or not re.fullmatch(r"\d{1,6}(\.\d{1,6}){0,3}", version):
+        shown = repr(version)[:40] if isinstance(version, str) else f"a {type(version).__name__}"
+        raise InputError(where, "version", f"metadata version {shown} is not a dotted version number such as 1.0.0")
+    return version
 
 
 def _guess_path(fqn: str) -> tuple[str, ...]:
@@ -213,15 +234,20 @@ def _tensor_item(folder: Path, where: str, fqn: str, path: tuple[str, ...], entr
     if not isinstance(dtype, _Dtype):
         raise InputError(where, fqn, "tensor without a known dtype")
     size = entry.__dict__.get("size")
-    if not isinstance(size, tuple) or not all(isinstance(s, int) and s >= 0 for s in size):
-        raise InputError(where, fqn, f"tensor size {size!r} is not a tuple of non-negative integers")
+    if not isinstance(size, tuple) or len(size) > MAX_RANK or not all(is_index(s) for s in size):
+        raise InputError(where, fqn, "tensor size is not a tuple of non-negative 64-bit integers")
     chunks: list[Chunk] = []
     for i, raw in enumerate(entry.__dict__.get("chunks") or ()):
         if not isinstance(raw, _Chunk):
             raise InputError(where, fqn, f"chunk {i} is not a ChunkStorageMetadata")
-        offsets, sizes = _as_tuple(raw.__dict__.get("offsets")), _as_tuple(raw.__dict__.get("sizes"))
+        try:
+            offsets, sizes = _as_tuple(raw.__dict__.get("offsets")), _as_tuple(raw.__dict__.get("sizes"))
+        except ValueError as exc:
+            raise InputError(where, fqn, f"chunk {i}: {exc}") from None
         if offsets is None or sizes is None or len(offsets) != len(size) or len(sizes) != len(size):
             raise InputError(where, fqn, f"chunk {i} has offsets/sizes of the wrong rank")
+        if not all(is_index(v) for v in (*offsets, *sizes)):
+            raise InputError(where, fqn, f"chunk {i} has offsets/sizes that are not non-negative 64-bit integers")
         if any(o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, size, strict=True)):
             raise InputError(where, fqn, f"chunk {i} at {list(offsets)} of size {list(sizes)} lies outside {list(size)}")
         info = by_index.get((fqn, offsets))
@@ -245,7 +271,7 @@ def _chunk(folder: Path, where: str, fqn: str, offsets: tuple[int, ...], sizes: 
     parts = Path(rel).parts
     if Path(rel).is_absolute() or ".." in parts or "\\" in rel:
         raise UnsafeInputError(where, fqn, f"storage path {rel!r} points outside the checkpoint folder", culprit=rel)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (start, length)):
+    if not all(is_index(v) for v in (start, length)):
         raise InputError(where, fqn, "storage offset/length are not non-negative integers")
     if info.__dict__.get("transform_descriptors"):
         raise InputError(where, fqn, f"storage transforms {info.__dict__['transform_descriptors']} are not supported")
@@ -292,12 +318,15 @@ class DcpCheckpoint(Checkpoint):
         self._handles: dict[str, BinaryIO] = {}
         # Every bytes entry is a pickle that dcp.load would unpickle: read each through the allowlist now,
         # so a payload anywhere in the folder makes the checkpoint unsafe, whichever checks run.
+        refused: set[str] = set()
         try:
             for key in self._bytes_items:
-                self.load_value(key)
+                refused.update(self._archive(key).refused)
         except BaseException:
             self.close()
             raise
+        if refused:
+            facts[WEIGHTS_ONLY_REFUSES] = ", ".join(sorted(refused))
         files = tuple(sorted({str(self.folder / c.file) for it in items.values() for c in it.chunks}))
         self.manifest = Manifest(
             path=self.path, format=self.format_name, tensors=layout.model,
@@ -313,6 +342,9 @@ class DcpCheckpoint(Checkpoint):
 
     def load_value(self, key: str) -> Any:
         """A bytes entry: DCP stores each as a torch.save blob, read here through the allowlist."""
+        return self._archive(key).obj
+
+    def _archive(self, key: str) -> TorchArchive:
         item = self._bytes_items.get(key)
         if item is None or not item.chunks:
             raise InputError(self.path, key, "no such value in the checkpoint")
@@ -322,7 +354,7 @@ class DcpCheckpoint(Checkpoint):
         if f.read(4) != ZIP_MAGIC:
             raise InputError(self.folder / chunk.file, key, "bytes entry is not a torch.save blob")
         return TorchArchive(f, path=f"{self.folder / chunk.file}@{chunk.start}", base=chunk.start,
-                            length=chunk.length).obj
+                            length=chunk.length)
 
     def _item(self, key: str) -> Item:
         item = self._items.get(key)

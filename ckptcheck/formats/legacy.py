@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from .. import dtypes
 from ..errors import InputError
-from ..safe_pickle import BASIC_GLOBALS, safe_load_stream
+from ..safe_pickle import BASIC_GLOBALS, is_index, safe_load_stream
 from .base import bytes_to_tensor, check_rows, open_binary, read_exact, row_span
-from .torch_pickle import TORCH_ALLOWLIST, MalformedTensor, StorageRef, StorageTable, TensorRef
+from .torch_pickle import TORCH_ALLOWLIST, WEIGHTS_ONLY_REFUSES, MalformedTensor, StorageRef, StorageTable, TensorRef
 from .torchzip import PickledCheckpoint
 
 if TYPE_CHECKING:
@@ -52,18 +52,20 @@ class LegacyTorchCheckpoint(PickledCheckpoint):
     def _open(self) -> None:
         f, where = self._f, self.path
         size = os.fstat(f.fileno()).st_size
-        header = dict(BASIC_GLOBALS)
-        if safe_load_stream(f, path=where, member="magic number", allowed=header) != MAGIC:
+        def load(member: str, allowed: Any = BASIC_GLOBALS, **kwargs: Any) -> Any:
+            return safe_load_stream(f, path=where, member=member, allowed=allowed, size=size - f.tell(), **kwargs)
+
+        if load("magic number") != MAGIC:
             raise InputError(where, "magic number", "not a legacy torch file")
-        protocol = safe_load_stream(f, path=where, member="protocol version", allowed=header)
+        protocol = load("protocol version")
         if protocol != PROTOCOL:
-            raise InputError(where, "protocol version", f"{protocol!r}, expected {PROTOCOL}")
-        info = safe_load_stream(f, path=where, member="system info", allowed=header)
+            raise InputError(where, "protocol version", f"{protocol if is_index(protocol) else type(protocol).__name__}, expected {PROTOCOL}")
+        info = load("system info")
         if not isinstance(info, dict) or info.get("little_endian") is not True:
             raise InputError(where, "system info", "big-endian or unreadable system info")
-        table = _LegacyStorages()
-        obj = safe_load_stream(f, path=where, member="object", allowed=TORCH_ALLOWLIST, persistent_load=table)
-        keys = safe_load_stream(f, path=where, member="storage keys", allowed=header)
+        table, refused = _LegacyStorages(), set[str]()
+        obj = load("object", TORCH_ALLOWLIST, persistent_load=table, refused=refused)
+        keys = load("storage keys")
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
             raise InputError(where, "storage keys", "not a list of keys")
         self._offsets: dict[str, int] = {}
@@ -84,8 +86,11 @@ class LegacyTorchCheckpoint(PickledCheckpoint):
                 raise InputError(where, f"storage {key}", "runs past the end of the file")
         if set(table.storages) - set(self._offsets):
             raise InputError(where, "storage keys", "the object refers to storages the file does not hold")
-        self._index(obj, "object", {"serialization": "legacy torch (pre-1.6 pickle stream, not a zip archive)",
-                                    "legacy protocol": str(protocol)})
+        facts = {"serialization": "legacy torch (pre-1.6 pickle stream, not a zip archive)",
+                 "legacy protocol": str(protocol)}
+        if refused:
+            facts[WEIGHTS_ONLY_REFUSES] = ", ".join(sorted(refused))
+        self._index(obj, "object", facts)
 
     def _read(self, key: str, ref: TensorRef, rows: tuple[int, int] | None, out: torch.Tensor | None) -> torch.Tensor:
         size = dtypes.itemsize(ref.dtype)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import dtypes
-from ..safe_pickle import BASIC_GLOBALS, safe_loads
+from ..safe_pickle import BASIC_GLOBALS, MAX_RANK, Function, Sized, is_index, safe_loads
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,15 +57,18 @@ class TensorRef:
 
 
 class _Marker(str):
-    """A pickled torch global that only names something (a dtype, a storage class, a layout)."""
+    """A pickled torch global that only names something (a dtype, a storage class, a layout); without a
+    ``__dict__``, so that BUILD cannot change the shared instance."""
+
+    __slots__ = ()
 
 
 class _StorageType(_Marker):
-    pass
+    __slots__ = ()
 
 
 class _Dtype(_Marker):
-    pass
+    __slots__ = ()
 
 
 class MalformedTensor(ValueError):
@@ -73,19 +76,19 @@ class MalformedTensor(ValueError):
 
 
 def _ints(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise MalformedTensor(f"{what} is not a tuple of integers")
-    if any(v < 0 for v in value):
-        raise MalformedTensor(f"{what} has a negative entry")
+    if not isinstance(value, tuple) or len(value) > MAX_RANK or not all(is_index(v) for v in value):
+        raise MalformedTensor(f"{what} is not a tuple of at most {MAX_RANK} non-negative 64-bit integers")
     return value
 
 
 def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None) -> TensorRef:
     if not isinstance(storage, StorageRef):
         raise MalformedTensor("tensor without a storage")
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+    if not is_index(offset):
         raise MalformedTensor("bad storage offset")
-    shape, strides = _ints(tuple(size), "size"), _ints(tuple(stride), "stride")
+    if not isinstance(size, tuple) or not isinstance(stride, tuple):
+        raise MalformedTensor("size or stride is not a tuple")
+    shape, strides = _ints(tuple(size), "size"), _ints(stride, "stride")
     if len(shape) != len(strides):
         raise MalformedTensor("size and stride differ in length")
     return TensorRef(storage, offset, shape, strides, dtype or storage.dtype)
@@ -111,11 +114,15 @@ def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None
     return data
 
 
-_REBUILDERS = (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_tensor, _rebuild_parameter)
+_REBUILDERS = {
+    "_rebuild_tensor_v2": Function(_rebuild_tensor_v2), "_rebuild_tensor_v3": Function(_rebuild_tensor_v3),
+    "_rebuild_tensor": Function(_rebuild_tensor), "_rebuild_parameter": Function(_rebuild_parameter),
+    "_rebuild_parameter_with_state": Function(_rebuild_parameter),
+}
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
-    if func not in _REBUILDERS or not isinstance(args, tuple):
+    if func not in _REBUILDERS.values() or not isinstance(args, tuple):
         raise MalformedTensor("tensor subclass rebuilt by an unexpected function")
     return func(*args)
 
@@ -124,37 +131,45 @@ def _size(*args: Any) -> tuple[int, ...]:
     return tuple(args[0]) if args else ()
 
 
-def _named(marker: str):
-    def build(*_args: Any) -> str:
-        return marker
-
-    return build
+# torch.Size(iterable): as many elements as the iterable has (a bytearray(2**27) would take seconds)
+SIZE = Sized(_size, lambda *args: len(args[0]) if args else 0)
 
 
-def _allowlist() -> dict[tuple[str, str], Any]:
+def _named(marker: str) -> Function:
+    return Function(lambda *_args: marker)
+
+
+def _torch_values() -> dict[tuple[str, str], Any]:
+    """Globals both torch.save pickles and DCP's ``.metadata`` name: containers, dtypes, sizes, layouts."""
     table: dict[tuple[str, str], Any] = dict(BASIC_GLOBALS)
-    for name, dtype in dtypes.STORAGE_CLASS_DTYPE.items():
-        table[("torch", name)] = _StorageType(dtype)
-    table[("torch.storage", "UntypedStorage")] = _StorageType("uint8")
-    table[("torch.storage", "TypedStorage")] = _StorageType("uint8")
     for name in dtypes.ITEMSIZE:
         table[("torch", name)] = _Dtype(name)
     for alias in ("float", "double", "half", "long", "int", "short", "cfloat", "cdouble"):
         table[("torch", alias)] = _Dtype(dtypes.torch_global_dtype(alias) or alias)
     table.update({
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-        ("torch.nn.parameter", "Parameter"): _Marker("Parameter"),
-        ("torch", "Tensor"): _Marker("Tensor"),
-        ("torch", "Size"): _size,
-        ("torch", "device"): lambda *a: str(a[0]) if a else "cpu",
+        ("torch", "Size"): SIZE,
         ("torch.serialization", "_get_layout"): _named("strided"),
         ("torch", "strided"): _Marker("strided"),
         ("torch", "contiguous_format"): _Marker("contiguous_format"),
+    })
+    return table
+
+
+TORCH_VALUES = _torch_values()
+
+
+def _allowlist() -> dict[tuple[str, str], Any]:
+    table = dict(TORCH_VALUES)
+    for name, dtype in dtypes.STORAGE_CLASS_DTYPE.items():
+        table[("torch", name)] = _StorageType(dtype)
+    table[("torch.storage", "UntypedStorage")] = _StorageType("uint8")
+    table[("torch.storage", "TypedStorage")] = _StorageType("uint8")
+    table.update({("torch._utils", name): fn for name, fn in _REBUILDERS.items()})
+    table.update({
+        ("torch._tensor", "_rebuild_from_type_v2"): Function(_rebuild_from_type_v2),
+        ("torch.nn.parameter", "Parameter"): _Marker("Parameter"),
+        ("torch", "Tensor"): _Marker("Tensor"),
+        ("torch", "device"): Function(lambda *a: str(a[0]) if a else "cpu"),
     })
     return table
 
@@ -180,20 +195,37 @@ class StorageTable:
         key = key.decode("ascii") if isinstance(key, bytes) else key
         if not isinstance(key, str) or not key.isdigit() and not key.isidentifier():
             raise MalformedTensor("bad storage key")
-        if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+        if not is_index(numel):
             raise MalformedTensor("bad storage size")
-        ref = StorageRef(key, str(storage_type), numel, str(location))
+        if not isinstance(location, str):
+            raise MalformedTensor("storage location is not a string")
+        ref = StorageRef(key, str(storage_type), numel, location)
         known = self.storages.setdefault(key, ref)
         if known.dtype != ref.dtype or known.numel != ref.numel:
             raise MalformedTensor(f"storage {key} declared twice with different dtype or size")
         return known
 
 
-def load_torch_pickle(data: bytes, *, path: str, member: str) -> tuple[Any, dict[str, StorageRef]]:
-    """Unpickle a torch.save payload into records; returns the object and its storages by key."""
-    table = StorageTable()
-    obj = safe_loads(data, path=path, member=member, allowed=TORCH_ALLOWLIST, persistent_load=table)
-    return obj, table.storages
+# The manifest fact naming the globals torch.load(weights_only=True) refuses, comma-separated.
+WEIGHTS_ONLY_REFUSES = "pickle globals weights_only refuses"
+
+
+@dataclass(frozen=True)
+class TorchPickle:
+    """An unpickled torch.save payload: the object, its storages by key, and the globals it names that
+    torch's weights_only loader refuses (kept as inert ``Unknown`` records in ``obj``)."""
+
+    obj: Any
+    storages: dict[str, StorageRef]
+    refused: tuple[str, ...]
+
+
+def load_torch_pickle(data: bytes, *, path: str, member: str) -> TorchPickle:
+    """Unpickle a torch.save payload into records, never calling anything the file names."""
+    table, refused = StorageTable(), set[str]()
+    obj = safe_loads(data, path=path, member=member, allowed=TORCH_ALLOWLIST, persistent_load=table,
+                     refused=refused)
+    return TorchPickle(obj, table.storages, tuple(sorted(refused)))
 
 
 def walk(obj: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:

@@ -1,0 +1,86 @@
+"""A pickle naming harmless data outside the allowlist (training args, numpy scalars) is not an attack:
+torch.load(weights_only=True) refuses it, ckptcheck says so and how to fix it, keeps the objects
+unexecuted and still runs every tensor check.  torch itself is the judge of what it refuses."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+from pathlib import Path
+
+import numpy
+import pytest
+import torch
+
+from ckptcheck.checks.model import Status
+from ckptcheck.cli import main
+from ckptcheck.engine import Options, plan, run
+from ckptcheck.formats import open_checkpoint
+from ckptcheck.safe_pickle import Unknown
+
+from .hostile import Payload, torch_zip
+from .test_safe_pickle import sentinel  # noqa: F401  (fixture)
+from .writers import CONFIGS, FIXTURES
+
+LINGUA = CONFIGS / "lingua_params.json"
+
+
+def _training_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "consolidated.pth"
+    sd = torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True)
+    torch.save({"model": sd, "args": argparse.Namespace(lr=1e-3), "np": numpy.float64(1.0)}, path)
+    return path
+
+
+def test_weights_only_refusal_is_reported_with_every_tensor_check(tmp_path: Path, capsys) -> None:
+    path = _training_checkpoint(tmp_path)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        torch.load(path, weights_only=True)
+    results = run(plan(path, LINGUA, Options()))
+    by_id = {r.id: r for r in results}
+    finding = by_id["version[weights_only]"]
+    assert finding.status is Status.FAIL
+    assert "argparse.Namespace" in finding.obtained and "multiarray.scalar" in finding.obtained
+    assert "torch.serialization.add_safe_globals" in finding.repair
+    assert not [r for r in results if r.status is Status.UNSAFE]
+    assert [r.id for r in results if r.status is Status.FAIL] == ["version[weights_only]"]
+    for category in ("shape", "dtype", "finite", "key_present"):
+        assert sum(r.category == category and r.status is Status.PASS for r in results) == 21
+    assert main(["check", str(path), "--model-config", str(LINGUA)]) == 1
+    assert "weights_only" in capsys.readouterr().out
+
+
+def test_stand_ins_record_and_never_call(tmp_path: Path, sentinel) -> None:  # noqa: F811
+    """REDUCE, NEWOBJ, BUILD and item opcodes on a stand-in only record their arguments."""
+    marker, audit = sentinel
+    path = torch_zip(tmp_path, pickle.dumps({"w": argparse.Namespace(a=[1, 2]), "d": Payload(argparse.Namespace,
+                                                                                             str(marker))}, 2))
+    with audit:
+        ckpt = open_checkpoint(path)
+    value = ckpt.load_value("w")
+    assert isinstance(value, Unknown) and value.global_name == "argparse.Namespace"
+    assert value.state == {"a": [1, 2]}
+    assert ckpt.manifest.facts["pickle globals weights_only refuses"] == "argparse.Namespace"
+    ckpt.close()
+
+
+def test_dangerous_global_is_still_unsafe_when_unknowns_are_kept(tmp_path: Path, sentinel, capsys) -> None:  # noqa: F811
+    marker, audit = sentinel
+    path = torch_zip(tmp_path, pickle.dumps({"a": argparse.Namespace(), "p": Payload(os.system, f"touch {marker}")}, 2))
+    with audit:
+        assert main(["check", str(path), "--model-config", str(LINGUA)]) == 1
+    out = capsys.readouterr().out
+    assert "UNSAFE" in out and "posix.system" in out
+
+
+def test_dcp_bytes_entry_with_training_args(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "dcp"
+    sd = torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True)
+    dcp.save({"model": sd, "train_state": {"args": argparse.Namespace(lr=1.0)}}, checkpoint_id=str(folder))
+    ckpt = open_checkpoint(folder)
+    assert ckpt.manifest.facts["pickle globals weights_only refuses"] == "argparse.Namespace"
+    ckpt.close()
+
