@@ -135,7 +135,8 @@ def plan_repair(the_plan: Plan, results: list[CheckResult], to: str | None,
     if rp.to == "dcp":
         rp.steps.append("nest the model tensors under 'model' (lingua's init_ckpt_path layout)")
     if rp.to in ("dcp", "hf") and session.config is not None:
-        rp.steps.append(f"write {'config.json' if rp.to == 'hf' else 'params.json'} beside the weights")
+        written = "config.json" if rp.to == "hf" or rp.naming == "hf" else "params.json"
+        rp.steps.append(f"write {written} beside the weights, and check the output with it")
     if init_optimizer_state:
         if rp.to not in ("torch", "dcp"):
             rp.refusals.append(f"--to {rp.to} holds no optimizer state; use --to torch or --to dcp")
@@ -166,8 +167,9 @@ def repair(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, config: 
     outcome.conversion = convert(src, dst, to=rp.to, naming=rp.naming, config=cfg_for_convert, dtype=rp.dtype,
                                  force=force, progress=progress, drop=rp.drop,
                                  init_optimizer_state=rp.init_optimizer_state)
-    check_path = Path(dst)
-    after_plan = plan(check_path, session.config_arg, options)
+    # Judge the output as written: with the config the conversion wrote beside it, if it wrote one.
+    after_config = outcome.conversion.config_written or session.config_arg
+    after_plan = plan(Path(dst), after_config, options)
     try:
         outcome.after = run(after_plan)
     finally:

@@ -54,3 +54,29 @@ def test_a_model_transformers_saved_converts_to_meta_layout(tmp_path: Path) -> N
         assert "layers.0.attention.wq.weight" in ckpt.manifest.tensors
         ours = streaming_logits(ckpt, cfg, TOKENS)
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4), (ours - theirs).abs().max()
+
+
+def test_a_written_config_describes_the_weights_as_written(tmp_path: Path) -> None:
+    """fp32 weights and a Meta params.json that leaves the vocabulary to the tokenizer (-1): the written
+    config.json says float32 and the embedding's vocabulary, transformers reads every field as written,
+    loads the weights as float32, and ckptcheck passes its own output with that config."""
+    from ckptcheck.cli import main
+
+    state = torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True)
+    torch.save({k: v.float() for k, v in state.items()}, tmp_path / "fp32.pth")
+    model = json.loads((CONFIGS / "lingua_params.json").read_text())["model"]
+    params = {k: v for k, v in model.items() if k not in ("max_seqlen", "weight_tying")}
+    params |= {"vocab_size": -1, "norm_eps": 1e-6, "rope_theta": 500000.0, "use_scaled_rope": True,
+               "max_seq_len": 512}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    convert(tmp_path / "fp32.pth", tmp_path / "hf", to="hf", config=tmp_path / "params.json")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert written["torch_dtype"] == "float32" and written["vocab_size"] == 128
+    auto = transformers.AutoConfig.from_pretrained(str(tmp_path / "hf"))
+    assert isinstance(auto, transformers.LlamaConfig)
+    assert (auto.vocab_size, auto.max_position_embeddings, auto.rms_norm_eps, auto.tie_word_embeddings) == \
+        (128, 512, 1e-6, False)
+    assert auto.rope_scaling["rope_type"] == "llama3" and auto.rope_scaling["rope_theta"] == 500000.0
+    loaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert loaded.dtype == torch.float32
+    assert main(["check", str(tmp_path / "hf")]) == 0

@@ -79,3 +79,15 @@ def test_failure_messages_name_a_repair_command_that_works(tmp_path: Path, capsy
     assert command[:2] == ["ckptcheck", "repair"] and command[2] == str(src)
     assert main(command[1:]) == 0
     assert Path(command[3]).is_file()
+
+
+def test_the_recheck_judges_the_output_with_the_config_written_beside_it(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Hugging Face names written to DCP get a config.json (not a params.json that loads Meta names),
+    and the re-check reads the output with the config found beside it, as any later check will."""
+    dst = tmp_path / "out"
+    assert main(["repair", str(FIXTURES / "good" / "hf"), str(dst), "--to", "dcp", "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["conversion"]["config_written"] == str(dst / "config.json") and out["failed_after"] == []
+    assert not (dst / "params.json").exists()
+    assert main(["check", str(dst)]) == 0

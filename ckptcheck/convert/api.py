@@ -196,12 +196,13 @@ def _writer(fmt: str, staged: Path, dst: Path, nesting: str | None):
 
 
 def _write_config(fmt: str, staged: Path, dst: Path, cfg: ModelConfig | None, plan: ConversionPlan) -> str | None:
-    """The config beside the weights, describing them as written: their dtype, and the embedding's rows
+    """The config beside the weights, describing them as written: in the schema of their naming (a
+    config.json for Hugging Face names, else a lingua params.json), their dtype, and the embedding's rows
     where the input config left the vocabulary to the tokenizer."""
     if cfg is None or fmt not in ("dcp", "hf"):
         return None
     vocab = next((m.shape[0] for m in plan.moves if m.canonical == "tok_embeddings.weight" and m.shape), None)
-    if fmt == "hf":
+    if plan.dst_scheme is HF:
         data = to_hf_config(cfg, written_dtype(plan), vocab)
         (staged / "config.json").write_text(json.dumps(data, indent=2) + "\n")
         load_config(staged / "config.json")  # what was written must read back as a valid config
