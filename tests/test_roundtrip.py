@@ -5,16 +5,21 @@ Slow (each world size starts its own processes): ``make test`` runs these, ``mak
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
+import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from ckptcheck.convert.api import convert
-from ckptcheck.roundtrip.launch import roundtrip
+from ckptcheck.roundtrip.launch import read_reports, roundtrip
+from ckptcheck.roundtrip.reaper import processes_with_env
 
 from .writers import CONFIGS, FIXTURES
 
@@ -84,7 +89,8 @@ def test_corrupted_dcp_shard_names_the_key(tmp_path: Path) -> None:
 
 
 FACTORY = textwrap.dedent('''
-    import os, time
+    import os, signal, sys, time
+    from pathlib import Path
     from ckptcheck.configs import load_config
     from ckptcheck.model import Transformer
 
@@ -95,17 +101,38 @@ FACTORY = textwrap.dedent('''
 
     def hang_on_rank_1(raw):
         if os.environ.get("RANK") == "1":
+            Path(os.environ["HANG_READY"]).touch()
             time.sleep(3600)
+        return Transformer(load_config(os.environ["TINY_CONFIG"]))
+
+    def torn_report_on_rank_1(raw):
+        """Killed while writing its report: the worker writes rank1.json.tmp, then renames it."""
+        if os.environ.get("RANK") == "1":
+            report = Path(sys.argv[sys.argv.index("--report") + 1])
+            (report / "rank1.json.tmp").write_text('{"rank": 1, "phases": {"in')
+            os.kill(os.getpid(), signal.SIGKILL)
         return Transformer(load_config(os.environ["TINY_CONFIG"]))
 ''')
 
 
 @pytest.fixture
 def factories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Rank factories that fail, and a mark in the environment every process of the trip inherits, so
+    that a process outliving the trip is found in /proc whatever the launcher does."""
     (tmp_path / "trip_factories.py").write_text(FACTORY)
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     monkeypatch.setenv("TINY_CONFIG", str(LINGUA))
+    monkeypatch.setenv("HANG_READY", str(tmp_path / "rank1_hangs"))
+    monkeypatch.setenv(MARK, uuid.uuid4().hex)
     return tmp_path
+
+
+MARK = "CKPTCHECK_TEST_TRIP_MARK"
+
+
+def leftovers() -> list[int]:
+    """Processes of the trip still alive now that it has returned (it kills and reaps before it does)."""
+    return processes_with_env(MARK, os.environ[MARK])
 
 
 def test_a_crashed_rank_fails_with_its_own_error(factories: Path) -> None:
@@ -114,17 +141,51 @@ def test_a_crashed_rank_fails_with_its_own_error(factories: Path) -> None:
     assert not result.ok
     errors = " ".join(result.trips[0].errors)
     assert "rank 1 failed in phase build" in errors and "rank one cannot build its model" in errors
+    assert leftovers() == []
 
 
 def test_a_hung_rank_times_out_and_leaves_no_process(factories: Path) -> None:
-    started = time.monotonic()
     result = roundtrip(GOOD / "consolidated.pth", config=LINGUA, world_size=2, factory="trip_factories:hang_on_rank_1",
-                       workdir=factories / "w", timeout=40)
-    assert not result.ok and time.monotonic() - started < 90
+                       workdir=factories / "w", timeout=20)
+    assert (factories / "rank1_hangs").exists()  # the hang happened: rank 1 was asleep when the trip ended
+    assert not result.ok
     assert any("timed out" in e or "failed" in e for e in result.trips[0].errors)
-    time.sleep(1)
-    leftover = subprocess.run(["pgrep", "-f", str(factories / "w")], capture_output=True, text=True).stdout
-    assert leftover.strip() == "", f"workers outlived the round trip: {leftover}"
+    assert leftovers() == []
+
+
+def test_a_rank_killed_while_writing_its_report_is_named(factories: Path) -> None:
+    result = roundtrip(GOOD / "consolidated.pth", config=LINGUA, world_size=2,
+                       factory="trip_factories:torn_report_on_rank_1", workdir=factories / "w", timeout=120)
+    assert not result.ok
+    assert "rank 1's report is incomplete (the rank was killed while writing it)" in result.trips[0].errors
+    assert leftovers() == []
+
+
+def test_a_torn_report_file_is_named_not_parsed(tmp_path: Path) -> None:
+    """A report cut short (a worker that writes in place, killed midway) is not a JSONDecodeError."""
+    (tmp_path / "rank0.json").write_text(json.dumps({"rank": 0, "error": None}))
+    (tmp_path / "rank1.json").write_text('{"rank": 1, "pha')
+    ranks, errors = read_reports(tmp_path, 2)
+    assert [r["rank"] for r in ranks] == [0]
+    assert errors == ["rank 1's report is incomplete (the rank was killed while writing it)"]
+
+
+def test_sigterm_to_the_launcher_leaves_no_process(factories: Path) -> None:
+    """The launcher is stopped from outside while a rank hangs: its cleanup still ends every process."""
+    code = ("from ckptcheck.roundtrip.launch import roundtrip; import sys; "
+            f"roundtrip({str(GOOD / 'consolidated.pth')!r}, config={str(LINGUA)!r}, world_size=2, "
+            f"factory='trip_factories:hang_on_rank_1', workdir={str(factories / 'w')!r}, timeout=600)")
+    launcher = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        while not (factories / "rank1_hangs").exists():  # waits for an event, bounded by the check below
+            assert launcher.poll() is None, "the launcher ended before rank 1 hung"
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert leftovers() == []
 
 
 def test_pytest_items(pytester: pytest.Pytester) -> None:
