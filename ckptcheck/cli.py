@@ -13,6 +13,7 @@ from . import __version__
 from .errors import CkptError, UnsafeInputError
 from .convert.api import OUTPUT_FORMATS
 from .options import CHECK_OPTIONS, DTYPE, MODEL_CONFIG, MODEL_FACTORY, TARGET, add_options, engine_options
+from .streams import guarded_streams
 
 EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_BUG = 0, 1, 2, 3
 
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     rep.add_argument("--init-optimizer-state", action="store_true",
                      help="write fresh AdamW state (step 0, zero moments) so that a resume target can start")
+    rep.add_argument("--drop", action="append", default=[], metavar="KEY",
+                     help="leave this tensor out (repeatable); without it a repair drops only provably redundant "
+                     "tensors (bit-identical tied copies, rotary buffers) and refuses other extras")
     _output_options(rep)
     rep.set_defaults(func=cmd_repair)
 
@@ -141,7 +145,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     options = engine_options(lambda name: getattr(args, name, None))
     outcome = repair(args.src, args.dst, config=args.model_config, options=options, to=args.to,
                      dry_run=args.dry_run, force=args.force, progress=args.format == "text",
-                     init_optimizer_state=args.init_optimizer_state)
+                     init_optimizer_state=args.init_optimizer_state, drop=tuple(args.drop))
     if args.format == "json":
         print(json.dumps(outcome.to_json(), indent=2))
     else:
@@ -298,6 +302,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The exit status is the verdict, whatever happens to stdout and stderr (see streams.py)."""
+    with guarded_streams():
+        return _run(argv)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -315,8 +325,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ckptcheck: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return EXIT_OK
     except Exception as exc:  # a bug in ckptcheck, not a problem with the input
         if args.debug:
             raise

@@ -16,12 +16,15 @@ DTYPE_CHOICES = ("bf16", "fp16", "fp32", "fp64", "bfloat16", "float16", "float32
 class OptionDef:
     dest: str
     cli: str | None  # None: a positional argument on the CLI
-    pytest: str
+    pytest: str  # always registered: the --ckpt-* namespace is ckptcheck's own
     help: str
     choices: tuple[str, ...] | None = None
     default: Any = None
     flag: bool = False
     metavar: str | None = None
+    # The short spelling of the mission (``--ckpt``, ``--model-config``), registered only when no project
+    # conftest or plugin has claimed it: ckptcheck is installed into other projects' pytest.
+    pytest_alias: str | None = None
 
     def kwargs(self) -> dict[str, Any]:
         if self.flag:
@@ -34,14 +37,14 @@ class OptionDef:
         return kw
 
 
-CKPT = OptionDef("ckpt", None, "--ckpt", "checkpoint: a .pth/.pt/.bin file, Meta shards folder, safetensors "
-                 "file or index, DCP folder or Hugging Face folder", metavar="PATH")
-MODEL_CONFIG = OptionDef("model_config", "--model-config", "--model-config",
+CKPT = OptionDef("ckpt", None, "--ckpt-path", "checkpoint: a .pth/.pt/.bin file, Meta shards folder, safetensors "
+                 "file or index, DCP folder or Hugging Face folder", metavar="PATH", pytest_alias="--ckpt")
+MODEL_CONFIG = OptionDef("model_config", "--model-config", "--ckpt-model-config",
                          "model config: lingua or Meta params.json, or Hugging Face config.json "
-                         "(default: one found beside the checkpoint)", metavar="PATH")
-MODEL_FACTORY = OptionDef("model_factory", "--model-factory", "--model-factory",
+                         "(default: one found beside the checkpoint)", metavar="PATH", pytest_alias="--model-config")
+MODEL_FACTORY = OptionDef("model_factory", "--model-factory", "--ckpt-model-factory",
                           "module:function returning the nn.Module to check against (built on the meta device)",
-                          metavar="MODULE:FUNC")
+                          metavar="MODULE:FUNC", pytest_alias="--model-factory")
 TARGET = OptionDef("target", "--target", "--ckpt-target",
                    "the check suite (suites/NAME.json): init, can training start from these weights (default); "
                    "resume, also from its training state", default="init", metavar="NAME")
@@ -65,15 +68,36 @@ MATRIX = OptionDef("matrix", "--matrix", "--ckpt-matrix",
                    "also check against every framework target and add the compatibility matrix", flag=True)
 
 
+PYTEST_OPTIONS = (*CHECK_OPTIONS, REPORT, MATRIX)
+
+
+def plugin_dest(name: str) -> str:
+    """Where pytest keeps an option: under ckptcheck's own prefix, so no project's option shares the dest."""
+    return f"ckptcheck_{name}"
+
+
 def add_options(add: Callable[..., Any], *, pytest: bool, options: tuple[OptionDef, ...] = CHECK_OPTIONS) -> None:
     """Register options with an argparse ``add_argument`` or a pytest group's ``addoption``."""
     for opt in options:
         if pytest:
-            add(opt.pytest, dest=opt.dest, **opt.kwargs())
+            add(opt.pytest, dest=plugin_dest(opt.dest), **opt.kwargs())
         elif opt.cli is None:
             add(opt.dest, **{k: v for k, v in opt.kwargs().items() if k != "default"})
         else:
             add(opt.cli, dest=opt.dest, **opt.kwargs())
+
+
+def add_pytest_aliases(add: Callable[..., Any], taken: set[str]) -> list[str]:
+    """Register the short spellings not in ``taken``; returns those left to their owner."""
+    left = []
+    for opt in PYTEST_OPTIONS:
+        if opt.pytest_alias is None:
+            continue
+        if opt.pytest_alias in taken:
+            left.append(opt.pytest_alias)
+        else:
+            add(opt.pytest_alias, dest=plugin_dest(opt.dest), **{**opt.kwargs(), "help": f"same as {opt.pytest}"})
+    return left
 
 
 def engine_options(get: Callable[[str], Any]) -> Any:

@@ -9,24 +9,61 @@ each item runs its check when pytest runs it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .options import CHECK_OPTIONS, MATRIX, REPORT, add_options, engine_options
+from .options import PYTEST_OPTIONS, add_options, add_pytest_aliases, engine_options, plugin_dest
 
 RESULT_PROPERTY = "ckptcheck_result"
+_ALIASES_KEY = pytest.StashKey[list[str]]()  # short spellings a project's own option holds
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("ckptcheck", "checkpoint checks (ckptcheck)")
-    add_options(group.addoption, pytest=True, options=(*CHECK_OPTIONS, REPORT, MATRIX))
+    add_options(group.addoption, pytest=True, options=PYTEST_OPTIONS)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> Any:
+    """Add ``--ckpt``, ``--model-config`` and ``--model-factory`` after the project's conftests, and only
+    where they left them free: pytest loads plugins before conftests, and a conftest that defines one of
+    them must still start (its option wins; ``--ckpt-path``, ``--ckpt-model-config`` always work)."""
+    _keep_alias_values_out_of_test_paths(early_config, args)
+    result = yield
+    taken = {name for group in {id(g): g for g in (parser._anonymous, *parser._groups)}.values()
+             for option in group.options for name in option.names()}
+    left = add_pytest_aliases(parser.getgroup("ckptcheck").addoption, taken)
+    early_config.stash[_ALIASES_KEY] = left
+    return result
+
+
+def _keep_alias_values_out_of_test_paths(early_config: pytest.Config, args: list[str]) -> None:
+    """Not yet registered, ``--ckpt X`` reads to pytest's first parse as an unknown flag and a test path X:
+    pytest would then import conftest.py files from the checkpoint's folder.  Take the values back out."""
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    aliases = [opt for opt in PYTEST_OPTIONS if opt.pytest_alias]
+    for opt in aliases:
+        pre.add_argument(opt.pytest_alias, dest=opt.dest, action="append", default=[])
+    known, _ = pre.parse_known_args([str(a) for a in args])
+    paths = early_config.known_args_namespace.file_or_dir
+    for opt in aliases:
+        for value in getattr(known, opt.dest):
+            if value in paths:
+                paths.remove(value)
+
+
+def option_getter(config: pytest.Config) -> Callable[[str], Any]:
+    """Read ckptcheck's options by their names in options.py (pytest keeps them under its own dests)."""
+    return lambda name: config.getoption(plugin_dest(name), None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if config.getoption("ckpt", None):
+    if option_getter(config)("ckpt"):
         config.pluginmanager.register(CheckpointSession(config), "ckptcheck-session")
 
 
@@ -54,7 +91,7 @@ class CheckpointSession:
         from .engine import plan, summarize
         from .report.document import ReportData, sort_results
 
-        get = self.config.getoption
+        get = option_getter(self.config)
         options = engine_options(get)
         the_plan = plan(get("ckpt"), get("model_config"), options)  # metadata only: the header's facts
         the_plan.close()
@@ -68,7 +105,7 @@ class CheckpointSession:
                           summarize(results), rows)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        path = self.config.getoption("report")
+        path = option_getter(self.config)("report")
         if path and self.is_controller and self.results:
             from .report.document import write
 
@@ -91,16 +128,21 @@ class CheckpointSession:
         written = getattr(self, "written", None)
         if written:
             terminalreporter.write_line(f"report: {written}")
+
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         from .engine import resolve_config_path
 
-        ckpt, given = config.getoption("ckpt"), config.getoption("model_config")
+        get = option_getter(config)
+        ckpt, given = get("ckpt"), get("model_config")
         cfg = resolve_config_path(ckpt, given)
         found = " (found beside the checkpoint)" if given is None and cfg is not None else ""
-        factory = config.getoption("model_factory")
+        factory = get("model_factory")
         lines = [f"ckptcheck: checkpoint {ckpt}", f"ckptcheck: config {cfg}{found}"]
         if factory:
             lines.append(f"ckptcheck: model factory {factory}")
+        for alias in config.stash.get(_ALIASES_KEY, []):
+            opt = next(o for o in PYTEST_OPTIONS if o.pytest_alias == alias)
+            lines.append(f"ckptcheck: {alias} is this project's own option; ckptcheck reads {opt.pytest}")
         return lines
 
     @pytest.hookimpl(wrapper=True)
@@ -110,7 +152,7 @@ class CheckpointSession:
             # With --ckpt and no test paths on the command line, the checkpoint is the whole run; explicit
             # paths are collected as well.
             explicit = self.config.args_source == pytest.Config.ArgsSource.ARGS
-            name = str(self.config.getoption("ckpt"))
+            name = str(option_getter(self.config)("ckpt"))
             ckpt = CheckpointCollector.from_parent(collector, name=name, nodeid=name)
             report.result = [*(report.result if explicit else []), ckpt]
         return report
@@ -131,7 +173,7 @@ class CheckpointCollector(pytest.Collector):
         from .engine import plan
         from .errors import CkptError
 
-        get = self.config.getoption
+        get = option_getter(self.config)
         try:
             the_plan = plan(get("ckpt"), get("model_config"), engine_options(get))
         except CkptError as exc:
