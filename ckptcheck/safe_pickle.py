@@ -12,6 +12,7 @@ file; constructors whose result size the pickle chooses are charged to a budget 
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 import pickletools
@@ -60,10 +61,19 @@ INERT_DATA = frozenset({
 _INERT_MODULES = ("numpy.dtypes",)
 
 
+def py3_name(module: str, name: str) -> tuple[str, str]:
+    """The Python 3 spelling of a global, as pickle's own find_class maps it (torch.save writes protocol 2,
+    whose pickles say ``__builtin__.bytearray``)."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
 def is_dangerous(module: str, name: str) -> bool:
     """Whether the global can act.  A dotted or dunder name reaches attributes of anything, so it can too."""
     if not isinstance(module, str) or not isinstance(name, str):
         return True
+    module, name = py3_name(module, name)
     if (module, name) in INERT_DATA:
         return False
     return (
@@ -75,6 +85,7 @@ def is_dangerous(module: str, name: str) -> bool:
 
 
 def is_inert_data(module: str, name: str) -> bool:
+    module, name = py3_name(module, name)
     return (module, name) in INERT_DATA or module in _INERT_MODULES
 
 
@@ -200,7 +211,6 @@ BASIC_GLOBALS: dict[tuple[str, str], Any] = {
     ("builtins", "slice"): Function(slice),
     ("builtins", "bytearray"): Sized(bytearray, _length),
     ("_codecs", "encode"): Sized(_codecs_encode, _length),
-    ("__builtin__", "set"): Sized(set, _length),
 }
 
 MAX_PICKLE_BYTES = 1 << 30
@@ -235,7 +245,7 @@ class _Unpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            entry = self._allowed[(module, name)]
+            entry = self._allowed[py3_name(module, name)]
         except (KeyError, TypeError):
             return self._not_allowed(module, name)
         return self._budget.bind(entry) if isinstance(entry, Sized) else entry
@@ -443,7 +453,7 @@ def _apply(op: pickletools.OpcodeInfo, stack: list[Any], pop: Callable[[], Any])
 
 def _check_global(module: str, name: str, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any],
                   how: str) -> None:
-    if (module, name) not in allowed and is_dangerous(module, name):
+    if py3_name(module, name) not in allowed and is_dangerous(module, name):
         raise _refusal(module, name, path, member, how)
 
 

@@ -8,6 +8,7 @@ import os
 import pickle
 import sys
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from ckptcheck.checks.model import Status
 from ckptcheck.cli import main
 from ckptcheck.engine import Options, plan, run
-from ckptcheck.errors import UnsafeInputError
+from ckptcheck.errors import CkptError, InputError, UnsafeInputError
 from ckptcheck.formats import open_checkpoint
 
 from .writers import CONFIGS
@@ -146,3 +147,145 @@ def test_io_global_is_unsafe(tmp_path: Path) -> None:
     with pytest.raises(UnsafeInputError) as exc:
         open_checkpoint(path)
     assert exc.value.culprit == "_io.BytesIO" and "known to execute code" in exc.value.cause
+
+
+# --- BUILD cannot change what the allowlist hands out ---------------------------------------------------------
+
+def _global(module: str, name: str) -> bytes:
+    return f"c{module}\n{name}\n".encode()
+
+
+def _unicode(text: str) -> bytes:
+    raw = text.encode()
+    return b"X" + len(raw).to_bytes(4, "little") + raw
+
+
+def _build_on_global(module: str, name: str, attr: str, value: bytes, slots: bool = True) -> bytes:
+    """Protocol 2: push the global itself, then BUILD with {attr: value} as slot state (setattr on it) or as
+    dict state."""
+    state = b"}" + _unicode(attr) + value + b"s"
+    return b"\x80\x02" + _global(module, name) + (b"N" + state + b"\x86" if slots else state) + b"b."
+
+
+@pytest.mark.parametrize(("module", "name", "attr", "value"), [
+    ("collections", "OrderedDict", "__setitem__", _global("builtins", "set")),  # SETITEMS on every later state dict
+    ("torch._utils", "_rebuild_tensor_v2", "__defaults__", b")"),  # every later tensor misses an argument
+    ("torch", "float32", "__class__", _global("collections", "OrderedDict")),
+    ("builtins", "bytearray", "__init__", _global("builtins", "set")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo", "__setstate__", _global("builtins", "set")),
+], ids=["OrderedDict", "rebuild_tensor", "dtype_marker", "bytearray", "dcp_record"])
+@pytest.mark.parametrize("slots", [True, False], ids=["setattr", "dict_state"])
+def test_build_on_an_allowlisted_global_fails_and_changes_nothing(tmp_path: Path, module: str, name: str,
+                                                                 attr: str, value: bytes, slots: bool) -> None:
+    """Old code: BUILD's setattr changed AttrDict and the rebuild functions for every later file."""
+    poison = _build_on_global(module, name, attr, value, slots)
+    with pytest.raises(CkptError) as exc:
+        open_checkpoint(_torch_zip_raw(tmp_path, poison))
+    assert not isinstance(exc.value, UnsafeInputError)
+    folder = tmp_path / "dcp"
+    folder.mkdir()
+    (folder / ".metadata").write_bytes(poison)
+    with pytest.raises(CkptError):
+        open_checkpoint(folder)
+    following = tmp_path / "next.pth"
+    torch.save(OrderedDict(w=torch.arange(4.0)), following)
+    with open_checkpoint(following) as ckpt:
+        assert torch.equal(ckpt.load("w"), torch.arange(4.0))
+    with open_checkpoint(CONFIGS.parent / "good" / "dcp") as ckpt:
+        assert len(ckpt.manifest.tensors) == 21
+
+
+def _torch_zip_raw(tmp_path: Path, data_pkl: bytes) -> Path:
+    from .hostile import torch_zip
+
+    return torch_zip(tmp_path, data_pkl)
+
+
+# --- sizes are bounded by the file -------------------------------------------------------------------------------
+
+def _long(value: int) -> bytes:
+    raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + bytes([len(raw)]) + raw
+
+
+@pytest.mark.parametrize("data_pkl", [
+    b"\x80\x02" + _global("__builtin__", "bytearray") + _long(3 << 30) + b"\x85R.",  # 3 GB from 32 bytes
+    b"\x80\x02" + _global("torch", "Size") + _global("__builtin__", "bytearray") + _long(1 << 27) + b"\x85R\x85R.",
+    b"\x80\x02" + _global("__builtin__", "set") + _global("__builtin__", "bytearray") + _long(1 << 27) + b"\x85R\x85R.",
+])
+def test_constructor_sizes_are_bounded_by_the_file(tmp_path: Path, data_pkl: bytes) -> None:
+    with pytest.raises(InputError, match="more than its bytes can hold"):
+        open_checkpoint(_torch_zip_raw(tmp_path, data_pkl))
+
+
+def test_bytearray_in_a_large_pth_and_a_dcp_bytes_entry(tmp_path: Path) -> None:
+    big = tmp_path / "big.pth"
+    torch.save({"w": torch.zeros(16384), "extra": _Payload(bytearray, 2**31)}, big)  # 70 KB asking for 2 GB
+    with pytest.raises(InputError, match="more than its bytes can hold"):
+        open_checkpoint(big)
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "dcp"
+    dcp.save({"model": {"w": torch.zeros(4)}, "train_state": _Payload(bytearray, 2**31)}, checkpoint_id=str(folder))
+    assert main(["check", str(folder), "--model-config", str(CONFIGS / "lingua_params.json")]) == 2
+
+
+# --- the scanner for pickles that are never loaded ---------------------------------------------------------------
+
+def _short(text: str) -> bytes:
+    raw = text.encode()
+    return b"\x8c" + bytes([len(raw)]) + raw
+
+
+def test_pushed_and_popped_strings_do_not_hide_stack_global(tmp_path: Path, sentinel) -> None:
+    marker, audit = sentinel
+    evil = (b"\x80\x04" + _short("posix") + _short("system") + _short("collections") + _short("OrderedDict")
+            + b"00\x93" + _short(f"touch {marker}") + b"\x85R.")
+    bare = tmp_path / "model.pth"
+    bare.write_bytes(evil)
+    with audit, pytest.raises(UnsafeInputError) as exc:
+        open_checkpoint(bare)
+    assert exc.value.culprit == "posix.system"
+
+
+@pytest.mark.parametrize("protocol", [0, 1])
+def test_protocol_0_and_1_bare_pickles_are_recognised(tmp_path: Path, sentinel, protocol: int, capsys) -> None:
+    marker, audit = sentinel
+    bare = tmp_path / "model.pth"
+    bare.write_bytes(pickle.dumps({"w": _Payload(os.system, f"touch {marker}")}, protocol))
+    with audit:
+        code = main(["check", str(bare), "--model-config", str(CONFIGS / "lingua_params.json")])
+    assert code == 1 and "posix.system" in capsys.readouterr().out
+
+
+def test_unparseable_side_pickle_is_unsafe(tmp_path: Path) -> None:
+    from .hostile import torch_zip
+
+    side = b"\x80\x02" + _short("posix") + b"\xff\xfe."  # an opcode pickle does not know
+    path = torch_zip(tmp_path, extra={"model/extra.pkl": side})
+    with pytest.raises(UnsafeInputError, match="cannot be proven free of code"):
+        open_checkpoint(path)
+
+
+def test_stack_global_on_computed_operands_is_unsafe(tmp_path: Path) -> None:
+    from .hostile import torch_zip
+
+    side = b"\x80\x04" + _short("posix") + b"N\x93."  # module known, name not a string: cannot be named
+    path = torch_zip(tmp_path, extra={"model/extra.pkl": side})
+    with pytest.raises(UnsafeInputError, match="not known strings"):
+        open_checkpoint(path)
+
+
+# --- DCP metadata version ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", ["v2", ["1", "0"], 10**5000, "1.0.0; rm -rf"], ids=["v2", "list", "huge_int", "junk"])
+def test_dcp_metadata_with_an_odd_version_is_one_line_exit_2(tmp_path: Path, version, capsys) -> None:
+    from .hostile import dcp_copy, edit_metadata
+
+    def change(meta):
+        meta.version = version
+
+    folder = edit_metadata(dcp_copy(tmp_path), change)
+    assert main(["check", str(folder), "--model-config", str(CONFIGS / "lingua_params.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metadata version" in err and "Traceback" not in err
