@@ -1,9 +1,11 @@
 """``repair``: run the checks, plan the conversion that fixes what failed, apply it, check the output.
 
 A repair is a conversion with decided parameters: the config's naming and rotary layout, the expected
-dtype, stray keys dropped, wrappers stripped, shards merged, nesting as the output format expects.
-What a conversion cannot fix (another architecture, NaN weights, missing tensors, unsafe input) is
-refused with the reason before anything is written.
+dtype, wrappers stripped, shards merged, nesting as the output format expects.  It drops a tensor only
+when the tensor is provably redundant (a bit-identical tied copy, a buffer loaders recompute) or the user
+names it (``--drop KEY``): a tensor the config does not know may be one the real model has.
+What a conversion cannot fix (another architecture, NaN weights, missing tensors, unsafe input, tensors
+it would have to drop) is refused with the reason before anything is written.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 
 from .checks.model import CheckResult, Status
 from .convert.api import ConversionReport, convert
-from .engine import Options, Plan, plan, run
+from .engine import Options, Plan, Session, plan, run
+from .errors import InputError
 
 # The output format a repair writes by default, from the input's format.
 DEFAULT_OUTPUT = {"torch": "torch", "torch-legacy": "torch", "meta-shards": "torch", "safetensors": "safetensors",
@@ -64,6 +67,7 @@ class RepairOutcome:
     def to_json(self) -> dict[str, Any]:
         return {
             "steps": self.plan.steps, "refusals": self.plan.refusals, "to": self.plan.to,
+            "drop": self.plan.drop,
             "left_as_is": self.plan.left_as_is,
             "conversion": None if self.conversion is None else self.conversion.to_json(),
             "failed_before": [r.id for r in self.before if r.status in (Status.FAIL, Status.UNSAFE)],
@@ -78,10 +82,15 @@ def _ids(results: list[CheckResult], category: str) -> str:
 
 
 def plan_repair(the_plan: Plan, results: list[CheckResult], to: str | None,
-                init_optimizer_state: bool = False) -> RepairPlan:
+                init_optimizer_state: bool = False, drop: tuple[str, ...] = ()) -> RepairPlan:
+    """What to do; ``drop`` names tensors (stored or target names) the user wants left out."""
     session = the_plan.session
     failed = [r for r in results if r.status in (Status.FAIL, Status.UNSAFE)]
     rp = RepairPlan(init_optimizer_state=init_optimizer_state)
+    named = _named_drops(session, drop) if session is not None else {}
+    _plan_extras(rp, [r for r in failed if r.category == "unexpected_key"], named)
+    if session is not None and _drop_restores_tie(session, rp):
+        failed = [r for r in failed if (r.category, r.key) != ("config", "tie_embeddings")]
     for category, why in REFUSED.items():
         if any(r.category == category for r in failed):
             rp.refusals.append(f"{why}: {_ids(failed, category)}")
@@ -125,11 +134,8 @@ def plan_repair(the_plan: Plan, results: list[CheckResult], to: str | None,
         want, source = session.expected_dtype
         rp.dtype = want
         rp.steps.append(f"cast {len(dtype_fails)} tensors to {want} ({source})")
-    for r in failed:
-        if r.category == "unexpected_key":
-            rp.drop[r.key] = "not a tensor of the configured model"
-    if rp.drop:
-        rp.steps.append(f"drop {len(rp.drop)} keys the model does not have: {', '.join(list(rp.drop)[:4])}")
+    for key, why in rp.drop.items():
+        rp.steps.append(f"drop {key}: {why}")
     if manifest.nesting and rp.to == "safetensors":
         rp.steps.append(f"unwrap the model tensors from {manifest.nesting!r}; training state is left behind")
     if rp.to == "dcp":
@@ -149,15 +155,54 @@ def plan_repair(the_plan: Plan, results: list[CheckResult], to: str | None,
     return rp
 
 
+def _named_drops(session: Session, names: tuple[str, ...]) -> dict[str, str]:
+    """Stored keys for the names given to --drop, as stored or as the config's naming spells them."""
+    by_display = {session.spec.display(c): s for s, c in session.mapping.canonical.items()}
+    out: dict[str, str] = {}
+    for name in names:
+        stored = name if name in session.manifest.tensors else by_display.get(name)
+        if stored is None:
+            raise InputError(session.ckpt_arg, "--drop", f"{name!r} is not a tensor of this checkpoint")
+        out[stored] = "named with --drop"
+    return out
+
+
+def _plan_extras(rp: RepairPlan, extras: list[CheckResult], named: dict[str, str]) -> None:
+    """Drop what the user named and bit-identical tied copies; refuse every other extra tensor."""
+    kept: list[str] = []
+    for r in extras:
+        details = r.details or {}
+        if r.key in named:
+            continue
+        if details.get("bit_identical"):
+            rp.drop[r.key] = f"bit-identical to {details['tied_copy_of']} (the tie the config asks for)"
+        elif details.get("tied_copy_of"):
+            rp.refusals.append(f"{r.message}: dropping it would lose trained values (set the config's tie flag "
+                               f"to false if the model is untied, or --drop {r.key} to discard it)")
+        else:
+            kept.append(r.key)
+    if kept:
+        rp.refusals.append(f"tensors the configured model does not have, which a repair drops only when named: "
+                           f"{', '.join(kept[:4])}{' ...' if len(kept) > 4 else ''} (use the config of the model "
+                           "that has them, or name each with --drop KEY to discard it)")
+    rp.drop.update(named)
+
+
+def _drop_restores_tie(session: Session, rp: RepairPlan) -> bool:
+    """The config ties the embeddings and the separate output copy is dropped: the tie holds after."""
+    copy = session.mapping.stored_for("output.weight")
+    return session.config is not None and session.config.tie_embeddings and copy is not None and copy in rp.drop
+
+
 def repair(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, config: str | os.PathLike[str] | None,
            options: Options, to: str | None = None, dry_run: bool = False, force: bool = False,
-           progress: bool = False, init_optimizer_state: bool = False) -> RepairOutcome:
+           progress: bool = False, init_optimizer_state: bool = False, drop: tuple[str, ...] = ()) -> RepairOutcome:
     the_plan = plan(src, config, options)
     try:
         before = run(the_plan)
+        rp = plan_repair(the_plan, before, to, init_optimizer_state, drop)
     finally:
         the_plan.close()
-    rp = plan_repair(the_plan, before, to, init_optimizer_state)
     outcome = RepairOutcome(rp, before)
     if dry_run or not rp.possible:
         return outcome

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..naming import WRAPPER_TITLES, layer_of
+from ..tying import bit_identical
 from . import repairs
 from .model import Check, Verdict
 
@@ -84,10 +85,20 @@ def _present(session: Session, key: str):
             return Verdict.ok(f"{shown} is present{note}", expected="present", obtained="present")
         cfg = session.config
         why = f"{shown} is missing"
-        if key == "output.weight" and cfg is not None and "tok_embeddings.weight" in session.by_canonical:
-            why += (f"; the config does not tie embeddings ({cfg.field_name('tie_embeddings')} is false) "
-                    "but the checkpoint looks like it came from a tied model")
-            fix = repairs.fix_config(session, {cfg.field_name("tie_embeddings"): True})
+        embedding = session.by_canonical.get("tok_embeddings.weight")
+        if key == "output.weight" and cfg is not None and embedding is not None:
+            # An unrecognised tensor shaped like the embedding is most likely the output projection under
+            # another name: tying would throw its trained values away.
+            lookalikes = [k for k in session.mapping.unknown if session.manifest.tensors[k].shape == embedding.shape]
+            if lookalikes:
+                why += (f"; the checkpoint holds {', '.join(lookalikes[:3])}, shaped like the output projection: "
+                        f"probably {shown} under another name")
+                fix = (f"rename {lookalikes[0]} to {shown} (it is not dropped or tied away: its values are "
+                       "trained), or use the config of the model that names it so")
+            else:
+                why += (f"; the config does not tie embeddings ({cfg.field_name('tie_embeddings')} is false) "
+                        "but the checkpoint looks like it came from a tied model")
+                fix = repairs.fix_config(session, {cfg.field_name("tie_embeddings"): True})
         else:
             layer = layer_of(key)
             layers = {n for k in session.by_canonical if (n := layer_of(k)) is not None}
@@ -109,12 +120,21 @@ def _unexpected(session: Session, stored: str, canonical: str | None):
             if info.alias_of is not None and info.alias_of == primary_stored:
                 return Verdict.skip(f"shares its storage with {primary_stored}: the tie the config asks for")
             field = session.config.field_name("tie_embeddings") if session.config else "weight tying"
+            message = (f"the config ties {spec.display(canonical)} to {spec.display(primary)} ({field}), "
+                       f"but the checkpoint stores a separate {stored}")
+            expected = f"absent (tied to {spec.display(primary)})"
+            if primary_stored is not None and not session.options.metadata_only \
+                    and bit_identical(session.checkpoint, stored, primary_stored):
+                return Verdict.fail(
+                    f"{message}, bit-identical to {primary_stored}", expected=expected,
+                    obtained="a bit-identical copy", repair=repairs.drop_key(session, stored),
+                    details={"tied_copy_of": primary_stored, "bit_identical": True})
+            differs = "" if session.options.metadata_only else f" whose values differ from {primary_stored}"
             return Verdict.fail(
-                f"the config ties {spec.display(canonical)} to {spec.display(primary)} ({field}), "
-                f"but the checkpoint stores a separate {stored}",
-                expected=f"absent (tied to {spec.display(primary)})", obtained="a separate tensor",
-                repair=f"set {field} = false if the model is untied (ckptcheck repair leaves this to you: "
-                f"dropping {stored} loses its values)",
+                message + differs, expected=expected, obtained="a separate tensor",
+                repair=f"set {field} = false if the model is untied (ckptcheck repair refuses to drop {stored}: "
+                "its values would be lost)",
+                details={"tied_copy_of": primary_stored, "bit_identical": None if differs == "" else False},
             )
         message = f"{stored} is not a tensor of the configured model"
         layer = layer_of(canonical) if canonical else None
