@@ -319,7 +319,9 @@ def safe_load_stream(
 def _load(unpickler: _Unpickler, path: str, member: str) -> Any:
     """Run the unpickler; whatever a malformed pickle raises becomes one ``InputError`` line."""
     try:
-        return unpickler.load()
+        obj = unpickler.load()
+        _check_ints(obj)
+        return obj
     except UnsafeInputError:
         raise
     except InputError as exc:
@@ -330,6 +332,36 @@ def _load(unpickler: _Unpickler, path: str, member: str) -> Any:
         raise InputError(path, member, "pickle asks for more memory than it can hold") from None
     except Exception as exc:  # malformed pickles raise anything from UnpicklingError to IndexError
         raise InputError(path, member, f"malformed pickle ({type(exc).__name__}: {_short(exc)})") from None
+
+
+MAX_INT_BITS = 8192  # Python refuses to print an int of more than 4300 digits (about 14000 bits)
+
+
+def _check_ints(obj: Any) -> None:
+    """Refuse an int no checkpoint holds anywhere in the object: printing it in a report would fail, and
+    arithmetic on it costs time quadratic in its size."""
+    seen: set[int] = set()
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        if isinstance(o, int):
+            if o.bit_length() > MAX_INT_BITS:
+                raise InputError(None, None, f"the pickle holds an integer of {o.bit_length()} bits")
+            continue
+        if isinstance(o, (str, bytes, bytearray, float, complex, type)) or id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, dict):
+            todo += [*o.keys(), *o.values()]
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            todo += o
+        elif isinstance(o, slice):
+            todo += (o.start, o.stop, o.step)
+        elif isinstance(o, Unknown):
+            todo += (o.args, o.state, o.contents)
+        attrs = getattr(o, "__dict__", None)
+        if isinstance(attrs, dict):
+            todo.append(attrs)
 
 
 class _Unprovable(Exception):

@@ -106,6 +106,39 @@ def stack_global_memo_trick(sentinel: Path) -> bytes:
             + b"0" + b"h\x00" + b"h\x02" + b"\x93" + s(touch(sentinel)) + b"\x85R.")
 
 
+def decoy_strings(sentinel: Path) -> bytes:
+    """Protocol 4: posix/system pushed, then two allowlisted strings pushed and popped before STACK_GLOBAL
+    (a scanner tracking the last strings, not the stack, sees collections.OrderedDict)."""
+    def s(text: str) -> bytes:
+        b = text.encode()
+        return b"\x8c" + bytes([len(b)]) + b
+    return (b"\x80\x04" + s("posix") + s("system") + s("collections") + s("OrderedDict") + b"00\x93"
+            + s(touch(sentinel)) + b"\x85R.")
+
+
+def _torch_save(tmp: Path, obj: object) -> Path:
+    path = tmp / "model.pth"
+    torch.save(obj, path)
+    return path
+
+
+def _dcp_bytes(tmp: Path, value: object) -> Path:
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": torch.load(GOOD / "consolidated.pth", weights_only=True), "train_state": value},
+                 checkpoint_id=str(folder))
+    return folder
+
+
+def _dcp_version(tmp: Path, version: object) -> Path:
+    def change(meta):
+        meta.version = version
+    return edit_metadata(dcp_copy(tmp), change)
+
+
 def zip_bomb(tmp: Path) -> Path:
     return torch_zip(tmp, data_pkl=pickle.dumps({}, protocol=2) + b"\x00" * (80 << 20), compress=True)
 
@@ -160,6 +193,18 @@ def cases() -> list[Case]:
         Case("index_weight_map_climbs_out", lambda t, s: _index(t, "../outside.safetensors"), 1,
              "outside the checkpoint folder"),
         Case("index_weight_map_absolute", lambda t, s: _index(t, "/etc/passwd"), 1, "outside the checkpoint folder"),
+        Case("bare_pickle_protocol_0", lambda t, s: _write(t / "model.pth", pickle.dumps(
+            {"w": Payload(os.system, touch(s))}, 0)), 1, "posix.system"),
+        Case("bare_pickle_protocol_1", lambda t, s: _write(t / "model.pth", pickle.dumps(
+            Payload(os.system, touch(s)), 1)), 1, "posix.system"),
+        Case("stack_global_behind_popped_decoys", lambda t, s: _write(t / "model.pth", decoy_strings(s)), 1,
+             "posix.system"),
+        Case("side_member_unparseable", lambda t, s: torch_zip(
+            t, extra={"model/extra.pkl": b"\x80\x02\x8c\x05posix\xff."}), 1, "cannot be proven free of code"),
+        Case("side_member_decoy_strings", lambda t, s: torch_zip(t, extra={"model/extra.pkl": decoy_strings(s)}), 1,
+             "posix.system"),
+        Case("dangerous_beside_benign_global", lambda t, s: torch_zip(t, pickle.dumps(
+            {"args": __import__("argparse").Namespace(), "w": Payload(os.system, touch(s))}, 2)), 1, "posix.system"),
         # --- never crash: one line, exit 2 ----------------------------------------------------------------------
         Case("zero_byte_pth", lambda t, s: _write(t / "model.pth", b""), 2, "the file is an empty file"),
         Case("png_named_pth", lambda t, s: _write(t / "model.pth", b"\x89PNG\r\n\x1a\n" + b"\x00" * 100), 2,
@@ -204,6 +249,28 @@ def cases() -> list[Case]:
         Case("dcp_declares_a_huge_tensor", lambda t, s: _dcp_huge(t), 2, "needs 4000000000000"),
         Case("zip_record_larger_than_file", lambda t, s: _grow_record(torch_zip(
             t, _tensor_pickle(numel=0xFFFFFFF0 // 4, shape=(0xFFFFFFF0 // 4,)))), 2, "cannot fit"),
+        Case("bytearray_3gb_in_32_bytes", lambda t, s: torch_zip(t, b"\x80\x02c__builtin__\nbytearray\n"
+                                                                  b"\x8a\x05\x00\x00\x00\xc0\x00\x85R."), 2,
+             "more than its bytes can hold"),
+        Case("bytearray_2gb_in_a_70kb_pth", lambda t, s: _torch_save(t, {"w": torch.zeros(16384),
+                                                                           "x": Payload(bytearray, 2**31)}), 2,
+             "more than its bytes can hold"),
+        Case("torch_size_of_a_bytearray", lambda t, s: torch_zip(t, b"\x80\x02ctorch\nSize\nc__builtin__\nbytearray\n"
+                                                                   b"\x8a\x04\x00\x00\x00\x08\x85R\x85R."), 2,
+             "more than its bytes can hold"),
+        Case("dcp_bytes_entry_bytearray", lambda t, s: _dcp_bytes(t, Payload(bytearray, 2**31)), 2,
+             "more than its bytes can hold"),
+        Case("legacy_object_bytearray", lambda t, s: legacy(t, [LEGACY_MAGIC, LEGACY_PROTOCOL, LEGACY_INFO,
+                                                                pickle.dumps(Payload(bytearray, 2**31), 2)]),
+             2, "more than its bytes can hold"),
+        Case("huge_int_in_param_groups", lambda t, s: _torch_save(t, {"w": torch.zeros(2), "lr": 10**5000}), 2,
+             "integer of 16610 bits"),
+        Case("build_poisons_ordered_dict", lambda t, s: torch_zip(t, b"\x80\x02ccollections\nOrderedDict\nN}X\x0b"
+                                                                    b"\x00\x00\x00__setitem__c__builtin__\nset\ns\x86b."),
+             2, "malformed pickle"),
+        Case("dcp_version_not_numeric", lambda t, s: _dcp_version(t, "v2"), 2, "metadata version 'v2'"),
+        Case("dcp_version_huge_int", lambda t, s: _dcp_version(t, 10**5000), 2, "integer of 16610 bits"),
+        Case("dcp_version_a_list", lambda t, s: _dcp_version(t, [1, 0]), 2, "metadata version a list"),
         Case("config_invalid_json", lambda t, s: GOOD / "consolidated.pth", 2, "invalid JSON",
              config=Path("INVALID_JSON")),
         Case("config_heads_do_not_divide_dim", lambda t, s: GOOD / "consolidated.pth", 2, "does not divide dim",

@@ -278,7 +278,7 @@ def test_stack_global_on_computed_operands_is_unsafe(tmp_path: Path) -> None:
 
 # --- DCP metadata version ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("version", ["v2", ["1", "0"], 10**5000, "1.0.0; rm -rf"], ids=["v2", "list", "huge_int", "junk"])
+@pytest.mark.parametrize("version", ["v2", ["1", "0"], 3.0, "1.0.0; rm -rf"], ids=["v2", "list", "float", "junk"])
 def test_dcp_metadata_with_an_odd_version_is_one_line_exit_2(tmp_path: Path, version, capsys) -> None:
     from .hostile import dcp_copy, edit_metadata
 
