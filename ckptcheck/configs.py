@@ -286,6 +286,26 @@ def _meta_model_fields(cfg: ModelConfig, vocab_size: int | None) -> dict[str, An
     out.update(ffn_params(cfg.dim, cfg.ffn_dim))
     out.update({"norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "weight_tying": cfg.tie_embeddings})
     out.update({name: True for name in ("attention_bias", "mlp_bias") if getattr(cfg, name)})
+    if cfg.schema == "hf":
+        out.update(_hf_positions_as_meta(cfg))
+    return out
+
+
+def _hf_positions_as_meta(cfg: ModelConfig) -> dict[str, Any]:
+    """max_position_embeddings and rope_scaling as lingua/Meta spell them; a scaling Meta's use_scaled_rope
+    (Llama 3.1's fixed constants) cannot express is refused rather than silently dropped."""
+    out: dict[str, Any] = {}
+    if isinstance(cfg.raw.get("max_position_embeddings"), int):
+        out["max_seqlen"] = cfg.raw["max_position_embeddings"]
+    scaling = cfg.raw.get("rope_scaling")
+    if scaling:
+        same = isinstance(scaling, dict) and all(
+            scaling.get(k, scaling.get("type") if k == "rope_type" else None) == v
+            for k, v in LLAMA3_ROPE_SCALING.items())
+        if not same:
+            raise InputError(cfg.source, "field rope_scaling", f"{scaling!r} has no params.json equivalent "
+                             "(Meta's use_scaled_rope is Llama 3.1's scaling only); write --to hf or safetensors")
+        out["use_scaled_rope"] = True
     return out
 
 

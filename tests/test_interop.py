@@ -80,3 +80,35 @@ def test_a_written_config_describes_the_weights_as_written(tmp_path: Path) -> No
     loaded = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"))
     assert loaded.dtype == torch.float32
     assert main(["check", str(tmp_path / "hf")]) == 0
+
+
+def test_config_fields_survive_hf_to_params_and_back(tmp_path: Path) -> None:
+    """HF config -> params.json (a DCP conversion) -> config.json (back to hf): positions, Llama 3.1 rope
+    scaling, norm eps, tying and vocabulary read the same in transformers at the end."""
+    hf_cfg = json.loads((CONFIGS / "hf_config.json").read_text())
+    hf_cfg |= {"max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16",
+               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    (tmp_path / "config.json").write_text(json.dumps(hf_cfg))
+    convert(FIXTURES / "good" / "consolidated.pth", tmp_path / "dcp", to="dcp", naming="meta",
+            config=tmp_path / "config.json")
+    params = json.loads((tmp_path / "dcp" / "params.json").read_text())["model"]
+    assert params["max_seqlen"] == 4096 and params["use_scaled_rope"] is True
+    convert(tmp_path / "dcp", tmp_path / "hf", to="hf", config=tmp_path / "dcp" / "params.json")
+    back = transformers.AutoConfig.from_pretrained(str(tmp_path / "hf"))
+    before = transformers.AutoConfig.from_pretrained(str(tmp_path))
+    for name in ("max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "vocab_size", "rope_scaling",
+                 "hidden_size", "num_key_value_heads", "intermediate_size"):
+        assert getattr(back, name) == getattr(before, name), name
+
+
+def test_a_rope_scaling_params_json_cannot_express_is_refused(tmp_path: Path) -> None:
+    from ckptcheck.errors import InputError
+
+    hf_cfg = json.loads((CONFIGS / "hf_config.json").read_text())
+    hf_cfg["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
+    (tmp_path / "config.json").write_text(json.dumps(hf_cfg))
+    with pytest.raises(InputError, match="rope_scaling.*no params.json equivalent"):
+        convert(FIXTURES / "good" / "consolidated.pth", tmp_path / "dcp", to="dcp", naming="meta",
+                config=tmp_path / "config.json")
+    assert not (tmp_path / "dcp").exists()

@@ -14,6 +14,7 @@ import torch
 from ckptcheck.cli import main
 from ckptcheck.configs import load_config
 from ckptcheck.convert.api import convert
+from ckptcheck.diff import diff
 from ckptcheck.engine import Options, plan, run
 from ckptcheck.formats import open_checkpoint
 from ckptcheck.llama import streaming_logits
@@ -76,6 +77,7 @@ def test_biases_convert_to_meta_and_back_with_the_same_logits(biased, tmp_path: 
         assert {"layers.0.attention.wq.bias", "layers.0.attention.wk.bias", "layers.1.feed_forward.w2.bias"} \
             <= set(ckpt.manifest.tensors)
         _close(streaming_logits(ckpt, load_config(config), TOKENS), theirs)  # q/k bias rows permuted right
+    assert diff(folder, tmp_path / "meta.pth", config=config).equal  # diff maps bias names and rows too
     convert(tmp_path / "meta.pth", tmp_path / "hf", to="hf", config=config)
     _close(_load(tmp_path / "hf"), theirs)
 
