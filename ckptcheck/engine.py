@@ -40,8 +40,16 @@ class Options:
             if not self.roundtrip:
                 raise InputError(None, "--reshard", "needs --roundtrip")
             object.__setattr__(self, "reshard", reshard)
+        if self.roundtrip and self.metadata_only:
+            raise InputError(None, "--roundtrip", "loads every tensor into the sharded model; it cannot run with "
+                             "--metadata-only (drop one of the two)")
         if self.dtype is not None:
             object.__setattr__(self, "dtype", dtypes.canonical(self.dtype))
+
+    @property
+    def requested(self) -> tuple[str, ...]:
+        """Check categories asked for by an option: they run whatever the target's suite lists."""
+        return ("fsdp_roundtrip",) if self.roundtrip else ()
 
 
 def _world_sizes(value: tuple[int, ...] | str | None, flag: str) -> tuple[int, ...]:
@@ -85,7 +93,7 @@ class Session:
 
     @cached_property
     def suite(self) -> Suite:
-        return load_suite(self.options.target)
+        return load_suite(self.options.target).including(self.options.requested)
 
     @property
     def manifest(self) -> Manifest:

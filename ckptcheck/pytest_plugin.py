@@ -74,6 +74,8 @@ class CheckpointSession:
         self.config = config
         # Results by check id, from this process's items or, under xdist, from every worker's reports.
         self.results: dict[str, Any] = {}
+        self.matrix: Any = None  # --ckpt-matrix: matrix.MatrixRow per framework target
+        self.written: Any = None  # --ckpt-report: the path written
 
     @property
     def is_controller(self) -> bool:
@@ -96,20 +98,21 @@ class CheckpointSession:
         the_plan = plan(get("ckpt"), get("model_config"), options)  # metadata only: the header's facts
         the_plan.close()
         results = sort_results(list(self.results.values()))
-        rows = None
-        if get("matrix"):
-            from .matrix import compatibility_matrix
-
-            rows = compatibility_matrix(get("ckpt"), get("model_config"), options)
         return ReportData(the_plan.checkpoint_info, the_plan.config_info, options.target, results,
-                          summarize(results), rows)
+                          summarize(results), self.matrix)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        path = option_getter(self.config)("report")
-        if path and self.is_controller and self.results:
+        if not (self.is_controller and self.results):
+            return
+        get = option_getter(self.config)
+        if get("matrix"):  # shown in the summary, and in the report when one is asked for
+            from .matrix import compatibility_matrix
+
+            self.matrix = compatibility_matrix(get("ckpt"), get("model_config"), engine_options(get))
+        if get("report"):
             from .report.document import write
 
-            self.written = write(self._report_data(), path)
+            self.written = write(self._report_data(), get("report"))
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.results or not self.is_controller:
@@ -125,9 +128,13 @@ class CheckpointSession:
             terminalreporter.write_line(f"repair: {command}")
         if data.repairs and data.blocking:
             terminalreporter.write_line(f"(ckptcheck repair refuses while these fail: {', '.join(data.blocking)})")
-        written = getattr(self, "written", None)
-        if written:
-            terminalreporter.write_line(f"report: {written}")
+        if self.matrix is not None:
+            from .matrix import render_text
+
+            terminalreporter.write_line("compatibility matrix")
+            terminalreporter.write_line(render_text(self.matrix).rstrip("\n"))
+        if self.written:
+            terminalreporter.write_line(f"report: {self.written}")
 
     def pytest_report_header(self, config: pytest.Config) -> list[str]:
         from .engine import resolve_config_path

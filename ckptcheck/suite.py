@@ -6,15 +6,13 @@ and an installed wheel read the same files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from importlib import resources
 
 from .checks.model import CATEGORIES
 from .errors import InputError
-
-
-_UNSET = object()
 
 
 @dataclass(frozen=True)
@@ -30,6 +28,12 @@ class Suite:
     @property
     def is_framework(self) -> bool:
         return self.formats is not None
+
+    def including(self, categories: tuple[str, ...]) -> Suite:
+        """This suite plus categories the user asked for explicitly (``--roundtrip``): a request is never
+        dropped because a target does not list it."""
+        extra = tuple(c for c in categories if c not in self.categories)
+        return dataclasses.replace(self, categories=self.categories + extra) if extra else self
 
 
 def available() -> tuple[str, ...]:
