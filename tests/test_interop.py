@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # a dev dependency: this test runs in CI, never skips
 
 from ckptcheck.configs import load_config
 from ckptcheck.convert.api import convert
@@ -18,7 +19,6 @@ from ckptcheck.llama import streaming_logits
 
 from .writers import CONFIGS, FIXTURES
 
-transformers = pytest.importorskip("transformers")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TOKENS = torch.randint(0, 128, (24,), generator=torch.Generator().manual_seed(7))
 
