@@ -135,7 +135,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print("\n".join(report.lines()))
-    return EXIT_OK
+    return EXIT_FAIL if report.recheck_failed else EXIT_OK  # written, but its own config fails it
 
 
 def cmd_repair(args: argparse.Namespace) -> int:

@@ -211,7 +211,7 @@ def repair(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, config: 
     cfg_for_convert = session.config
     outcome.conversion = convert(src, dst, to=rp.to, naming=rp.naming, config=cfg_for_convert, dtype=rp.dtype,
                                  force=force, progress=progress, drop=rp.drop,
-                                 init_optimizer_state=rp.init_optimizer_state)
+                                 init_optimizer_state=rp.init_optimizer_state, recheck=False)
     # Judge the output as written: with the config the conversion wrote beside it, if it wrote one.
     after_config = outcome.conversion.config_written or session.config_arg
     after_plan = plan(Path(dst), after_config, options)

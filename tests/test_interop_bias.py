@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,18 @@ def test_repair_keeps_the_biases(biased, tmp_path: Path, capsys: pytest.CaptureF
     out = json.loads(capsys.readouterr().out)
     assert code == 0 and out["repaired"] and out["conversion"]["dropped"] == [], out
     _close(_load(tmp_path / "fixed"), theirs)
+
+
+def test_convert_rechecks_its_output_with_the_config_it_wrote(biased, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """Biased weights converted with a bias-free config: the written config.json would make transformers
+    drop the biases, and the re-check says so (exit 1) instead of reporting success."""
+    folder, _ = biased
+    code = main(["convert", str(folder), str(tmp_path / "hf"), "--to", "hf", "--model-config",
+                 str(CONFIGS / "hf_config.json")])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert f"re-checked with {tmp_path / 'hf' / 'config.json'}" in out
+    assert "FAIL unexpected_key[model.layers.0.self_attn.q_proj.bias]" in out
+    assert main(["convert", str(folder), str(tmp_path / "ok"), "--to", "hf"]) == 0
+    assert re.search(r"re-checked with .*: (\d+) of \1 checks pass", capsys.readouterr().out)

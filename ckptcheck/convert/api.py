@@ -42,6 +42,13 @@ class ConversionReport:
     config_written: str | None = None
     precision: dict[str, dict[str, float]] = field(default_factory=dict)
     optimizer_initialised: bool = False
+    # The output re-checked as written, with the config written beside it (metadata only: the values were
+    # verified against the input): {"config": path, "total": n, "failed": [{"id", "message"}]}.
+    recheck: dict[str, Any] | None = None
+
+    @property
+    def recheck_failed(self) -> bool:
+        return bool(self.recheck and self.recheck["failed"])
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -67,6 +74,11 @@ class ConversionReport:
                        f"{worst[1]['max_abs_error']:.3g} (in {worst[0]})")
         if self.config_written:
             out.append(f"  config: {self.config_written}")
+        if self.recheck is not None:
+            failed = self.recheck["failed"]
+            out.append(f"  re-checked with {self.recheck['config']}: {self.recheck['total'] - len(failed)} of "
+                       f"{self.recheck['total']} checks pass")
+            out += [f"  FAIL {f['id']}: {f['message']}" for f in failed]
         if self.optimizer_initialised:
             out.append("  NOTE: optimizer state was INITIALISED, not carried over: AdamW at step 0 with zero moments "
                        "for every parameter. Training that resumes from this restarts its optimizer.")
@@ -98,11 +110,13 @@ def convert(
     verify: bool = True,
     init_optimizer_state: bool = False,
     weights_only: bool = False,
+    recheck: bool = True,
 ) -> ConversionReport:
     """Convert ``src`` into ``dst``; raises ``InputError`` (nothing written) on any problem.
 
     ``verify=False`` is for callers that verify the output more thoroughly themselves before anyone
-    uses it (the FSDP round trip compares every shard it loads with the source).
+    uses it (the FSDP round trip compares every shard it loads with the source).  ``recheck=False`` is
+    for callers that run the full checks on the output themselves (repair).
     """
     from ..engine import resolve_config_path
 
@@ -157,6 +171,7 @@ def convert(
     precision = {k: {"max_abs_error": v.max_abs, "changed": v.changed, "elements": v.count}
                  for k, v in chunks.cast_stats.items()}
     return ConversionReport(
+        recheck=_recheck(dst_p, written_config) if recheck and written_config else None,
         src=str(src_p), dst=str(dst_p), to=fmt, naming=plan.dst_scheme.name, nesting=nesting,
         summary=plan.summary(),
         bytes_written=plan.total_bytes, bytes_verified=verified, seconds=time.perf_counter() - started,
@@ -209,6 +224,19 @@ def _write_config(fmt: str, staged: Path, dst: Path, cfg: ModelConfig | None, pl
         return str(dst / "config.json")
     (staged / "params.json").write_text(json.dumps(to_lingua_params(cfg, vocab), indent=2) + "\n")
     return str(dst / "params.json")
+
+
+def _recheck(dst: Path, config: str) -> dict[str, Any]:
+    """The checks on the output as written, with the config written beside it."""
+    from ..engine import Options, plan, run
+
+    the_plan = plan(dst, config, Options(metadata_only=True))
+    try:
+        results = run(the_plan)
+    finally:
+        the_plan.close()
+    failed = [{"id": r.id, "message": r.message} for r in results if r.status.value in ("fail", "unsafe")]
+    return {"config": config, "total": len(results), "failed": failed}
 
 
 def written_dtype(plan: ConversionPlan) -> str:
