@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -152,7 +153,11 @@ def test_an_unknown_tensor_is_kept_unless_named(tmp_path: Path, capsys: pytest.C
     assert main(args) == 1
     out = capsys.readouterr().out
     assert "drops only when named: layers.0.attention.adapter.weight" in out and not dst.exists()
-    assert main([*args, "--drop", "layers.0.attention.adapter.weight"]) == 0
+    results = run(plan(tmp_path / "in.pth", LINGUA, Options()))
+    (extra,) = [r for r in results if r.status.value == "fail"]
+    command = shlex.split(extra.repair.split("  (")[0])  # the command the failure names works as printed
+    assert command[-2:] == ["--drop", "layers.0.attention.adapter.weight"]
+    assert main(command[1:]) == 0
     assert "dropped layers.0.attention.adapter.weight: named with --drop" in capsys.readouterr().out
     assert main([*args, "--drop", "no.such.key", "--force"]) == 2
     assert "'no.such.key' is not a tensor of this checkpoint" in capsys.readouterr().err

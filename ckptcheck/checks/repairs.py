@@ -59,7 +59,8 @@ def cast(session: Session, dtype: str) -> str:
 
 
 def drop_key(session: Session, key: str) -> str:
-    return f"{command(session)}  (drops {key})"
+    """Named explicitly: a repair drops an extra tensor only when told to (it may be one the model has)."""
+    return f"{command(session, '--drop', key)}  (drops {key})"
 
 
 def fix_config(session: Session, assignments: dict[str, object]) -> str:
