@@ -93,7 +93,7 @@ def _apply(table: list[tuple[re.Pattern[str], str]], key: str) -> str | None:
     return None
 
 
-_COMMON_BUFFERS = ("rope.freqs", "freqs_cis", "layers.{i}.attention.inner_attention.rope.freqs")
+_COMMON_BUFFERS = ("rope.freqs", "rope.inv_freq", "freqs_cis", "layers.{i}.attention.inner_attention.rope.freqs")
 
 META = Scheme(
     name="meta",

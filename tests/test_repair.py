@@ -179,3 +179,16 @@ def test_a_trained_lm_head_under_another_name_is_not_advised_away(tmp_path: Path
     dst = tmp_path / "out.pth"
     assert main(["repair", str(tmp_path / "in.pth"), str(dst), "--model-config", LINGUA]) == 1
     assert "drops only when named: lm_head.weight" in capsys.readouterr().out and not dst.exists()
+
+
+def test_rotary_buffers_are_dropped_as_redundant_and_listed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    state = torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True)
+    state |= {"rope.freqs": torch.ones(4), "rope.inv_freq": torch.ones(4)}
+    torch.save(state, tmp_path / "in.pth")
+    dst = tmp_path / "out.pth"
+    assert main(["repair", str(tmp_path / "in.pth"), str(dst), "--model-config", LINGUA]) == 0
+    out = capsys.readouterr().out
+    assert "dropped rope.freqs: buffer" in out and "dropped rope.inv_freq: buffer" in out
+    assert not {"rope.freqs", "rope.inv_freq"} & torch_keys(dst)
