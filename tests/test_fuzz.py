@@ -94,3 +94,53 @@ def test_mutations_end_cleanly(target: str) -> None:
                 signal.signal(signal.SIGALRM, previous)
 
     check()
+
+
+# --- the opcode scanner against the real unpickler ------------------------------------------------------------
+
+def _s(text: str) -> bytes:
+    return b"\x8c" + bytes([len(text)]) + text.encode()
+
+
+# Strings a payload needs and decoys the allowlist holds, with the opcodes that move them around the stack
+# and memo (MARK, POP, POP_MARK, DUP, MEMOIZE, BINGET) and STACK_GLOBAL, which consumes two (protocol 4).
+_PIECES = [_s(t) for t in ("posix", "system", "collections", "OrderedDict")] + [
+    b"(", b"0", b"1", b"2", b"\x94", b"h\x00", b"h\x01", b"\x93",
+]
+
+
+def _globals_the_real_unpickler_resolves(data: bytes) -> list[tuple[str, str]]:
+    import io
+    import pickle
+
+    seen: list[tuple[str, str]] = []
+
+    class Recording(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> object:
+            seen.append((module, name))
+            return object
+
+    try:
+        Recording(io.BytesIO(data)).load()
+    except Exception:
+        pass
+    return seen
+
+
+@settings(max_examples=max(EXAMPLES * 200, 2000), deadline=None, derandomize=True, database=None)
+@given(program=st.lists(st.sampled_from(_PIECES), max_size=10))
+def test_scanner_sees_every_global_the_unpickler_resolves(program: list[bytes]) -> None:
+    """Whatever string, memo and stack tricks a pickle plays, a dangerous global the real unpickler would
+    import is reported as unsafe by the scanner that never loads it."""
+    from ckptcheck.errors import UnsafeInputError
+    from ckptcheck.formats.torch_pickle import TORCH_ALLOWLIST
+    from ckptcheck.safe_pickle import is_dangerous, scan_globals
+
+    data = b"\x80\x04" + b"".join(program) + b"."
+    resolved = _globals_the_real_unpickler_resolves(data)
+    dangerous = [g for g in resolved if g not in TORCH_ALLOWLIST and is_dangerous(*g)]
+    try:
+        scan_globals(data, path="fuzz", member="pickle", allowed=TORCH_ALLOWLIST)
+    except UnsafeInputError:
+        return
+    assert not dangerous, (data, dangerous)
