@@ -116,4 +116,5 @@ def ffn_params(dim: int, ffn_dim: int) -> dict[str, Any]:
             mult = round(ffn_dim / base, digits)
             if mult > 0 and ffn_hidden(dim, multiple_of, mult) == ffn_dim:
                 return {"multiple_of": multiple_of, "ffn_dim_multiplier": mult}
-    return {"multiple_of": 1, "ffn_dim_multiplier": ffn_dim / int(2 * (4 * dim) / 3)}
+    # Halfway into the integer: int(multiplier * base) lands on ffn_dim despite float rounding.
+    return {"multiple_of": 1, "ffn_dim_multiplier": (ffn_dim + 0.5) / int(2 * (4 * dim) / 3)}

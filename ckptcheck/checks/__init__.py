@@ -9,7 +9,8 @@ from .model import Check
 from .optimizer import plan_optimizer, plan_train_state
 from .roundtrip import plan_roundtrip
 from .state import plan_resume
-from .tensors import plan_config, plan_dtype, plan_finite, plan_shape
+from .config import plan_config
+from .tensors import plan_dtype, plan_finite, plan_shape
 from .version import plan_version
 
 if TYPE_CHECKING:

@@ -1,0 +1,213 @@
+"""Does the config describe these weights?  One check per config field.
+
+A field passes only when the checkpoint shows its value.  The weights show dim, layers, vocabulary,
+FFN width and tying; they fix n_heads × head_dim but not the split, so head fields pass only when a
+witness states head_dim (see ``corroborate``) and are otherwise reported as not verifiable.  Every
+repair is a config edit that, applied literally, makes its check pass (or the honest skip).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..corroborate import Witness, head_dim_witnesses
+from ..configs import ffn_hidden
+from ..infer import Inferred, ffn_params, infer_dims
+from . import repairs
+from .model import Check, Verdict
+
+if TYPE_CHECKING:
+    from ..configs import ModelConfig
+    from ..engine import Session
+
+# Fields the weights show directly: config field -> the Inferred attribute and its evidence key.
+SHOWN = {"dim": ("dim", "dim"), "n_layers": ("n_layers", "n_layers"), "vocab_size": ("vocab_size", "vocab_size"),
+         "ffn_dim": ("ffn_dim", "ffn_dim"), "tie_embeddings": ("tied", None)}
+HEADS = ("n_heads", "n_kv_heads", "head_dim")
+# head_dim has no check of its own: the n_heads and n_kv_heads checks compare n × head_dim with the rows.
+ORDER = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_embeddings")
+# Meta's params.json has no tying field: its loader always builds a separate output layer.
+NO_TYING_FIELD = ("meta",)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the checks compare the config with: the weights' dimensions and the head_dim witnesses."""
+
+    cfg: ModelConfig
+    inferred: Inferred
+    witnesses: tuple[Witness, ...]
+    q_name: str
+    k_name: str
+
+
+def plan_config(session: Session) -> list[Check]:
+    cfg = session.config
+    if cfg is None or session.spec.scheme.is_custom:
+        return []
+    display = {c: session.spec.display(c) for c in session.by_canonical}
+    inferred = infer_dims(session.by_canonical, display)
+    witnesses = head_dim_witnesses(session.manifest.tensors, inferred, session.ckpt_arg, cfg.source)
+    facts = Facts(cfg, inferred, tuple(witnesses), _tensor(inferred, "q_rows", "wq"), _tensor(inferred, "kv_rows", "wk"))
+
+    def make(name: str):
+        return lambda: repair_with(session, evaluate(facts, name))
+
+    return [Check("config", name, make(name)) for name in ORDER]
+
+
+def _tensor(inferred: Inferred, dim: str, fallback: str) -> str:
+    """The tensor a dimension was read from ("layers.0.attention.wq.weight")."""
+    return inferred.evidence.get(dim, fallback).split(" [")[0]
+
+
+def repair_with(session: Session, verdict: tuple[Verdict, dict[str, object] | str | None]) -> Verdict:
+    """Word the verdict's config edit as ``repairs.fix_config`` does (or keep a non-edit repair)."""
+    v, fix = verdict
+    if isinstance(fix, dict):
+        fix = repairs.fix_config(session, fix)
+    return Verdict.fail(v.message, expected=v.expected, obtained=v.obtained, repair=fix) if fix else v
+
+
+def evaluate(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | None]:
+    """The verdict for one field, with the config edit that fixes a failure."""
+    if name in ("n_heads", "n_kv_heads"):
+        return _heads(facts, name)
+    return _shown(facts, name)
+
+
+def _shown(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | None]:
+    cfg, inferred = facts.cfg, facts.inferred
+    attr, ev_key = SHOWN[name]
+    configured, weights = getattr(cfg, name), getattr(inferred, attr)
+    field = cfg.field_name(name)
+    if configured is None:
+        return Verdict.skip(f"the config leaves {field} to the tokenizer"), None
+    if weights is None:
+        return Verdict.skip(f"the weights do not show {name} (the tensor it is read from is missing)"), None
+    evidence = inferred.evidence.get(ev_key, "") if ev_key else (
+        "output.weight absent or sharing the embeddings' storage" if weights else "a separate output.weight")
+    if configured == weights:
+        return Verdict.ok(f"{field} = {_json(configured)}, as the weights show ({evidence})",
+                          expected=_json(configured), obtained=_json(weights)), None
+    verdict = Verdict.fail(f"config field {field} is {_json(configured)} but the weights imply {_json(weights)} "
+                           f"({evidence})", expected=_json(configured), obtained=_json(weights))
+    if name == "tie_embeddings" and cfg.schema in NO_TYING_FIELD:
+        return verdict, ("a Meta params.json cannot state tied embeddings (Meta's loader always reads a separate "
+                         "output.weight): check against a lingua params.json with weight_tying: true, or a "
+                         "config.json with tie_word_embeddings: true")
+    fix: dict[str, object] = {name: weights}
+    if name == "ffn_dim" and cfg.schema != "hf" and inferred.dim not in (None, cfg.dim):
+        fix["dim"] = inferred.dim  # a Meta/lingua FFN width is computed from dim: fix both or neither holds
+    return verdict, _fields(facts, fix)
+
+
+def _heads(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | None]:
+    cfg, q, k = facts.cfg, facts.inferred.q_rows, facts.inferred.kv_rows
+    field = cfg.field_name(name)
+    if q is None or k is None:
+        return Verdict.skip(f"the weights do not show {name} ({facts.q_name} or {facts.k_name} is missing)"), None
+    hd = cfg.head_dim
+    configured = getattr(cfg, name)
+    rows_of = {"n_heads": (q, facts.q_name), "n_kv_heads": (k, facts.k_name)}
+    rows, tensor = rows_of[name]
+    mismatch = configured * hd != rows
+    why = (f"{field} × head_dim = {configured} × {hd} = {configured * hd}, but {tensor} has {rows} rows"
+           + _implicit_note(cfg))
+    if mismatch:
+        return (Verdict.fail(why, expected=_json(configured), obtained=f"{q} / {k} rows"),
+                _fields(facts, _head_fix(facts)))
+    for w in facts.witnesses:
+        shown = rows // w.head_dim
+        if shown != configured:
+            return (Verdict.fail(f"config field {field} is {configured} but {w.source} shows head_dim "
+                                 f"{w.head_dim}, so {name} = {shown}", expected=configured, obtained=shown),
+                    _fields(facts, _head_fix(facts)))
+    if facts.witnesses:
+        sources = " and ".join(w.source for w in facts.witnesses)
+        return Verdict.ok(f"{field} = {configured}, as {sources} shows with the q/k rows",
+                          expected=configured, obtained=configured), None
+    return Verdict.skip(_unverifiable(facts, name)), None
+
+
+def _implicit_note(cfg: ModelConfig) -> str:
+    stated = _stated(cfg, "head_dim")
+    return "" if stated else f" (the config states no head_dim, so it is dim / n_heads = {cfg.head_dim})"
+
+
+def _unverifiable(facts: Facts, name: str) -> str:
+    cfg, q, k = facts.cfg, facts.inferred.q_rows, facts.inferred.kv_rows
+    assert q is not None and k is not None
+    splits = [f"{q // hd} × {hd}" for hd in _fitting_head_dims(q, k, cfg.head_dim)]
+    return (f"{cfg.field_name(name)} = {getattr(cfg, name)} cannot be verified: the weights fix only heads × head_dim "
+            f"({facts.q_name} has {q} rows: {' or '.join(splits)}), and nothing in or beside the checkpoint states "
+            f"head_dim (rope.freqs, q/k norms, a saved params.json or config.json); conversions will assume "
+            f"head_dim = {cfg.head_dim}")
+
+
+def _fitting_head_dims(q: int, k: int, first: int, most: int = 3) -> list[int]:
+    """The config's head_dim, then other head sizes that split both q and k rows into whole heads."""
+    others = [h for h in range(math.gcd(q, k), 0, -1)
+              if h != first and q % h == 0 and k % h == 0 and (q // h) % (k // h) == 0]
+    return [first, *others[: most - 1]]
+
+
+def target_split(facts: Facts) -> tuple[int, int, int]:
+    """(n_heads, n_kv_heads, head_dim) a fix should state: a witness's head_dim, else the config's own
+    statements in order of how explicit they are (a stated head_dim, n_heads, n_kv_heads)."""
+    cfg, q, k = facts.cfg, facts.inferred.q_rows, facts.inferred.kv_rows
+    assert q is not None and k is not None
+    candidates = [w.head_dim for w in facts.witnesses]
+    if _stated(cfg, "head_dim"):
+        candidates.append(cfg.head_dim)
+    candidates += [q // cfg.n_heads if q % cfg.n_heads == 0 else 0,
+                   k // cfg.n_kv_heads if k % cfg.n_kv_heads == 0 else 0, cfg.head_dim]
+    hd = next((h for h in candidates if h and q % h == 0 and k % h == 0), math.gcd(q, k))
+    return q // hd, k // hd, hd
+
+
+def _head_fix(facts: Facts) -> dict[str, object]:
+    """The head fields that change (the implicit ones they move are added by ``_fields``)."""
+    cfg = facts.cfg
+    target = dict(zip(HEADS, target_split(facts), strict=True))
+    return {name: value for name, value in target.items() if value != getattr(cfg, name)}
+
+
+def _fields(facts: Facts, fix: dict[str, object]) -> dict[str, object]:
+    """A fix as assignments to the config file's own fields, with every implicit field it would move pinned:
+    n_kv_heads defaults to n_heads, head_dim to dim / n_heads, and a Meta/lingua FFN width is computed from
+    dim.  Each fix then holds alone and together with the other checks' fixes."""
+    cfg, inferred = facts.cfg, facts.inferred
+    out = dict(fix)
+    heads_known = inferred.q_rows is not None and inferred.kv_rows is not None
+    _, kv, hd = target_split(facts) if heads_known else (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+    new_heads = int(out.get("n_heads", cfg.n_heads))  # type: ignore[call-overload]
+    if "n_heads" in out and "n_kv_heads" not in out and not _stated(cfg, "n_kv_heads"):
+        out["n_kv_heads"] = kv
+    # head_dim must hold with this fix alone and with the dim check's fix too.
+    dims = {int(out.get("dim", cfg.dim)), inferred.dim or cfg.dim}  # type: ignore[call-overload]
+    if ("dim" in out or "n_heads" in out) and "head_dim" not in out and not _stated(cfg, "head_dim") and any(
+            d % new_heads or d // new_heads != hd for d in dims):
+        out["head_dim"] = hd
+    if cfg.schema != "hf":
+        section = cfg.raw.get("model", {}) if cfg.schema == "lingua" else cfg.raw
+        ffn = int(out.pop("ffn_dim", inferred.ffn_dim or cfg.ffn_dim))  # type: ignore[call-overload]
+        new_dim = int(out.get("dim", cfg.dim))  # type: ignore[call-overload]
+        if "ffn_dim" in fix or ("dim" in out and ffn_hidden(
+                new_dim, section.get("multiple_of", 256), section.get("ffn_dim_multiplier")) != ffn):
+            out.update(ffn_params(new_dim, ffn))
+    prefix = "model." if cfg.schema == "lingua" else ""
+    return {cfg.field_name(k) if k in cfg.fields else prefix + k: v for k, v in out.items()}
+
+
+def _stated(cfg: ModelConfig, name: str) -> bool:
+    """Whether the config file states the field (rather than leaving it to a default)."""
+    section = cfg.raw.get("model") if cfg.schema == "lingua" else cfg.raw
+    return isinstance(section, dict) and cfg.field_name(name).split(".")[-1] in section
+
+
+def _json(value: object) -> str:
+    return json.dumps(value)

@@ -1,0 +1,105 @@
+"""Witnesses of the head split.  Shapes fix n_heads × head_dim and n_kv_heads × head_dim, never the
+split itself, so head counts are verified only when something else in or beside the checkpoint
+states head_dim: a rotary buffer, a per-head q/k norm, or a config the training run saved there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .configs import CONFIG_NAMES, ModelConfig, load_config
+from .errors import InputError
+from .infer import Inferred
+from .manifest import TensorInfo
+
+# Stored-key suffix -> (dimension of the shape that holds head_dim / 2, or -1 for a per-head norm, ndim).
+# Meta's rope.freqs and HF's rotary inv_freq are [head_dim / 2]; freqs_cis is [seq, head_dim / 2, ...].
+_WEIGHT_WITNESSES = (
+    ("rope.freqs", 0, 1), ("rotary_emb.inv_freq", 0, 1), ("freqs_cis", 1, 0),
+    ("q_norm.weight", -1, 1), ("k_norm.weight", -1, 1),
+)
+# How far above the checkpoint saved configs are looked for: its folder and one more (a lingua step
+# folder keeps params.json; its consolidated/ subfolder another).
+_CONFIG_LEVELS = 2
+
+
+@dataclass(frozen=True)
+class Witness:
+    head_dim: int
+    source: str  # "rope.freqs [4]", "the params.json saved at <path>"
+
+
+def head_dim_witnesses(tensors: Mapping[str, TensorInfo], inferred: Inferred, ckpt: str | os.PathLike[str],
+                       tested: str | None) -> list[Witness]:
+    """Every witness of head_dim that fits the weights' q/k rows; the tested config is not its own witness."""
+    q, k = inferred.q_rows, inferred.kv_rows
+    if q is None or k is None:
+        return []
+    found = [*_from_weights(tensors, q, k), *_from_saved_configs(ckpt, tested, inferred)]
+    return [w for w in found if w.head_dim > 0 and q % w.head_dim == 0 and k % w.head_dim == 0]
+
+
+def _from_weights(tensors: Mapping[str, TensorInfo], q: int, k: int) -> list[Witness]:
+    out: list[Witness] = []
+    for key, info in tensors.items():
+        for suffix, axis, ndim in _WEIGHT_WITNESSES:
+            if not key.endswith(suffix) or (ndim and len(info.shape) != ndim) or len(info.shape) <= max(axis, 0):
+                continue
+            if axis < 0:  # a norm over one head; a norm over the whole projection says nothing
+                rows = q if suffix.startswith("q") else k
+                if info.shape[0] >= rows:
+                    continue
+                head_dim = info.shape[0]
+            else:
+                head_dim = 2 * info.shape[axis]
+            out.append(Witness(head_dim, f"{key} {list(info.shape)}"))
+            break
+    return out
+
+
+def saved_configs(ckpt: str | os.PathLike[str], tested: str | None) -> list[Path]:
+    """Configs in the checkpoint's folder and the one above it, other than the config under test."""
+    p = Path(ckpt)
+    if p.name == ".metadata":
+        p = p.parent
+    folder = p if p.is_dir() else p.parent
+    out = []
+    for level in range(_CONFIG_LEVELS):
+        for name in CONFIG_NAMES:
+            candidate = folder / name
+            if candidate.is_file() and not (tested and _same(candidate, Path(tested))):
+                out.append(candidate)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    return out
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False
+
+
+def _from_saved_configs(ckpt: str | os.PathLike[str], tested: str | None, inferred: Inferred) -> list[Witness]:
+    out = []
+    for path in saved_configs(ckpt, tested):
+        cfg = _describes(path, inferred)
+        if cfg is not None:
+            out.append(Witness(cfg.head_dim, f"the config saved at {path} (head_dim {cfg.head_dim})"))
+    return out
+
+
+def _describes(path: Path, inferred: Inferred) -> ModelConfig | None:
+    """The saved config when it describes these weights (a config of another model witnesses nothing)."""
+    try:
+        cfg = load_config(path)
+    except InputError:
+        return None
+    fits = (inferred.dim in (None, cfg.dim) and cfg.n_heads * cfg.head_dim == inferred.q_rows
+            and cfg.n_kv_heads * cfg.head_dim == inferred.kv_rows)
+    return cfg if fits else None

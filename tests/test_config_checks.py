@@ -1,0 +1,108 @@
+"""Config checks pass only on evidence: a head split nothing corroborates is reported, not passed; a witness
+(a saved config, rope.freqs) decides it; contradictions still fail, with advice that holds when applied."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ckptcheck.checks.model import CheckResult, Status
+from ckptcheck.configs import load_config
+from ckptcheck.engine import Options, plan, run
+from ckptcheck.naming import HF
+from ckptcheck.synth import in_scheme, random_state_dict
+
+from .writers import FIXTURES
+
+TRUE = {"model": {"dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 16, "multiple_of": 16}}
+# 8 heads / 4 KV heads of size 4 fill the same rows: every shape agrees with the 4 / 2 model.
+EIGHT_HEADS = {"model": {**TRUE["model"], "n_heads": 8, "n_kv_heads": 4}}
+
+
+def _model(folder: Path, params: dict, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder.parent / "truth.json").write_text(json.dumps(params))
+    state = random_state_dict(load_config(folder.parent / "truth.json"), seed=1)
+    torch.save({**state, **(extra or {})}, folder / "consolidated.pth")
+    return folder / "consolidated.pth"
+
+
+def _config(path: Path, params: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(params))
+    return path
+
+
+def _results(ckpt: Path, config: Path | None) -> dict[str, CheckResult]:
+    the_plan = plan(ckpt, config, Options(metadata_only=True))
+    try:
+        return {r.id: r for r in run(the_plan)}
+    finally:
+        the_plan.close()
+
+
+def test_a_head_count_the_weights_cannot_decide_is_reported_not_passed(tmp_path: Path) -> None:
+    ckpt = _model(tmp_path / "ckpt", TRUE)
+    results = _results(ckpt, _config(tmp_path / "cfg" / "params.json", EIGHT_HEADS))
+    for key in ("n_heads", "n_kv_heads"):
+        r = results[f"config[{key}]"]
+        assert r.status is Status.SKIP, r.message
+        assert "cannot be verified" in r.message and "8 × 4 or 2 × 16 or 4 × 8" in r.message
+        assert "conversions will assume head_dim = 4" in r.message
+    assert not [r.id for r in results.values() if r.status is Status.FAIL]
+
+
+def test_a_config_saved_beside_the_checkpoint_decides_the_head_split(tmp_path: Path) -> None:
+    ckpt = _model(tmp_path / "ckpt", TRUE)
+    _config(tmp_path / "ckpt" / "params.json", TRUE)  # what the training run saved
+    wrong = _config(tmp_path / "cfg" / "params.json", EIGHT_HEADS)
+    r = _results(ckpt, wrong)["config[n_heads]"]
+    assert r.status is Status.FAIL
+    assert f"{tmp_path / 'ckpt' / 'params.json'}" in r.message and "so n_heads = 4" in r.message
+    assert r.repair == (f"set model.n_heads = 4 and model.n_kv_heads = 2 and model.head_dim = 8 in {wrong}, "
+                        "if the weights are the model you meant")
+    right = _results(ckpt, _config(tmp_path / "cfg2" / "params.json", TRUE))
+    assert right["config[n_heads]"].status is Status.PASS and right["config[n_kv_heads]"].status is Status.PASS
+
+
+def test_the_config_under_test_is_not_its_own_witness() -> None:
+    results = _results(FIXTURES / "good" / "dcp", None)  # checked against its own params.json
+    assert results["config[n_heads]"].status is Status.SKIP
+
+
+def test_rope_freqs_decides_the_head_split(tmp_path: Path) -> None:
+    ckpt = _model(tmp_path / "ckpt", TRUE, {"rope.freqs": torch.ones(4)})  # head_dim 8
+    wrong = _results(ckpt, _config(tmp_path / "cfg" / "params.json", EIGHT_HEADS))["config[n_kv_heads]"]
+    assert wrong.status is Status.FAIL and "rope.freqs [4] shows head_dim 8" in wrong.message
+    right = _results(ckpt, _config(tmp_path / "cfg2" / "params.json", TRUE))["config[n_heads]"]
+    assert right.status is Status.PASS and "rope.freqs" in right.message
+
+
+def test_head_counts_that_contradict_the_rows_still_fail(tmp_path: Path) -> None:
+    ckpt = _model(tmp_path / "ckpt", TRUE)
+    bad = {"model": {**TRUE["model"], "n_heads": 2, "n_kv_heads": 2, "head_dim": 8}}
+    results = _results(ckpt, _config(tmp_path / "cfg" / "params.json", bad))
+    assert results["config[n_heads]"].status is Status.FAIL
+    assert "model.n_heads × head_dim = 2 × 8 = 16, but layers.0.attention.wq.weight has 32 rows" in (
+        results["config[n_heads]"].message)
+
+
+def test_missing_head_dim_advice_pins_head_dim(tmp_path: Path) -> None:
+    """The issue's case: wq has twice dim's rows and the config states no head_dim.  Setting only the head
+    count moved the implicit head_dim (dim / n_heads) and the check failed again with a new count."""
+    ckpt_dir = tmp_path / "ckpt"
+    ckpt_dir.mkdir()
+    truth = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 8,
+             "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 16, "intermediate_size": 64}
+    cfg = load_config(_config(tmp_path / "truth" / "config.json", truth))
+    torch.save(in_scheme(random_state_dict(cfg, seed=2), HF, cfg), ckpt_dir / "model.pth")
+    given = {k: v for k, v in truth.items() if k != "head_dim"} | {"num_attention_heads": 4}
+    config = _config(tmp_path / "cfg" / "config.json", given)
+    r = _results(ckpt_dir / "model.pth", config)["config[n_heads]"]
+    assert r.status is Status.FAIL
+    assert r.repair == f"set num_key_value_heads = 1 and head_dim = 16 in {config}, if the weights are the model you meant"
+    config.write_text(json.dumps(given | {"num_key_value_heads": 1, "head_dim": 16}))
+    after = _results(ckpt_dir / "model.pth", config)
+    assert after["config[n_heads]"].status is Status.SKIP and after["config[n_kv_heads]"].status is Status.SKIP
