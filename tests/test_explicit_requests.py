@@ -58,3 +58,18 @@ def test_plugin_matrix_without_a_report_is_shown(pytester: pytest.Pytester) -> N
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["compatibility matrix", "target *naming*", "lingua_init    ok  lingua: *",
                                  "torchtitan     FAIL  *", "*repair: ckptcheck repair * --target torchtitan *"])
+
+
+@pytest.mark.slow
+def test_lingua_resume_trips_the_optimizer_state() -> None:
+    """Every resume target, not only the one named ``resume``, sends AdamW state through the round trip."""
+    the_plan = plan(DCP, None, Options(target="lingua_resume", roundtrip="1"))
+    try:
+        (trip,) = [c for c in the_plan.checks if c.category == "fsdp_roundtrip"]
+        params = sum(c.category == "key_present" for c in the_plan.checks)
+        result = trip.run()
+    finally:
+        the_plan.close()
+    assert result.status.value == "pass", result.message
+    # each parameter, then its step, exp_avg and exp_avg_sq (the model alone: one shard per parameter)
+    assert f" {4 * params} shards compared" in result.message, result.message

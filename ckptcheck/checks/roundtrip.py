@@ -25,10 +25,8 @@ def _trip(session: Session, world: int, reshard: int | None):
     def evaluate() -> Verdict:
         from ..roundtrip.launch import roundtrip
 
-        if session.options.metadata_only:
-            return Verdict.skip("round trip not run (--metadata-only)")
         result = roundtrip(session.ckpt_arg, config=session.config_arg, world_size=world, reshard_to=reshard,
-                           optimizer=session.options.target == "resume", factory=session.options.model_factory)
+                           optimizer="optimizer_state" in session.suite.categories, factory=session.options.model_factory)
         lines = [t.summary() for t in result.trips]
         details = {"trips": [{"world_size": t.world_size, "seconds": round(t.seconds, 2),
                               "peak_rss_per_rank": t.peak_rss, "ok": t.ok} for t in result.trips]}
