@@ -73,3 +73,11 @@ def test_lingua_resume_trips_the_optimizer_state() -> None:
     assert result.status.value == "pass", result.message
     # each parameter, then its step, exp_avg and exp_avg_sq (the model alone: one shard per parameter)
     assert f" {4 * params} shards compared" in result.message, result.message
+
+
+def test_matrix_rows_do_not_rerun_the_roundtrip() -> None:
+    """The matrix asks which frameworks load this layout; the round trip belongs to the run's own target."""
+    from ckptcheck.matrix import compatibility_matrix
+
+    rows = compatibility_matrix(DCP, None, Options(target="init", roundtrip="1,2", reshard="2"))
+    assert rows and all("fsdp_roundtrip" not in row.cells for row in rows)
