@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .errors import CkptError, UnsafeInputError
+from .errors import CkptError, InputError, UnsafeInputError
 from .convert.api import OUTPUT_FORMATS
 from .options import CHECK_OPTIONS, DTYPE, MODEL_CONFIG, MODEL_FACTORY, TARGET, add_options, engine_options
 from .streams import guarded_streams
@@ -104,7 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("ckpt", metavar="CKPT", help=CHECK_OPTIONS[0].help)
     inspect.add_argument("--format", choices=("text", "json"), default="text")
     inspect.add_argument("--params", choices=("lingua", "meta"),
-                         help="print only the config inferred from the weights, as that params.json")
+                         help="print only the config the weights show, as that params.json; the head split needs "
+                              "a witness (a config saved beside the checkpoint, rope.freqs) or --n-heads, "
+                              "--n-kv-heads or --head-dim")
+    for flag, what in (("--n-heads", "attention heads"), ("--n-kv-heads", "key/value heads"),
+                       ("--head-dim", "the size of one head")):
+        inspect.add_argument(flag, type=int, metavar="N",
+                             help=f"{what}: the weights fix only heads × head_dim, not the split")
     inspect.add_argument("--debug", action="store_true", help="show tracebacks")
     inspect.set_defaults(func=cmd_inspect)
     return parser
@@ -249,8 +255,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .corroborate import head_dim_witnesses
     from .formats import open_checkpoint
-    from .infer import guess_params, infer_dims
+    from .infer import infer_dims
     from .naming import map_keys
     from .report.text import human_bytes
 
@@ -259,12 +266,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         mapping = map_keys(m.tensors)
         by_canonical = {c: m.tensors[s] for s, c in mapping.canonical.items()}
         inferred = infer_dims(by_canonical)
-        params = guess_params(inferred)
-    if args.params == "lingua":
-        print(json.dumps({"model": params}, indent=2))
-        return EXIT_OK
-    if args.params == "meta":
-        print(json.dumps({k: v for k, v in params.items() if k != "weight_tying"}, indent=2))
+        witnesses = head_dim_witnesses(m.tensors, inferred, args.ckpt, None)
+    params, note = _inspect_params(args, inferred, witnesses)
+    if args.params:
+        if note:
+            raise InputError(args.ckpt, None, f"no params.json written: {note}")
+        saved = next((w.config for w in witnesses if w.config is not None), None)
+        if saved is None:
+            print("ckptcheck: norm_eps and rope_theta are not in the weights and are left out (lingua and Meta then "
+                  "use 1e-5 and 10000.0): add the training run's values", file=sys.stderr)
+        else:
+            params.update(norm_eps=saved.norm_eps, rope_theta=saved.rope_theta)
+        if args.params == "meta":
+            params.pop("weight_tying", None)
+        print(json.dumps({"model": params} if args.params == "lingua" else params, indent=2))
         return EXIT_OK
     doc: dict[str, Any] = {
         "path": args.ckpt, "format": m.format, "naming": mapping.scheme.name, "naming_title": mapping.scheme.title,
@@ -273,7 +288,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "tensors": [{"key": t.key, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes,
                      **({"alias_of": t.alias_of} if t.alias_of else {})} for t in m.tensors.values()],
         "extra_tensors": len(m.extra_tensors), "inferred_params": params,
-        "inferred_params_note": "head counts are guessed from common head sizes: shapes fix only n_heads*head_dim",
+        "inferred_params_note": note or "head split from " + ", ".join(_head_sources(args, witnesses)),
     }
     if args.format == "json":
         print(json.dumps(doc, indent=2))
@@ -297,8 +312,37 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print()
     print(f"total       {len(m.tensors)} tensors, {human_bytes(m.total_bytes)}")
     print("inferred    " + json.dumps(params))
-    print("            (head counts guessed from common head sizes; --params lingua|meta prints a params.json)")
+    print(f"            ({doc['inferred_params_note']}; --params lingua|meta prints a params.json)")
     return EXIT_OK
+
+
+_HEAD_FLAGS = (("--n-heads", "n_heads"), ("--n-kv-heads", "n_kv_heads"), ("--head-dim", "head_dim"))
+
+
+def _head_sources(args: argparse.Namespace, witnesses: list[Any]) -> list[str]:
+    return [flag for flag, name in _HEAD_FLAGS if getattr(args, name) is not None] + [w.source for w in witnesses]
+
+
+def _inspect_params(args: argparse.Namespace, inferred: Any, witnesses: list[Any]) -> tuple[dict[str, Any], str]:
+    """The params the weights show, with the head split only when stated (flags) or witnessed; else the
+    params without it and why.  Head counts given that do not fit the weights are an input error."""
+    from .infer import split_heads, weights_params
+
+    q, k = inferred.q_rows, inferred.kv_rows
+    stated = [(flag, name, getattr(args, name)) for flag, name in _HEAD_FLAGS if getattr(args, name) is not None]
+    stated += [(w.source, "head_dim", w.head_dim) for w in witnesses]
+    if q is None or k is None:
+        return weights_params(inferred, None), "the checkpoint has no wq/wk weight to size the heads from"
+    if not stated:
+        return weights_params(inferred, None), (
+            f"the weights fix only n_heads × head_dim = {q} and n_kv_heads × head_dim = {k}, and nothing in or "
+            "beside the checkpoint states head_dim: pass --n-heads, --n-kv-heads or --head-dim "
+            "(from the training run's config)")
+    try:
+        split = split_heads(q, k, stated)
+    except ValueError as exc:
+        raise InputError(args.ckpt, None, f"the head split does not fit the weights: {exc}") from None
+    return weights_params(inferred, split), ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

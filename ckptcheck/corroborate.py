@@ -29,7 +29,8 @@ _CONFIG_LEVELS = 2
 @dataclass(frozen=True)
 class Witness:
     head_dim: int
-    source: str  # "rope.freqs [4]", "the params.json saved at <path>"
+    source: str  # "rope.freqs [4]", "the config saved at <path> (head_dim 8)"
+    config: ModelConfig | None = None  # the saved config, when the witness is one
 
 
 def head_dim_witnesses(tensors: Mapping[str, TensorInfo], inferred: Inferred, ckpt: str | os.PathLike[str],
@@ -90,7 +91,7 @@ def _from_saved_configs(ckpt: str | os.PathLike[str], tested: str | None, inferr
     for path in saved_configs(ckpt, tested):
         cfg = _describes(path, inferred)
         if cfg is not None:
-            out.append(Witness(cfg.head_dim, f"the config saved at {path} (head_dim {cfg.head_dim})"))
+            out.append(Witness(cfg.head_dim, f"the config saved at {path} (head_dim {cfg.head_dim})", cfg))
     return out
 
 

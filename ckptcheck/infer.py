@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .configs import ffn_hidden
 from .manifest import TensorInfo
 from .naming import layer_of
-
-# Head sizes seen in Llama-family models, most common first; used only to guess heads for inspect.
-_HEAD_DIM_GUESSES = (128, 64, 256, 96, 80, 160, 32, 16, 8)
-
 
 @dataclass(frozen=True)
 class Inferred:
@@ -75,30 +70,50 @@ def infer_dims(tensors: Mapping[str, TensorInfo], display: Mapping[str, str] | N
     return Inferred(dim, n_layers, vocab, ffn, q, kv, tied, ev)
 
 
-def guess_params(inf: Inferred) -> dict[str, Any]:
-    """A Meta-style params dict that reproduces the inferred shapes; head counts are a guess.
+@dataclass(frozen=True)
+class HeadSplit:
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
 
-    Shapes fix n_heads * head_dim and n_kv_heads * head_dim, not the split, so head_dim is guessed
-    from common sizes; the caller must say so.
-    """
+
+def split_heads(q_rows: int, kv_rows: int, stated: Iterable[tuple[str, str, int]]) -> HeadSplit:
+    """The split fixed by ``stated`` (who says it, "n_heads"/"n_kv_heads"/"head_dim", value): every
+    statement must fit the rows and agree with the others, or ValueError says which does not."""
+    sizes: dict[str, int] = {}
+    for source, field_name, value in stated:
+        rows = kv_rows if field_name == "n_kv_heads" else q_rows
+        if value <= 0 or (field_name != "head_dim" and rows % value):
+            raise ValueError(f"{source} = {value} does not divide the {rows} rows of "
+                             f"{'wk' if field_name == 'n_kv_heads' else 'wq'}")
+        sizes[source] = value if field_name == "head_dim" else rows // value
+    if not sizes:
+        raise ValueError("no head count or head size is given")
+    if len(set(sizes.values())) > 1:
+        raise ValueError("they disagree: " + ", ".join(f"{s} means head_dim {h}" for s, h in sizes.items()))
+    head_dim = next(iter(sizes.values()))
+    if q_rows % head_dim or kv_rows % head_dim or (q_rows // head_dim) % (kv_rows // head_dim):
+        raise ValueError(f"head_dim {head_dim} does not split wq's {q_rows} rows and wk's {kv_rows} rows into "
+                         "whole heads, n_kv_heads dividing n_heads")
+    return HeadSplit(q_rows // head_dim, kv_rows // head_dim, head_dim)
+
+
+def weights_params(inf: Inferred, heads: HeadSplit | None) -> dict[str, Any]:
+    """A Meta-style params dict with what the weights show, and the head split a witness or the user gave
+    (left out when None: the weights alone never decide it)."""
     params: dict[str, Any] = {}
     if inf.dim is not None:
         params["dim"] = inf.dim
     if inf.n_layers is not None:
         params["n_layers"] = inf.n_layers
-    if inf.q_rows and inf.kv_rows:
-        head_dim = next((h for h in _HEAD_DIM_GUESSES if inf.q_rows % h == 0 and inf.kv_rows % h == 0),
-                        math.gcd(inf.q_rows, inf.kv_rows))
-        params["n_heads"] = inf.q_rows // head_dim
-        params["n_kv_heads"] = inf.kv_rows // head_dim
-        if inf.dim is not None and head_dim * params["n_heads"] != inf.dim:
-            params["head_dim"] = head_dim
+    if heads is not None:
+        params["n_heads"], params["n_kv_heads"] = heads.n_heads, heads.n_kv_heads
+        if inf.dim is None or heads.head_dim * heads.n_heads != inf.dim:
+            params["head_dim"] = heads.head_dim
     if inf.vocab_size is not None:
         params["vocab_size"] = inf.vocab_size
     if inf.dim is not None and inf.ffn_dim is not None:
         params.update(ffn_params(inf.dim, inf.ffn_dim))
-    params["norm_eps"] = 1e-5
-    params["rope_theta"] = 10000.0
     if inf.tied is not None:
         params["weight_tying"] = inf.tied
     return params

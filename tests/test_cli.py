@@ -102,7 +102,7 @@ def test_inspect_prints_table_and_inferred_params(capsys: pytest.CaptureFixture[
 
 
 def test_inspect_params_reproduce_the_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert main(["inspect", GOOD, "--params", "lingua"]) == 0
+    assert main(["inspect", GOOD, "--params", "lingua", "--n-heads", "4", "--n-kv-heads", "2"]) == 0
     params = tmp_path / "params.json"
     params.write_text(capsys.readouterr().out)
     assert main(["check", GOOD, "--model-config", str(params), "--metadata-only"]) == 0

@@ -1,0 +1,88 @@
+"""``inspect --params`` writes only what the evidence shows: head counts come from a witness (a config saved
+beside the checkpoint, rope.freqs) or the user's flags, never from a guess; without them it refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptcheck.cli import main
+from ckptcheck.configs import load_config
+from ckptcheck.synth import random_state_dict
+
+# The issue's model: 4 heads / 2 KV heads of 64.  wq has 256 rows and wk 128, which 2 / 1 heads of 128 fit too.
+TRUE = {"model": {"dim": 256, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 8, "multiple_of": 256}}
+
+
+def _model(folder: Path, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    truth = folder.parent / "truth.json"
+    truth.write_text(json.dumps(TRUE))
+    path = folder / "consolidated.pth"
+    torch.save({**random_state_dict(load_config(truth), seed=3), **(extra or {})}, path)
+    return path
+
+
+def _params(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict, str]:
+    rc = main(["inspect", *argv])
+    out, err = capsys.readouterr()
+    return rc, json.loads(out) if rc == 0 else {}, err
+
+
+def test_refuses_to_write_head_counts_nothing_states(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = _model(tmp_path / "ckpt")
+    for fmt in ("lingua", "meta"):
+        assert main(["inspect", str(ckpt), "--params", fmt]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.strip().splitlines()) == 1
+        assert "n_heads × head_dim = 256" in err and "--n-heads, --n-kv-heads or --head-dim" in err
+
+
+@pytest.mark.parametrize("flags", [["--n-heads", "4"], ["--n-kv-heads", "2"], ["--head-dim", "64"],
+                                   ["--n-heads", "4", "--n-kv-heads", "2", "--head-dim", "64"]])
+def test_any_one_head_flag_fixes_the_split(tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str]) -> None:
+    rc, params, _ = _params(capsys, str(_model(tmp_path / "ckpt")), "--params", "lingua", *flags)
+    assert rc == 0
+    assert (params["model"]["n_heads"], params["model"]["n_kv_heads"]) == (4, 2) and "head_dim" not in params["model"]
+
+
+def test_head_flags_that_do_not_fit_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = str(_model(tmp_path / "ckpt"))
+    for flags in (["--n-heads", "3"], ["--n-heads", "4", "--head-dim", "128"], ["--n-heads", "1", "--n-kv-heads", "2"]):
+        rc, _, err = _params(capsys, ckpt, "--params", "meta", *flags)
+        assert rc == 2 and "the head split does not fit the weights" in err, (flags, err)
+
+
+def test_a_saved_config_or_rope_freqs_states_the_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = _model(tmp_path / "saved")
+    (tmp_path / "saved" / "params.json").write_text(json.dumps({"model": {**TRUE["model"], "rope_theta": 5e5}}))
+    rc, params, _ = _params(capsys, str(ckpt), "--params", "lingua")
+    assert rc == 0 and params["model"]["n_heads"] == 4 and params["model"]["rope_theta"] == 5e5
+    rc, _, err = _params(capsys, str(ckpt), "--params", "lingua", "--n-heads", "2")  # contradicts the saved config
+    assert rc == 2 and "disagree" in err
+
+    rc, params, _ = _params(capsys, str(_model(tmp_path / "rope", {"rope.freqs": torch.ones(32)})), "--params", "meta")
+    assert rc == 0 and (params["n_heads"], params["n_kv_heads"]) == (4, 2) and "rope_theta" not in params
+
+
+def test_written_params_check_clean_and_say_the_split_is_unverified(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = _model(tmp_path / "ckpt")
+    rc, params, err = _params(capsys, str(ckpt), "--params", "lingua", "--n-heads", "4")
+    assert rc == 0 and "norm_eps and rope_theta are not in the weights" in err
+    written = tmp_path / "written" / "params.json"
+    written.parent.mkdir()
+    written.write_text(json.dumps(params))
+    assert main(["check", str(ckpt), "--model-config", str(written), "--metadata-only", "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    status = {c["id"]: c["status"] for c in doc["checks"]}
+    assert status["config[n_heads]"] == "skip" and status["config[dim]"] == "pass"
+
+
+def test_description_leaves_out_what_nothing_states(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, doc, _ = _params(capsys, str(_model(tmp_path / "ckpt")), "--format", "json")
+    assert rc == 0 and "n_heads" not in doc["inferred_params"] and doc["inferred_params"]["dim"] == 256
+    assert "--n-heads" in doc["inferred_params_note"]
