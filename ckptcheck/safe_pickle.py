@@ -16,7 +16,7 @@ import _compat_pickle
 import io
 import pickle
 import pickletools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -201,6 +201,10 @@ class Unknown(metaclass=Frozen):
     def __repr__(self) -> str:
         return f"<{self.global_name}, kept unexecuted>"
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """A stand-in is not the object: writing it out would put a ckptcheck class in the output."""
+        refuse_stand_ins(self, path=None, item=None)
+
 
 # Containers that any pickle may use; safe because calling them runs no user code.
 BASIC_GLOBALS: dict[tuple[str, str], Any] = {
@@ -340,15 +344,27 @@ MAX_INT_BITS = 8192  # Python refuses to print an int of more than 4300 digits (
 def _check_ints(obj: Any) -> None:
     """Refuse an int no checkpoint holds anywhere in the object: printing it in a report would fail, and
     arithmetic on it costs time quadratic in its size."""
+    for o in _parts(obj):
+        if isinstance(o, int) and o.bit_length() > MAX_INT_BITS:
+            raise InputError(None, None, f"the pickle holds an integer of {o.bit_length()} bits")
+
+
+def refuse_stand_ins(obj: Any, *, path: str | None, item: str | None) -> None:
+    """Before writing values read from a checkpoint: an ``Unknown`` stand-in is not the object it names."""
+    for o in _parts(obj):
+        if isinstance(o, Unknown):
+            raise InputError(path, item, f"holds {o.global_name}, kept unexecuted, which cannot be written "
+                             "to the output: leave it behind (--weights-only) or re-save the checkpoint without it")
+
+
+def _parts(obj: Any) -> Iterator[Any]:
+    """Every object reachable from ``obj`` through containers, stand-ins and records, each once."""
     seen: set[int] = set()
     todo = [obj]
     while todo:
         o = todo.pop()
-        if isinstance(o, int):
-            if o.bit_length() > MAX_INT_BITS:
-                raise InputError(None, None, f"the pickle holds an integer of {o.bit_length()} bits")
-            continue
-        if isinstance(o, (str, bytes, bytearray, float, complex, type)) or id(o) in seen:
+        yield o
+        if isinstance(o, (int, str, bytes, bytearray, float, complex, type)) or id(o) in seen:
             continue
         seen.add(id(o))
         if isinstance(o, dict):

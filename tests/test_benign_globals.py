@@ -84,3 +84,14 @@ def test_dcp_bytes_entry_with_training_args(tmp_path: Path) -> None:
     assert ckpt.manifest.facts["pickle globals weights_only refuses"] == "argparse.Namespace"
     ckpt.close()
 
+
+
+@pytest.mark.parametrize("to", ["torch", "dcp"])
+def test_converting_refuses_to_write_stand_ins(tmp_path: Path, to: str, capsys) -> None:
+    """A stand-in is not the object it names: the conversion says so in one line, or leaves it behind."""
+    path = _training_checkpoint(tmp_path)
+    out = tmp_path / f"out.{to}"
+    assert main(["convert", str(path), str(out), "--to", to, "--model-config", str(LINGUA)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "kept unexecuted" in err and not out.exists()
+    assert main(["convert", str(path), str(out), "--to", to, "--model-config", str(LINGUA), "--weights-only"]) == 0

@@ -160,6 +160,7 @@ def carry_state(plan: ConversionPlan, checkpoint: Any, *, config: ModelConfig | 
         move = param_move(name) if isinstance(name, str) else None
         return move.dst_key if move is not None else name
 
+    from ..safe_pickle import refuse_stand_ins
     from ..training_state import optimizer_path
 
     root: dict[str, Any] = {}
@@ -186,6 +187,7 @@ def carry_state(plan: ConversionPlan, checkpoint: Any, *, config: ModelConfig | 
                 leaf = [{**g, "params": [renamed(n) for n in g.get("params", [])]} if isinstance(g, dict) else g
                         for g in leaf]
         _insert(root, dst_path, leaf)
+    refuse_stand_ins(root, path=manifest.path, item=None)
     return dataclasses.replace(plan, state=_listify(root))
 
 
