@@ -95,3 +95,13 @@ def test_converting_refuses_to_write_stand_ins(tmp_path: Path, to: str, capsys) 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "kept unexecuted" in err and not out.exists()
     assert main(["convert", str(path), str(out), "--to", to, "--model-config", str(LINGUA), "--weights-only"]) == 0
+
+
+def test_refused_globals_in_any_meta_shard_are_reported(tmp_path: Path) -> None:
+    import shutil
+
+    folder = Path(shutil.copytree(FIXTURES / "good" / "meta_mp", tmp_path / "mp"))
+    shard = torch.load(folder / "consolidated.01.pth", weights_only=True)
+    torch.save({**shard, "args": argparse.Namespace(lr=1.0)}, folder / "consolidated.01.pth")
+    results = run(plan(folder, LINGUA, Options(metadata_only=True)))
+    assert [r.obtained for r in results if r.id == "version[weights_only]"] == ["argparse.Namespace"]

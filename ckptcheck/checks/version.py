@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..formats.torch_pickle import WEIGHTS_ONLY_REFUSES
+from ..formats.torch_pickle import refused_in
 from ..safe_pickle import is_inert_data
 from .model import Check, Verdict
 
@@ -55,8 +55,8 @@ def plan_version(session: Session) -> list[Check]:
     checks = [Check("version", "serialization", _serialization(session))]
     if m.format == "dcp":
         checks.append(Check("version", "dcp_layout", _dcp_layout(session)))
-    if m.facts.get(WEIGHTS_ONLY_REFUSES):
-        checks.append(Check("version", "weights_only", _weights_only(m.facts[WEIGHTS_ONLY_REFUSES].split(", "))))
+    if refused_in(m.facts):
+        checks.append(Check("version", "weights_only", _weights_only(refused_in(m.facts))))
     return checks
 
 

@@ -19,7 +19,7 @@ from ..errors import InputError, UnsafeInputError
 from ..manifest import Manifest, TensorInfo
 from ..safe_pickle import MAX_RANK, Frozen, Function, is_index, safe_loads
 from .base import Checkpoint, bytes_to_tensor, check_rows, open_binary, read_exact, row_span, split_sections
-from .torch_pickle import TORCH_VALUES, WEIGHTS_ONLY_REFUSES, _Dtype
+from .torch_pickle import TORCH_VALUES, _Dtype, weights_only_facts
 from .torchzip import ZIP_MAGIC, TorchArchive, single_tensor_ref
 
 if TYPE_CHECKING:
@@ -325,8 +325,7 @@ class DcpCheckpoint(Checkpoint):
         except BaseException:
             self.close()
             raise
-        if refused:
-            facts[WEIGHTS_ONLY_REFUSES] = ", ".join(sorted(refused))
+        facts.update(weights_only_facts(refused))
         files = tuple(sorted({str(self.folder / c.file) for it in items.values() for c in it.chunks}))
         self.manifest = Manifest(
             path=self.path, format=self.format_name, tensors=layout.model,

@@ -16,7 +16,7 @@ from .. import dtypes
 from ..errors import InputError
 from ..safe_pickle import BASIC_GLOBALS, is_index, safe_load_stream
 from .base import bytes_to_tensor, check_rows, open_binary, read_exact, row_span
-from .torch_pickle import TORCH_ALLOWLIST, WEIGHTS_ONLY_REFUSES, MalformedTensor, StorageRef, StorageTable, TensorRef
+from .torch_pickle import TORCH_ALLOWLIST, MalformedTensor, StorageRef, StorageTable, TensorRef, weights_only_facts
 from .torchzip import PickledCheckpoint
 
 if TYPE_CHECKING:
@@ -87,9 +87,7 @@ class LegacyTorchCheckpoint(PickledCheckpoint):
         if set(table.storages) - set(self._offsets):
             raise InputError(where, "storage keys", "the object refers to storages the file does not hold")
         facts = {"serialization": "legacy torch (pre-1.6 pickle stream, not a zip archive)",
-                 "legacy protocol": str(protocol)}
-        if refused:
-            facts[WEIGHTS_ONLY_REFUSES] = ", ".join(sorted(refused))
+                 "legacy protocol": str(protocol), **weights_only_facts(refused)}
         self._index(obj, "object", facts)
 
     def _read(self, key: str, ref: TensorRef, rows: tuple[int, int] | None, out: torch.Tensor | None) -> torch.Tensor:

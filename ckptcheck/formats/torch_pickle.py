@@ -7,7 +7,7 @@ Tensors come out as ``TensorRef``s (storage key, dtype, offset, shape, stride) a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,6 +208,17 @@ class StorageTable:
 
 # The manifest fact naming the globals torch.load(weights_only=True) refuses, comma-separated.
 WEIGHTS_ONLY_REFUSES = "pickle globals weights_only refuses"
+
+
+def weights_only_facts(names: Iterable[str]) -> dict[str, str]:
+    """The manifest fact for these refused globals (none when there are none)."""
+    joined = ", ".join(sorted(set(names)))
+    return {WEIGHTS_ONLY_REFUSES: joined} if joined else {}
+
+
+def refused_in(facts: Mapping[str, str]) -> list[str]:
+    """The refused globals a manifest's facts name."""
+    return [name for name in facts.get(WEIGHTS_ONLY_REFUSES, "").split(", ") if name]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from ..errors import InputError
 from ..manifest import Manifest, TensorInfo
 from .base import Checkpoint, bytes_to_tensor, check_rows, open_binary, read_exact, row_span, split_sections
-from .torch_pickle import WEIGHTS_ONLY_REFUSES, StorageRef, TensorRef, load_torch_pickle, walk
+from .torch_pickle import StorageRef, TensorRef, load_torch_pickle, walk, weights_only_facts
 
 if TYPE_CHECKING:
     import torch
@@ -97,8 +97,7 @@ class TorchArchive:
         data = self._read_member(pkl, MAX_DATA_PKL)
         loaded = load_torch_pickle(data, path=path, member=pkl.filename)
         self.obj, self.storages, self.refused = loaded.obj, loaded.storages, loaded.refused
-        if self.refused:
-            self.facts[WEIGHTS_ONLY_REFUSES] = ", ".join(self.refused)
+        self.facts.update(weights_only_facts(self.refused))
         self._scan_other_pickles(pkl)
         for key, storage in self.storages.items():
             info = self._members.get(f"{self.prefix}data/{key}")
