@@ -87,13 +87,13 @@ def add_options(add: Callable[..., Any], *, pytest: bool, options: tuple[OptionD
             add(opt.cli, dest=opt.dest, **opt.kwargs())
 
 
-def add_pytest_aliases(add: Callable[..., Any], taken: set[str]) -> list[str]:
-    """Register the short spellings not in ``taken``; returns those left to their owner."""
+def add_pytest_aliases(add: Callable[..., Any], taken: set[str] | None) -> list[str]:
+    """Register the short spellings not in ``taken`` (None: unknown, so none); returns those left unregistered."""
     left = []
     for opt in PYTEST_OPTIONS:
         if opt.pytest_alias is None:
             continue
-        if opt.pytest_alias in taken:
+        if taken is None or opt.pytest_alias in taken:
             left.append(opt.pytest_alias)
         else:
             add(opt.pytest_alias, dest=plugin_dest(opt.dest), **{**opt.kwargs(), "help": f"same as {opt.pytest}"})

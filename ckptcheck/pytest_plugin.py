@@ -33,11 +33,19 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
     them must still start (its option wins; ``--ckpt-path``, ``--ckpt-model-config`` always work)."""
     _keep_alias_values_out_of_test_paths(early_config, args)
     result = yield
-    taken = {name for group in {id(g): g for g in (parser._anonymous, *parser._groups)}.values()
-             for option in group.options for name in option.names()}
-    left = add_pytest_aliases(parser.getgroup("ckptcheck").addoption, taken)
-    early_config.stash[_ALIASES_KEY] = left
+    early_config.stash[_ALIASES_KEY] = add_pytest_aliases(parser.getgroup("ckptcheck").addoption,
+                                                          _registered_names(parser))
     return result
+
+
+def _registered_names(parser: pytest.Parser) -> set[str] | None:
+    """Every option string registered so far; None where this pytest's parser does not tell (pytest has no
+    public API for it): then no alias is added, rather than one that could stop another project's pytest."""
+    try:
+        groups = {id(g): g for g in (parser._anonymous, *parser._groups)}.values()
+        return {name for group in groups for option in group.options for name in option.names()}
+    except AttributeError:
+        return None
 
 
 def _keep_alias_values_out_of_test_paths(early_config: pytest.Config, args: list[str]) -> None:
