@@ -106,3 +106,34 @@ def test_missing_head_dim_advice_pins_head_dim(tmp_path: Path) -> None:
     config.write_text(json.dumps(given | {"num_key_value_heads": 1, "head_dim": 16}))
     after = _results(ckpt_dir / "model.pth", config)
     assert after["config[n_heads]"].status is Status.SKIP and after["config[n_kv_heads]"].status is Status.SKIP
+
+
+def _tie_result(tmp_path: Path, output: torch.Tensor | None, metadata_only: bool = False) -> CheckResult:
+    tied = {"model": {**TRUE["model"], "weight_tying": True}}
+    config = _config(tmp_path / "cfg" / "params.json", tied)
+    state = random_state_dict(load_config(config), seed=4)
+    state["output.weight"] = state["tok_embeddings.weight"].clone() if output is None else output
+    (tmp_path / "ckpt").mkdir()
+    torch.save(state, tmp_path / "ckpt" / "consolidated.pth")  # separate storage, as DCP and FSDP save a tie
+    the_plan = plan(tmp_path / "ckpt" / "consolidated.pth", config, Options(metadata_only=metadata_only))
+    try:
+        return {r.id: r for r in run(the_plan)}["config[tie_embeddings]"]
+    finally:
+        the_plan.close()
+
+
+def test_a_tie_saved_as_a_copy_is_a_tie(tmp_path: Path) -> None:
+    """lingua under FSDP saves a tied output.weight as its own tensor: equal values are the tie, not its absence
+    (unexpected_key reports the copy, with the repair that drops it)."""
+    r = _tie_result(tmp_path, None)
+    assert r.status is Status.PASS and "bit-identical" in r.message
+
+
+def test_a_separate_output_that_differs_is_no_tie(tmp_path: Path) -> None:
+    r = _tie_result(tmp_path, torch.zeros(16, 32, dtype=torch.bfloat16))
+    assert r.status is Status.FAIL and r.repair and "model.weight_tying = false" in r.repair
+
+
+def test_without_values_a_separate_output_is_undecided(tmp_path: Path) -> None:
+    r = _tie_result(tmp_path, None, metadata_only=True)
+    assert r.status is Status.SKIP and "cannot be verified without reading values" in r.message

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,9 @@ class Facts:
     witnesses: tuple[Witness, ...]
     q_name: str
     k_name: str
+    # For a tied config with a separate output.weight: whether it is a bit-identical copy of the embeddings
+    # (True), differs (False), or was not read (None, --metadata-only).
+    tied_copy: Callable[[], bool | None] = lambda: None
 
 
 def plan_config(session: Session) -> list[Check]:
@@ -51,12 +55,21 @@ def plan_config(session: Session) -> list[Check]:
     display = {c: session.spec.display(c) for c in session.by_canonical}
     inferred = infer_dims(session.by_canonical, display)
     witnesses = head_dim_witnesses(session.manifest.tensors, inferred, session.ckpt_arg, cfg.source)
-    facts = Facts(cfg, inferred, tuple(witnesses), _tensor(inferred, "q_rows", "wq"), _tensor(inferred, "kv_rows", "wk"))
+    copy_read = cfg.tie_embeddings and inferred.tied is False and not session.options.metadata_only
+    facts = Facts(cfg, inferred, tuple(witnesses), _tensor(inferred, "q_rows", "wq"), _tensor(inferred, "kv_rows", "wk"),
+                  (lambda: _is_copy(session)) if copy_read else (lambda: None))
 
     def make(name: str):
         return lambda: repair_with(session, evaluate(facts, name))
 
-    return [Check("config", name, make(name)) for name in ORDER]
+    return [Check("config", name, make(name), reads_data=copy_read and name == "tie_embeddings") for name in ORDER]
+
+
+def _is_copy(session: Session) -> bool:
+    from ..tying import bit_identical
+
+    out, emb = (session.mapping.stored_for(k) for k in ("output.weight", "tok_embeddings.weight"))
+    return out is not None and emb is not None and bit_identical(session.checkpoint, out, emb)
 
 
 def _tensor(inferred: Inferred, dim: str, fallback: str) -> str:
@@ -93,6 +106,15 @@ def _shown(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | 
     if configured == weights:
         return Verdict.ok(f"{field} = {_json(configured)}, as the weights show ({evidence})",
                           expected=_json(configured), obtained=_json(weights)), None
+    if name == "tie_embeddings" and configured:  # a separate output.weight: a tie saved as a copy, or no tie
+        copy = facts.tied_copy()
+        if copy:
+            return Verdict.ok(f"{field} = true: output.weight is stored separately but bit-identical to the "
+                              "embeddings, a tie saved as a copy (see unexpected_key)",
+                              expected="true", obtained="a bit-identical copy"), None
+        if copy is None:
+            return Verdict.skip(f"{field} = true cannot be verified without reading values: output.weight is stored "
+                                "separately, a tie saved as a copy or an untied model (--metadata-only)"), None
     verdict = Verdict.fail(f"config field {field} is {_json(configured)} but the weights imply {_json(weights)} "
                            f"({evidence})", expected=_json(configured), obtained=_json(weights))
     if name == "tie_embeddings" and cfg.schema in NO_TYING_FIELD:
