@@ -416,87 +416,107 @@ _FIRST_OPCODES = frozenset(bytes([c]) for c in b"\x80(}])cNIJKLMFGSTUVX\x88\x89"
 
 def _scan_all(data: bytes, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any], how: str) -> None:
     stream = io.BytesIO(data)
-    while stream.tell() < len(data):
-        if not data[stream.tell():].strip(b"\x00"):
-            return  # zero padding after the last pickle
-        _scan_one(stream, path=path, member=member, allowed=allowed, how=how)
+    end = len(data.rstrip(b"\x00"))  # zero padding after the last pickle is not another one
+    budget = [MAX_SCAN_OPCODES]
+    while stream.tell() < end:
+        _scan_one(stream, path=path, member=member, allowed=allowed, how=how, budget=budget)
 
 
-_MARK = object()
 _VALUE = object()  # anything but a string the scan needs to know
+# Opcodes one scan follows (a few seconds): no checkpoint pickle that is never loaded comes near it.
+MAX_SCAN_OPCODES = 1 << 22
 _STRING_OPS = frozenset(("STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
                          "BINUNICODE8"))
 
 
-def _scan_one(stream: io.BytesIO, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any],
-              how: str) -> None:
-    """One pickle, STOP included, on a simulated stack: strings are kept, everything else is ``_VALUE``."""
-    stack: list[Any] = []
-    memo: dict[int, Any] = {}
+class _Stack:
+    """The unpickler's stack as the scan sees it: values, and MARK positions kept apart (as the C
+    unpickler keeps them), so that every opcode costs time proportional to what it pops."""
 
-    def pop() -> Any:
-        if not stack or stack[-1] is _MARK:
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self.marks: list[int] = []
+
+    def push(self, *values: Any) -> None:
+        self.values += values
+
+    def pop(self) -> Any:
+        if len(self.values) <= (self.marks[-1] if self.marks else 0):
             raise _Unprovable("stack underflow")
-        return stack.pop()
+        return self.values.pop()
 
+    def top(self) -> Any:
+        value = self.pop()
+        self.values.append(value)
+        return value
+
+    def pop_mark(self) -> None:
+        if not self.marks:
+            raise _Unprovable("no MARK to pop to")
+        del self.values[self.marks.pop():]
+
+    def apply(self, op: pickletools.OpcodeInfo) -> None:
+        """An opcode's generic stack effect, from pickletools' own description of it."""
+        before = op.stack_before
+        if pickletools.markobject in before:
+            self.pop_mark()
+            before = before[:before.index(pickletools.markobject)]
+        for _ in before:
+            self.pop()
+        self.push(*(_VALUE for _ in op.stack_after))
+
+
+def _scan_one(stream: io.BytesIO, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any],
+              how: str, budget: list[int]) -> None:
+    """One pickle, STOP included, on a simulated stack: strings are kept, everything else is ``_VALUE``.
+    ``budget``: opcodes left to follow, shared by the pickles of one scan."""
+    stack = _Stack()
+    memo: dict[int, Any] = {}
     try:
-        ops = pickletools.genops(stream)
-        for op, arg, pos in ops:
+        for op, arg, pos in pickletools.genops(stream):
+            budget[0] -= 1
+            if budget[0] < 0:
+                raise _Unprovable(f"more than {MAX_SCAN_OPCODES} opcodes to follow")
             name = op.name
             if name in _STRING_OPS:
-                stack.append(str(arg))
+                stack.push(str(arg))
             elif name == "MARK":
-                stack.append(_MARK)
+                stack.marks.append(len(stack.values))
+            elif name == "POP_MARK":
+                stack.pop_mark()
+            elif name == "POP":  # a value, or the mark itself when nothing is above it
+                if len(stack.values) > (stack.marks[-1] if stack.marks else 0):
+                    stack.pop()
+                else:
+                    stack.pop_mark()
             elif name in ("GLOBAL", "INST"):
                 module, _, attr = str(arg).partition(" ")
                 _check_global(module, attr, path=path, member=member, allowed=allowed, how=how)
-                _apply(op, stack, pop)
+                stack.apply(op)
             elif name == "STACK_GLOBAL":
-                attr, module = pop(), pop()
+                attr, module = stack.pop(), stack.pop()
                 if not isinstance(module, str) or not isinstance(attr, str):
                     raise _Unprovable(f"STACK_GLOBAL at byte {pos} on values that are not known strings")
                 _check_global(module, attr, path=path, member=member, allowed=allowed, how=how)
-                stack.append(_VALUE)
+                stack.push(_VALUE)
             elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
-                if not stack or stack[-1] is _MARK:
-                    raise _Unprovable(f"memo store of nothing at byte {pos}")
-                memo[len(memo) if name == "MEMOIZE" else int(arg)] = stack[-1]
+                memo[len(memo) if name == "MEMOIZE" else int(arg)] = stack.top()
             elif name in ("GET", "BINGET", "LONG_BINGET"):
                 if int(arg) not in memo:
                     raise _Unprovable(f"memo {arg} read before it is written, at byte {pos}")
-                stack.append(memo[int(arg)])
+                stack.push(memo[int(arg)])
             elif name == "DUP":
-                top = pop()
-                stack += [top, top]
-            elif name == "POP":
-                if not stack:
-                    raise _Unprovable("stack underflow")
-                stack.pop()  # a value, or the mark itself when nothing is above it
+                stack.push(stack.top())
             elif name in ("EXT1", "EXT2", "EXT4"):
                 raise _Unprovable(f"extension code {arg} names a global only the loading process knows")
             elif name == "STOP":
-                pop()
+                stack.pop()
                 return
             else:
-                _apply(op, stack, pop)
+                stack.apply(op)
     except (ValueError, IndexError, KeyError, TypeError, OverflowError) as exc:  # genops on malformed bytes
         raise _Unprovable(_short(exc)) from None
     raise _Unprovable("no STOP opcode")
-
-
-def _apply(op: pickletools.OpcodeInfo, stack: list[Any], pop: Callable[[], Any]) -> None:
-    """An opcode's generic stack effect, from pickletools' own description of it."""
-    before = op.stack_before
-    if pickletools.markobject in before:
-        if _MARK not in stack:
-            raise _Unprovable(f"{op.name} without a MARK")
-        del stack[len(stack) - 1 - stack[::-1].index(_MARK):]
-        below = before.index(pickletools.markobject)
-    else:
-        below = len(before)
-    for _ in range(below):
-        pop()
-    stack.extend(_VALUE for _ in op.stack_after)
 
 
 def _check_global(module: str, name: str, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any],

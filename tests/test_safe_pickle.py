@@ -289,3 +289,15 @@ def test_dcp_metadata_with_an_odd_version_is_one_line_exit_2(tmp_path: Path, ver
     assert main(["check", str(folder), "--model-config", str(CONFIGS / "lingua_params.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "metadata version" in err and "Traceback" not in err
+
+
+def test_scanning_is_bounded(tmp_path: Path, monkeypatch) -> None:
+    """A never-loaded pickle of more opcodes than a scan follows is unsafe, not a hang."""
+    from ckptcheck import safe_pickle
+
+    from .hostile import torch_zip
+
+    monkeypatch.setattr(safe_pickle, "MAX_SCAN_OPCODES", 1000)
+    path = torch_zip(tmp_path, extra={"model/extra.pkl": b"\x80\x02" + b"N0" * 600 + b"N."})
+    with pytest.raises(UnsafeInputError, match="more than 1000 opcodes"):
+        open_checkpoint(path)
