@@ -23,7 +23,8 @@ from ckptcheck.synth import in_scheme, random_state_dict
 
 EDIT = re.compile(r"set (.+) in (.+), if the weights are the model you meant")
 UNVERIFIABLE = "cannot be verified: the weights fix only heads × head_dim"
-HEAD_FIELDS = ("n_heads", "n_kv_heads", "head_dim")
+HEAD_FIELDS = ("n_heads", "n_kv_heads")
+UNSHOWN_FIELDS = ("norm_eps", "rope_theta")  # only a saved config witnesses them
 
 
 def _true_config(schema: str, m: dict[str, Any]) -> dict[str, Any]:
@@ -53,6 +54,7 @@ def _mutations(schema: str, m: dict[str, Any]) -> dict[str, Any]:
         "head_dim": {"head_dim": m["hd"] * 2}, "no_kv": {f["n_kv_heads"]: None},
         "vocab_size": {f["vocab_size"]: m["vocab"] + 3},
         "ffn": {"intermediate_size": m["ffn"] + 4} if schema == "hf" else {"multiple_of": m["multiple_of"] * 2},
+        "norm_eps": {"rms_norm_eps" if schema == "hf" else "norm_eps": 1e-3}, "rope_theta": {"rope_theta": 5e5},
     }
     if schema != "meta":
         out["tied"] = {f["tied"]: not m["tied"]}
@@ -97,11 +99,15 @@ def _edits(repair: str, config: Path) -> dict[str, Any]:
     return out
 
 
-def _settled(r: CheckResult, witnessed: bool) -> bool:
-    """Passes, or is a head field no witness can decide (reported, not passed)."""
+def _settled(r: CheckResult, witness: str | None) -> bool:
+    """Passes, or is a field no witness can decide (reported, not passed)."""
     if r.status is Status.PASS:
         return True
-    return r.status is Status.SKIP and r.key in HEAD_FIELDS and not witnessed and UNVERIFIABLE in r.message
+    if r.status is not Status.SKIP:
+        return False
+    if r.key in HEAD_FIELDS:
+        return witness is None and UNVERIFIABLE in r.message
+    return r.key in UNSHOWN_FIELDS and witness != "saved_config" and "cannot be verified" in r.message
 
 
 model_st = st.fixed_dictionaries({
@@ -114,7 +120,8 @@ model_st = st.fixed_dictionaries({
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(model=model_st, schema=st.sampled_from(["lingua", "meta", "hf"]),
        wrong=st.lists(st.sampled_from(["dim", "n_layers", "n_heads_double", "n_heads_half", "n_kv_heads",
-                                       "no_head_dim", "head_dim", "no_kv", "vocab_size", "ffn", "tied"]),
+                                       "no_head_dim", "head_dim", "no_kv", "vocab_size", "ffn", "tied",
+                                       "norm_eps", "rope_theta"]),
                       min_size=1, max_size=3, unique=True),
        witness=st.sampled_from([None, "saved_config", "rope_freqs"]))
 def test_suggested_config_edits_converge(model: dict[str, Any], schema: str, wrong: list[str],
@@ -169,11 +176,11 @@ def test_suggested_config_edits_converge(model: dict[str, Any], schema: str, wro
             combined.update(one)
             config.write_text(json.dumps(_apply(bad, one)))
             again = {x.id: x for x in _check(ckpt, config)}[r.id]
-            assert _settled(again, witness is not None), (r.message, r.repair, again.status, again.message)
+            assert _settled(again, witness), (r.message, r.repair, again.status, again.message)
         config.write_text(json.dumps(_apply(bad, combined)))
         final = _check(ckpt, config)
         for r in final:
             if r.category == "config":
-                assert _settled(r, witness is not None), (r.id, r.message, [f.repair for f in failing])
+                assert _settled(r, witness), (r.id, r.message, [f.repair for f in failing])
             if r.category == "shape":
                 assert r.status is Status.PASS, (r.id, r.message)

@@ -137,3 +137,16 @@ def test_a_separate_output_that_differs_is_no_tie(tmp_path: Path) -> None:
 def test_without_values_a_separate_output_is_undecided(tmp_path: Path) -> None:
     r = _tie_result(tmp_path, None, metadata_only=True)
     assert r.status is Status.SKIP and "cannot be verified without reading values" in r.message
+
+
+def test_norm_eps_and_rope_theta_need_a_saved_config(tmp_path: Path) -> None:
+    ckpt = _model(tmp_path / "ckpt", TRUE)
+    given = _config(tmp_path / "cfg" / "params.json", TRUE)  # rope_theta left at the default 10000
+    alone = _results(ckpt, given)
+    assert alone["config[rope_theta]"].status is Status.SKIP and "conversions will assume 10000.0" in (
+        alone["config[rope_theta]"].message)
+    _config(tmp_path / "ckpt" / "params.json", {"model": {**TRUE["model"], "rope_theta": 500000.0}})
+    r = _results(ckpt, given)["config[rope_theta]"]
+    assert r.status is Status.FAIL and r.repair == (
+        f"set model.rope_theta = 500000.0 in {given}, if the weights are the model you meant")
+    assert _results(ckpt, given)["config[norm_eps]"].status is Status.PASS

@@ -29,7 +29,11 @@ SHOWN = {"dim": ("dim", "dim"), "n_layers": ("n_layers", "n_layers"), "vocab_siz
          "ffn_dim": ("ffn_dim", "ffn_dim"), "tie_embeddings": ("tied", None)}
 HEADS = ("n_heads", "n_kv_heads", "head_dim")
 # head_dim has no check of its own: the n_heads and n_kv_heads checks compare n × head_dim with the rows.
-ORDER = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_embeddings")
+ORDER = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_embeddings", "norm_eps",
+         "rope_theta")
+# Fields no weight shows: only a config saved beside the checkpoint can witness them.  How each schema
+# spells them (configs.py's field table has only the dimensions).
+UNSHOWN = {"norm_eps": {"hf": "rms_norm_eps"}, "rope_theta": {}}
 # Meta's params.json has no tying field: its loader always builds a separate output layer.
 NO_TYING_FIELD = ("meta",)
 
@@ -89,7 +93,26 @@ def evaluate(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str 
     """The verdict for one field, with the config edit that fixes a failure."""
     if name in ("n_heads", "n_kv_heads"):
         return _heads(facts, name)
+    if name in UNSHOWN:
+        return _unshown(facts, name)
     return _shown(facts, name)
+
+
+def _unshown(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | None]:
+    cfg = facts.cfg
+    field = UNSHOWN[name].get(cfg.schema, ("model." if cfg.schema == "lingua" else "") + name)
+    configured = getattr(cfg, name)
+    saved = [w for w in facts.witnesses if w.config is not None]
+    for w in saved:
+        value = getattr(w.config, name)
+        if not math.isclose(value, configured, rel_tol=1e-6):
+            return (Verdict.fail(f"config field {field} is {configured} but {w.source} says {value}",
+                                 expected=configured, obtained=value), {field: value})
+    if saved:
+        return Verdict.ok(f"{field} = {configured}, as {saved[0].source} says", expected=configured,
+                          obtained=configured), None
+    return Verdict.skip(f"{field} = {configured} cannot be verified: the weights do not show it and no other config "
+                        f"saved with the checkpoint states it; conversions will assume {configured}"), None
 
 
 def _shown(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | None]:
