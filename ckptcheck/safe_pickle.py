@@ -126,6 +126,14 @@ class Sized:
     cost: Callable[..., int]
 
 
+@dataclass(frozen=True, slots=True)
+class Unsupported:
+    """A global torch's weights_only loader reads but ckptcheck does not (a quantized tensor, an exotic
+    dtype): naming it stops the load as bad input, not as an attack."""
+
+    what: str
+
+
 class _Budget:
     """Elements a load may allocate through ``Sized`` constructors: proportional to the pickle's bytes."""
 
@@ -252,6 +260,9 @@ class _Unpickler(pickle.Unpickler):
             entry = self._allowed[py3_name(module, name)]
         except (KeyError, TypeError):
             return self._not_allowed(module, name)
+        if isinstance(entry, Unsupported):
+            raise InputError(self._path, self._member, f"pickle global {module}.{name}: ckptcheck does not read "
+                             f"{entry.what}")
         return self._budget.bind(entry) if isinstance(entry, Sized) else entry
 
     def _not_allowed(self, module: str, name: str) -> type[Unknown]:

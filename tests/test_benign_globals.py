@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy
@@ -105,3 +106,23 @@ def test_refused_globals_in_any_meta_shard_are_reported(tmp_path: Path) -> None:
     torch.save({**shard, "args": argparse.Namespace(lr=1.0)}, folder / "consolidated.01.pth")
     results = run(plan(folder, LINGUA, Options(metadata_only=True)))
     assert [r.obtained for r in results if r.id == "version[weights_only]"] == ["argparse.Namespace"]
+
+
+def test_every_global_torch_weights_only_reads_is_in_the_allowlist() -> None:
+    """So a global the allowlist lacks is one torch.load(weights_only=True) refuses: the finding is true."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    from ckptcheck.formats.torch_pickle import TORCH_ALLOWLIST
+
+    ours = {f"{module}.{name}" for module, name in TORCH_ALLOWLIST}
+    assert set(_get_allowed_globals()) <= ours
+
+
+def test_quantized_tensor_is_bad_input_not_an_attack(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "q.pth"
+    with warnings.catch_warnings():  # quantized tensors are deprecated, and still in checkpoints
+        warnings.simplefilter("ignore")
+        torch.save({"w": torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8)}, path)
+        torch.load(path, weights_only=True)  # torch reads it
+    assert main(["check", str(path), "--model-config", str(LINGUA)]) == 2
+    assert "does not read" in capsys.readouterr().err

@@ -6,13 +6,14 @@ Tensors come out as ``TensorRef``s (storage key, dtype, offset, shape, stride) a
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .. import dtypes
-from ..safe_pickle import BASIC_GLOBALS, MAX_RANK, Function, Sized, is_index, safe_loads
+from ..safe_pickle import BASIC_GLOBALS, MAX_RANK, Function, Sized, Unsupported, is_index, safe_loads
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +159,34 @@ def _torch_values() -> dict[tuple[str, str], Any]:
 TORCH_VALUES = _torch_values()
 
 
+# What torch's weights_only loader also reads (torch._weights_only_unpickler._get_allowed_globals) and
+# ckptcheck does not: stopped as bad input, never refused as unsafe nor reported as refused by torch.
+_UNSUPPORTED = {
+    **{("torch._utils", f"_rebuild_{kind}"): what for kind, what in (
+        ("qtensor", "quantized tensors"), ("sparse_tensor", "sparse tensors"), ("nested_tensor", "nested tensors"),
+        ("wrapper_subclass", "tensor subclasses"), ("device_tensor_from_cpu_tensor", "device-specific tensors"),
+        ("device_tensor_from_numpy", "device-specific tensors"), ("meta_tensor_no_storage", "meta tensors"))},
+    **{("torch", f"{q}Storage"): "quantized storages" for q in ("QInt32", "QInt8", "QUInt2x4", "QUInt4x2", "QUInt8")},
+    **{("torch", d): f"tensors of dtype torch.{d}" for d in (
+        "bits16", "bits1x8", "bits2x4", "bits4x2", "bits8", "complex32", "float4_e2m1fn_x2", "float8_e8m0fnu",
+        "qint32", "qint8", "quint2x4", "quint4x2", "quint8", *(f"int{n}" for n in range(1, 8)),
+        *(f"uint{n}" for n in range(1, 8)))},
+    **{("torch", q): "quantized tensors" for q in (
+        "per_channel_affine", "per_channel_affine_float_qparams", "per_channel_symmetric", "per_tensor_affine",
+        "per_tensor_symmetric")},
+}
+# torch's legacy tensor type objects (torch.FloatTensor, torch.cuda.sparse.HalfTensor): names, no data.
+_TENSOR_TYPES = ("BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int", "Long", "Short")
+
+
 def _allowlist() -> dict[tuple[str, str], Any]:
     table = dict(TORCH_VALUES)
+    table.update({key: Unsupported(what) for key, what in _UNSUPPORTED.items() if key not in table})
+    for module in ("torch", "torch.cuda", "torch.sparse", "torch.cuda.sparse"):
+        table.update({(module, f"{kind}Tensor"): _Marker(f"{module}.{kind}Tensor") for kind in _TENSOR_TYPES})
+    table[("collections", "Counter")] = Sized(collections.Counter, lambda *args: len(args[0]) if args else 0)
     for name, dtype in dtypes.STORAGE_CLASS_DTYPE.items():
-        table[("torch", name)] = _StorageType(dtype)
+        table[("torch", name)] = table[("torch.cuda", name)] = _StorageType(dtype)  # legacy files name cuda ones
     table[("torch.storage", "UntypedStorage")] = _StorageType("uint8")
     table[("torch.storage", "TypedStorage")] = _StorageType("uint8")
     table.update({("torch._utils", name): fn for name, fn in _REBUILDERS.items()})
