@@ -301,3 +301,13 @@ def test_scanning_is_bounded(tmp_path: Path, monkeypatch) -> None:
     path = torch_zip(tmp_path, extra={"model/extra.pkl": b"\x80\x02" + b"N0" * 600 + b"N."})
     with pytest.raises(UnsafeInputError, match="more than 1000 opcodes"):
         open_checkpoint(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_legacy_files_of_every_pickle_protocol_are_read(tmp_path: Path, protocol: int) -> None:
+    """torch.save(..., _use_new_zipfile_serialization=False, pickle_protocol=4) frames its pickles: still a
+    legacy file, not a bare pickle whose raw storage bytes cannot be proven free of code."""
+    path = tmp_path / "legacy.pt"
+    torch.save({"w": torch.arange(4.0)}, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.format_name == "torch-legacy" and torch.equal(ckpt.load("w"), torch.arange(4.0))

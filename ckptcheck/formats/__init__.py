@@ -43,7 +43,7 @@ def _sniff(path: Path) -> str:
         return "an empty file"
     if head.startswith(ZIP_MAGIC):
         return "torch"
-    if head[:2] == b"\x80\x02" and _LEGACY_MAGIC in head[:16]:
+    if head[:1] == b"\x80" and _LEGACY_MAGIC in head[:32]:  # pickle_protocol=4 and 5 frame it
         return "legacy"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
