@@ -21,9 +21,9 @@ _WEIGHT_WITNESSES = (
     ("rope.freqs", 0, 1), ("rotary_emb.inv_freq", 0, 1), ("freqs_cis", 1, 0),
     ("q_norm.weight", -1, 1), ("k_norm.weight", -1, 1),
 )
-# How far above the checkpoint saved configs are looked for: its folder and one more (a lingua step
-# folder keeps params.json; its consolidated/ subfolder another).
-_CONFIG_LEVELS = 2
+# How far up saved configs are looked for: the checkpoint's folder and two above it (a lingua step folder
+# keeps params.json, and so does its consolidated/ subfolder; a DCP folder may sit two levels into a dump).
+_CONFIG_LEVELS = 3
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ class Witness:
     head_dim: int
     source: str  # "rope.freqs [4]", "the config saved at <path> (head_dim 8)"
     config: ModelConfig | None = None  # the saved config, when the witness is one
+    # The stored key of a rotary frequency buffer (its values also witness rope_theta).
+    frequencies: str | None = None
 
 
 def head_dim_witnesses(tensors: Mapping[str, TensorInfo], inferred: Inferred, ckpt: str | os.PathLike[str],
@@ -56,13 +58,14 @@ def _from_weights(tensors: Mapping[str, TensorInfo], q: int, k: int) -> list[Wit
                 head_dim = info.shape[0]
             else:
                 head_dim = 2 * info.shape[axis]
-            out.append(Witness(head_dim, f"{key} {list(info.shape)}"))
+            frequencies = key if axis == 0 else None  # rope.freqs, inv_freq: [head_dim / 2] values
+            out.append(Witness(head_dim, f"{key} {list(info.shape)}", frequencies=frequencies))
             break
     return out
 
 
 def saved_configs(ckpt: str | os.PathLike[str], tested: str | None) -> list[Path]:
-    """Configs in the checkpoint's folder and the one above it, other than the config under test."""
+    """Configs in the checkpoint's folder and the two above it, other than the config under test."""
     p = Path(ckpt)
     if p.name == ".metadata":
         p = p.parent

@@ -107,7 +107,9 @@ def _settled(r: CheckResult, witness: str | None) -> bool:
         return False
     if r.key in HEAD_FIELDS:
         return witness is None and UNVERIFIABLE in r.message
-    return r.key in UNSHOWN_FIELDS and witness != "saved_config" and "cannot be verified" in r.message
+    # a saved config decides both; rotary frequencies decide rope_theta, never norm_eps
+    decided = witness == "saved_config" or (witness == "rope_freqs" and r.key == "rope_theta")
+    return r.key in UNSHOWN_FIELDS and not decided and "cannot be verified" in r.message
 
 
 model_st = st.fixed_dictionaries({
@@ -144,7 +146,8 @@ def test_suggested_config_edits_converge(model: dict[str, Any], schema: str, wro
         scheme = HF if schema == "hf" else META
         stored = in_scheme(state, scheme, cfg)
         if witness == "rope_freqs":  # Meta's rotary buffer, or the one older transformers saved
-            stored["model.rotary_emb.inv_freq" if schema == "hf" else "rope.freqs"] = torch.ones(m["hd"] // 2)
+            freqs = 1.0 / 10000.0 ** (torch.arange(0, m["hd"], 2).float() / m["hd"])  # the default theta
+            stored["model.rotary_emb.inv_freq" if schema == "hf" else "rope.freqs"] = freqs
         torch.save(stored, d / "ckpt" / "consolidated.pth")
         if witness == "saved_config":
             (d / "ckpt" / ("config.json" if schema == "hf" else "params.json")).write_text(json.dumps(truth))

@@ -36,7 +36,7 @@ def _config(path: Path, params: dict) -> Path:
 
 
 def _results(ckpt: Path, config: Path | None) -> dict[str, CheckResult]:
-    the_plan = plan(ckpt, config, Options(metadata_only=True))
+    the_plan = plan(ckpt, config, Options())
     try:
         return {r.id: r for r in run(the_plan)}
     finally:
@@ -72,8 +72,13 @@ def test_the_config_under_test_is_not_its_own_witness() -> None:
     assert results["config[n_heads]"].status is Status.SKIP
 
 
+def _freqs(theta: float, head_dim: int = 8) -> torch.Tensor:
+    """Meta's rope.freqs, kept in the checkpoint's dtype as Llama 2 files keep it."""
+    return (1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)).to(torch.bfloat16)
+
+
 def test_rope_freqs_decides_the_head_split(tmp_path: Path) -> None:
-    ckpt = _model(tmp_path / "ckpt", TRUE, {"rope.freqs": torch.ones(4)})  # head_dim 8
+    ckpt = _model(tmp_path / "ckpt", TRUE, {"rope.freqs": _freqs(10000.0)})  # head_dim 8
     wrong = _results(ckpt, _config(tmp_path / "cfg" / "params.json", EIGHT_HEADS))["config[n_kv_heads]"]
     assert wrong.status is Status.FAIL and "rope.freqs [4] shows head_dim 8" in wrong.message
     right = _results(ckpt, _config(tmp_path / "cfg2" / "params.json", TRUE))["config[n_heads]"]
@@ -150,3 +155,14 @@ def test_norm_eps_and_rope_theta_need_a_saved_config(tmp_path: Path) -> None:
     assert r.status is Status.FAIL and r.repair == (
         f"set model.rope_theta = 500000.0 in {given}, if the weights are the model you meant")
     assert _results(ckpt, given)["config[norm_eps]"].status is Status.PASS
+
+
+def test_rope_freqs_values_decide_rope_theta(tmp_path: Path) -> None:
+    ckpt = _model(tmp_path / "ckpt", TRUE, {"rope.freqs": _freqs(500000.0)})
+    given = _config(tmp_path / "cfg" / "params.json", TRUE)  # theta left at the default 10000
+    r = _results(ckpt, given)["config[rope_theta]"]
+    assert r.status is Status.FAIL and r.repair == (
+        f"set model.rope_theta = 500000.0 in {given}, if the weights are the model you meant")
+    given.write_text(json.dumps({"model": {**TRUE["model"], "rope_theta": 500000.0}}))
+    r = _results(ckpt, given)["config[rope_theta]"]
+    assert r.status is Status.PASS and "rope.freqs" in r.message

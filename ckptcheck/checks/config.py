@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..corroborate import Witness, head_dim_witnesses
 from ..configs import ffn_hidden
@@ -50,6 +50,8 @@ class Facts:
     # For a tied config with a separate output.weight: whether it is a bit-identical copy of the embeddings
     # (True), differs (False), or was not read (None, --metadata-only).
     tied_copy: Callable[[], bool | None] = lambda: None
+    # The values of a rotary frequency buffer the checkpoint keeps (None: none, or --metadata-only).
+    frequencies: Callable[[], Any] = lambda: None
 
 
 def plan_config(session: Session) -> list[Check]:
@@ -59,14 +61,18 @@ def plan_config(session: Session) -> list[Check]:
     display = {c: session.spec.display(c) for c in session.by_canonical}
     inferred = infer_dims(session.by_canonical, display)
     witnesses = head_dim_witnesses(session.manifest.tensors, inferred, session.ckpt_arg, cfg.source)
-    copy_read = cfg.tie_embeddings and inferred.tied is False and not session.options.metadata_only
+    values = not session.options.metadata_only
+    copy_read = cfg.tie_embeddings and inferred.tied is False and values
+    buffer = next((w.frequencies for w in witnesses if w.frequencies), None) if values else None
     facts = Facts(cfg, inferred, tuple(witnesses), _tensor(inferred, "q_rows", "wq"), _tensor(inferred, "kv_rows", "wk"),
-                  (lambda: _is_copy(session)) if copy_read else (lambda: None))
+                  (lambda: _is_copy(session)) if copy_read else (lambda: None),
+                  (lambda: session.checkpoint.load(buffer)) if buffer else (lambda: None))
+    reads = {"tie_embeddings": copy_read, "rope_theta": buffer is not None}
 
     def make(name: str):
         return lambda: repair_with(session, evaluate(facts, name))
 
-    return [Check("config", name, make(name), reads_data=copy_read and name == "tie_embeddings") for name in ORDER]
+    return [Check("config", name, make(name), reads_data=reads.get(name, False)) for name in ORDER]
 
 
 def _is_copy(session: Session) -> bool:
@@ -111,6 +117,9 @@ def _unshown(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str 
     if saved:
         return Verdict.ok(f"{field} = {configured}, as {saved[0].source} says", expected=configured,
                           obtained=configured), None
+    stored = facts.frequencies() if name == "rope_theta" else None
+    if stored is not None:
+        return _theta_from_frequencies(facts, field, stored)
     return Verdict.skip(f"{field} = {configured} cannot be verified: the weights do not show it and no other config "
                         f"saved with the checkpoint states it; conversions will assume {configured}"), None
 
@@ -148,6 +157,34 @@ def _shown(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | 
     if name == "ffn_dim" and cfg.schema != "hf" and inferred.dim not in (None, cfg.dim):
         fix["dim"] = inferred.dim  # a Meta/lingua FFN width is computed from dim: fix both or neither holds
     return verdict, _fields(facts, fix)
+
+
+def _theta_from_frequencies(facts: Facts, field: str, stored: Any) -> tuple[Verdict, dict[str, object] | str | None]:
+    """rope.freqs / inv_freq hold 1 / theta^(2i / head_dim): compare them with the config's theta at the
+    precision they are stored in; on a mismatch, fit theta and propose the roundest value that matches."""
+    import torch
+
+    cfg = facts.cfg
+    source = next(w.source for w in facts.witnesses if w.frequencies)
+    freqs = stored.double().reshape(-1)
+    hd = 2 * freqs.numel()
+    rtol = 2.0 ** -7 if stored.dtype.itemsize <= 2 else 1e-5
+    exponents = torch.arange(0, hd, 2, dtype=torch.float64) / hd
+
+    def matches(theta: float) -> bool:
+        return bool(torch.allclose(freqs, 1.0 / theta ** exponents, rtol=rtol, atol=0.0))
+
+    if matches(cfg.rope_theta):
+        return Verdict.ok(f"{field} = {cfg.rope_theta}, as the values of {source} show",
+                          expected=cfg.rope_theta, obtained=cfg.rope_theta), None
+    # least squares on log f = -exponent * log theta
+    fit = float(torch.exp(-(torch.log(freqs) * exponents).sum() / (exponents ** 2).sum())) if hd > 2 else 0.0
+    theta = next((v for d in range(1, 8) if (v := float(f"{fit:.{d}g}")) > 0 and matches(v)), None)
+    verdict = Verdict.fail(f"config field {field} is {cfg.rope_theta} but the values of {source} are not those "
+                           f"of that theta" + (f"; they are those of {theta}" if theta else ""),
+                           expected=cfg.rope_theta, obtained=theta or "another theta")
+    return verdict, ({field: theta} if theta else f"set {field} to the training run's value: {source} was "
+                     "computed with another theta")
 
 
 def _heads(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | None]:
