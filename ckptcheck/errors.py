@@ -23,6 +23,18 @@ class CkptError(Exception):
         parts = [p for p in (self.path, self.item) if p]
         return ": ".join([*parts, self.cause])
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Picklable as itself: torch.distributed hands a rank's exception to the other ranks pickled,
+        and the default (``cls(*args)``) does not fit this constructor."""
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls: type[CkptError], args: tuple[object, ...], state: dict[str, object]) -> CkptError:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
 
 class InputError(CkptError):
     """Unreadable or invalid input: a checkpoint, a config or a command-line value."""

@@ -64,7 +64,26 @@ def test_tied_embeddings_stay_tied(tmp_path: Path) -> None:
     assert untied.ok and all(r["tied"] is None for r in untied.trips[0].ranks)
 
 
-def test_corrupted_dcp_shard_names_the_key(tmp_path: Path) -> None:
+def test_a_shard_that_differs_from_the_source_names_key_rank_and_index(tmp_path: Path) -> None:
+    """A DCP that loads cleanly but holds other values than the source: the comparison finds it."""
+    import torch
+
+    state = torch.load(GOOD / "consolidated.pth", weights_only=True)
+    w2 = state["layers.1.feed_forward.w2.weight"]  # [32, 96] bf16: element [13, 39] is in rank 0's rows of 2
+    w2[13, 39] = -w2[13, 39] - 1
+    torch.save(state, tmp_path / "other.pth")
+    dcp = tmp_path / "dcp"
+    convert(tmp_path / "other.pth", dcp, to="dcp", config=LINGUA)
+    result = roundtrip(GOOD / "consolidated.pth", config=LINGUA, world_size=2, dcp=dcp, workdir=tmp_path / "w")
+    assert not result.ok
+    (mismatch,) = result.trips[0].mismatches
+    assert mismatch["key"] == "layers.1.feed_forward.w2.weight"
+    assert (mismatch["rank"], mismatch["world_size"], mismatch["rows"]) == (0, 2, [0, 16])
+    assert mismatch["first_index"] == [13, 39]
+
+
+def test_a_corrupted_dcp_record_names_the_key(tmp_path: Path) -> None:
+    """A flipped byte in a chunk's record fails its CRC as the ranks read it, naming the tensor."""
     from ckptcheck.formats.dcp import read_metadata
     from ckptcheck.formats.torchzip import TorchArchive, single_tensor_ref
 
@@ -74,18 +93,16 @@ def test_corrupted_dcp_shard_names_the_key(tmp_path: Path) -> None:
     chunk = items["model.layers.1.feed_forward.w2.weight"].chunks[0]
     with open(dcp / chunk.file, "r+b") as f:
         archive = TorchArchive(f, path="blob", base=chunk.start, length=chunk.length)
-        # w2 is [32, 96] bf16: flip a byte of element [13, 39], in the rows rank 0 of 2 holds
         where = archive._data_offset(single_tensor_ref(archive, "w2").storage) + 2 * (13 * 96 + 39)
         f.seek(where)
         byte = f.read(1)
         f.seek(where)
         f.write(bytes([byte[0] ^ 0x55]))
     result = roundtrip(GOOD / "consolidated.pth", config=LINGUA, world_size=2, dcp=dcp, workdir=tmp_path / "w")
-    assert not result.ok
-    (mismatch,) = result.trips[0].mismatches
-    assert mismatch["key"] == "layers.1.feed_forward.w2.weight"
-    assert (mismatch["rank"], mismatch["world_size"], mismatch["rows"]) == (0, 2, [0, 16])
-    assert mismatch["first_index"] == [13, 39]
+    assert not result.ok and not result.trips[0].mismatches
+    errors = " ".join(result.trips[0].errors)
+    assert "failed in phase load" in errors and "model.layers.1.feed_forward.w2.weight" in errors, errors
+    assert "bad CRC-32" in errors, errors
 
 
 FACTORY = textwrap.dedent('''

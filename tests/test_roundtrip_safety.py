@@ -5,6 +5,7 @@ while loading what torch's default reader loads from an honest checkpoint."""
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -96,8 +97,6 @@ def test_the_ranks_reader_refuses_a_bytes_entry_payload(tmp_path: Path) -> None:
 
 
 def test_the_ranks_reader_refuses_a_metadata_payload(tmp_path: Path) -> None:
-    import pickle
-
     sentinel = tmp_path / "pwned"
     folder = tmp_path / "dcp"
     shutil.copytree(GOOD / "dcp", folder)
@@ -107,14 +106,19 @@ def test_the_ranks_reader_refuses_a_metadata_payload(tmp_path: Path) -> None:
     assert not sentinel.exists()
 
 
+def _forbidden(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("the ranks' reader called torch's unpickling")
+
+
 def _fresh() -> dict[str, Any]:
     return {"model": {"w": torch.zeros(3, 4), "b": torch.zeros(2, dtype=torch.bfloat16)},
             "train_state": {"step": 0, "lr": 0.0, "name": "", "betas": (0.0, 0.0), "flags": [], "dtype": None},
             "data_loader": {"position": {}}}
 
 
-def test_the_safe_reader_loads_what_torch_loads(tmp_path: Path) -> None:
-    """A torch-written DCP with non-tensor entries loads identically through both readers."""
+def test_the_safe_reader_loads_what_torch_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch-written DCP with non-tensor entries loads identically through both readers; ours never
+    calls torch.load or pickle.load (torch's reader calls both)."""
     saved = {"model": {"w": torch.arange(12.0).reshape(3, 4), "b": torch.tensor([1.5, -2.0], dtype=torch.bfloat16)},
              "train_state": {"step": 7, "lr": 2.5e-4, "name": "run-1", "betas": (0.9, 0.95), "flags": [True, None],
                              "dtype": torch.bfloat16},
@@ -122,9 +126,27 @@ def test_the_safe_reader_loads_what_torch_loads(tmp_path: Path) -> None:
     folder = _save(saved, tmp_path / "dcp")
     by_torch, by_us = _fresh(), _fresh()
     dcp.load(by_torch, checkpoint_id=str(folder))
+    for module, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(module, name, _forbidden)
     _, reader = open_dcp(folder)
     dcp.load(by_us, storage_reader=reader, planner=SafeLoadPlanner(folder))
+    monkeypatch.undo()
     assert by_us["train_state"] == by_torch["train_state"] == saved["train_state"]
     for section in ("model", "data_loader"):
         torch.testing.assert_close(by_us[section], by_torch[section], rtol=0, atol=0)
     assert by_us["train_state"]["step"] == 7 and type(by_us["train_state"]["betas"]) is tuple
+
+
+@pytest.mark.slow
+def test_a_payload_swapped_in_after_the_check_is_refused_by_the_ranks(tmp_path: Path) -> None:
+    """The ranks started on a DCP that turned hostile after the launcher's check (run_world is what
+    runs after it): each rank refuses the bytes entry itself and says why; nothing runs."""
+    from ckptcheck.roundtrip.launch import run_world
+
+    sentinel = tmp_path / "pwned"
+    folder = optim_payload_dcp(tmp_path, sentinel)
+    trip = run_world(dcp=folder, source=GOOD / "dcp", world_size=2, config=str(GOOD / "dcp" / "params.json"),
+                     factory=None, optimizer=True, save=None, timeout=120)
+    assert not trip.ok and not sentinel.exists()
+    errors = " ".join(trip.errors)
+    assert "failed in phase load: ckptcheck.errors.UnsafeInputError" in errors and "posix.system" in errors, errors

@@ -4,9 +4,9 @@ torch's ``FileSystemReader.read_metadata`` unpickles ``.metadata`` with ``pickle
 ``DefaultLoadPlanner.load_bytes`` unpickles every bytes entry with ``torch.load(weights_only=False)``:
 either runs whatever a hostile checkpoint names.  Here ``.metadata`` is the allowlisted read of
 ``ckptcheck.formats.dcp`` (its validated items, turned into torch's own ``Metadata``), and each bytes
-entry is unpickled through the torch allowlist.  The objects checked are the objects loaded, so nothing
-is unpickled twice and nothing can be swapped in between.  Tensor chunks stay torch's
-``torch.load(weights_only=True)``, which builds tensors only.
+entry is unpickled through the torch allowlist, as is each tensor chunk's record (by ckptcheck's archive
+reader, where torch would call ``torch.load(weights_only=True)``).  The objects checked are the objects
+loaded, so nothing is unpickled twice and nothing can be swapped in between.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from __future__ import annotations
 import io
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint._nested_dict import set_element
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -24,14 +25,16 @@ from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.futures import Future
 
 from .. import dtypes
 from ..errors import InputError
-from ..formats.dcp import Item, read_metadata
+from ..formats.base import open_binary, read_exact
+from ..formats.dcp import Chunk, Item, read_metadata
 from ..formats.torch_pickle import TensorRef, _Dtype
 from ..safe_pickle import AttrDict
-from ..formats.torchzip import ZIP_MAGIC, TorchArchive
+from ..formats.torchzip import ZIP_MAGIC, TorchArchive, single_tensor_ref
 
 
 def torch_metadata(items: dict[str, Item], version: str | None) -> Metadata:
@@ -41,14 +44,12 @@ def torch_metadata(items: dict[str, Item], version: str | None) -> Metadata:
     for fqn, item in items.items():
         if item.info is None:
             state[fqn] = BytesStorageMetadata()
-            for chunk in item.chunks:
-                storage[MetadataIndex(fqn)] = _StorageInfo(chunk.file, chunk.start, chunk.length)
-            continue
-        chunks = [ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in item.chunks]
-        state[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtypes.to_torch(item.info.dtype)),
-                                           torch.Size(item.info.shape), chunks)
+        else:
+            chunks = [ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in item.chunks]
+            state[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtypes.to_torch(item.info.dtype)),
+                                               torch.Size(item.info.shape), chunks)
         for chunk in item.chunks:
-            storage[MetadataIndex(fqn, chunk.offsets)] = _StorageInfo(chunk.file, chunk.start, chunk.length)
+            storage[_index(item, chunk)] = _StorageInfo(chunk.file, chunk.start, chunk.length)
     planner = {fqn: item.path for fqn, item in items.items()}
     return Metadata(state, planner_data=planner, storage_data=storage, storage_meta=StorageMeta(), version=version)
 
@@ -61,7 +62,8 @@ def open_dcp(folder: str | Path) -> tuple[dict[str, Item], SafeFileSystemReader]
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """A ``FileSystemReader`` whose metadata is the allowlisted read, not ``pickle.load``.
+    """A ``FileSystemReader`` that unpickles nothing with torch: its metadata is the allowlisted read,
+    and its chunks are read by ckptcheck's archive reader at the places that read validated.
 
     ``read_metadata`` takes no ``rank`` keyword on purpose: torch then never falls back to a rank-local
     ``__<rank>.metadata`` that ckptcheck has not read.
@@ -70,10 +72,57 @@ class SafeFileSystemReader(FileSystemReader):
     def __init__(self, path: str | Path, items: dict[str, Item], version: str | None) -> None:
         super().__init__(path)
         self._metadata = torch_metadata(items, version)
+        self._chunks = {_index(item, chunk): (item, chunk) for item in items.values() for chunk in item.chunks}
 
     def read_metadata(self, *args: Any) -> Metadata:  # type: ignore[override]
         self._metadata.storage_meta.load_id = self.load_id  # type: ignore[union-attr]
         return self._metadata
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        """torch's ``read_data`` without ``torch.load``: each chunk is opened as a torch.save blob by
+        ckptcheck's archive reader, at the place and with the shape and dtype the metadata gave."""
+        by_file: dict[str, list[ReadItem]] = {}
+        for req in plan.items:
+            by_file.setdefault(self._chunks[req.storage_index][1].file, []).append(req)
+        for rel, reqs in by_file.items():
+            where = Path(self.path) / rel
+            with open_binary(where) as f:
+                for req in reqs:
+                    item, chunk = self._chunks[req.storage_index]
+                    if req.type == LoadItemType.BYTE_IO:
+                        data = read_exact(f, chunk.start, chunk.length, path=str(where), item=item.fqn)
+                        planner.load_bytes(req, io.BytesIO(data.numpy().tobytes()))
+                        continue
+                    tensor = narrow_tensor_by_index(_tensor_chunk(f, where, item, chunk), req.storage_offsets,
+                                                    req.lengths)
+                    target = planner.resolve_tensor(req).detach()
+                    if target.size() != tensor.size():
+                        raise InputError(where, item.fqn, f"chunk rows {list(tensor.size())} do not fit the "
+                                         f"{list(target.size())} the model expects")
+                    target.copy_(tensor)
+                    planner.commit_tensor(req, target)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+
+def _index(item: Item, chunk: Chunk) -> MetadataIndex:
+    return MetadataIndex(item.fqn) if item.info is None else MetadataIndex(item.fqn, chunk.offsets)
+
+
+def _tensor_chunk(f: BinaryIO, where: Path, item: Item, chunk: Chunk) -> torch.Tensor:
+    """One chunk: a torch.save blob of one tensor, the shape and dtype the metadata declares, its CRC
+    checked.  Errors name the tensor, which is what a user can act on."""
+    assert item.info is not None
+    try:
+        archive = TorchArchive(f, path=f"{where}@{chunk.start}", base=chunk.start, length=chunk.length)
+        ref = single_tensor_ref(archive, item.fqn)
+        if ref.shape != chunk.sizes or ref.dtype != item.info.dtype:
+            raise InputError(where, item.fqn, f"chunk holds {ref.dtype}{list(ref.shape)}, metadata says "
+                             f"{item.info.dtype}{list(chunk.sizes)}")
+        return archive.read(item.fqn, ref)
+    except InputError as exc:
+        raise InputError(where, item.fqn, f"chunk at {list(chunk.offsets)}: {exc.cause}") from None
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
