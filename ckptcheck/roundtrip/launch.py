@@ -170,18 +170,14 @@ def read_reports(report_dir: Path, world_size: int) -> tuple[list[dict[str, Any]
     errors: list[str] = []
     for rank in range(world_size):
         path = report_dir / f"rank{rank}.json"
-        if not path.exists():
-            if path.with_name(path.name + ".tmp").exists():
-                errors.append(f"rank {rank}'s report is incomplete (the rank was killed while writing it)")
-            continue
         try:
             report = json.loads(path.read_text())
-        except (ValueError, OSError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        except (ValueError, OSError):  # absent, or torn (JSONDecodeError and UnicodeDecodeError are ValueErrors)
             report = None
-        if not isinstance(report, dict) or report.get("rank") != rank:
+        if isinstance(report, dict) and report.get("rank") == rank:
+            ranks.append(report)
+        elif path.exists() or path.with_name(path.name + ".tmp").exists():
             errors.append(f"rank {rank}'s report is incomplete (the rank was killed while writing it)")
-            continue
-        ranks.append(report)
     return ranks, errors
 
 
