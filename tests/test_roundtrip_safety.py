@@ -150,3 +150,13 @@ def test_a_payload_swapped_in_after_the_check_is_refused_by_the_ranks(tmp_path: 
     assert not trip.ok and not sentinel.exists()
     errors = " ".join(trip.errors)
     assert "failed in phase load: ckptcheck.errors.UnsafeInputError" in errors and "posix.system" in errors, errors
+
+
+def test_pytest_ckpt_roundtrip_refuses_it_without_starting_ranks(tmp_path: Path, no_ranks: list[Any],
+                                                                  pytester: pytest.Pytester) -> None:
+    sentinel = tmp_path / "pwned"
+    folder = optim_payload_dcp(tmp_path, sentinel)
+    result = pytester.runpytest("--ckpt", str(folder), "--ckpt-target", "resume", "--ckpt-roundtrip", "2", "-v")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*test_safety*FAILED*", "*posix.system*"])
+    assert no_ranks == [] and not sentinel.exists()
