@@ -29,7 +29,7 @@ _CONFIG_LEVELS = 3
 @dataclass(frozen=True)
 class Witness:
     head_dim: int
-    source: str  # "rope.freqs [4]", "the config saved at <path> (head_dim 8)"
+    source: str  # "rope.freqs [4]", "the config saved at <path>"
     config: ModelConfig | None = None  # the saved config, when the witness is one
     # The stored key of a rotary frequency buffer (its values also witness rope_theta).
     frequencies: str | None = None
@@ -94,7 +94,7 @@ def _from_saved_configs(ckpt: str | os.PathLike[str], tested: str | None, inferr
     for path in saved_configs(ckpt, tested):
         cfg = _describes(path, inferred)
         if cfg is not None:
-            out.append(Witness(cfg.head_dim, f"the config saved at {path} (head_dim {cfg.head_dim})", cfg))
+            out.append(Witness(cfg.head_dim, f"the config saved at {path}", cfg))
     return out
 
 

@@ -61,7 +61,7 @@ def test_a_config_saved_beside_the_checkpoint_decides_the_head_split(tmp_path: P
     r = _results(ckpt, wrong)["config[n_heads]"]
     assert r.status is Status.FAIL
     assert f"{tmp_path / 'ckpt' / 'params.json'}" in r.message and "so n_heads = 4" in r.message
-    assert r.repair == (f"set model.n_heads = 4 and model.n_kv_heads = 2 and model.head_dim = 8 in {wrong}, "
+    assert r.repair == (f"set model.n_heads = 4 and model.n_kv_heads = 2 in {wrong}, "
                         "if the weights are the model you meant")
     right = _results(ckpt, _config(tmp_path / "cfg2" / "params.json", TRUE))
     assert right["config[n_heads]"].status is Status.PASS and right["config[n_kv_heads]"].status is Status.PASS

@@ -1,11 +1,12 @@
 """Does the config describe these weights?  One check per config field.
 
 A field passes only when the checkpoint shows its value.  The weights show dim, layers, vocabulary,
-FFN width and tying; they fix n_heads × head_dim but not the split, so head fields pass only when a
-witness states head_dim (see ``corroborate``) and are otherwise reported as not verifiable.  Every
-repair is a config edit that, applied literally, makes its check pass (or the honest skip).
+FFN width and tying; they fix n_heads × head_dim but not the split, so head counts pass only when a
+witness states head_dim (see ``corroborate``); norm_eps and rope_theta only when a config saved with the
+checkpoint (or, for theta, a rotary frequency buffer) agrees.  Otherwise the check skips as not
+verifiable, naming what conversions will assume.  Every failure's repair is a config edit that, applied
+literally, makes its check pass (or the honest skip): tests/test_config_advice.py.
 """
-
 from __future__ import annotations
 
 import json
@@ -31,8 +32,8 @@ HEADS = ("n_heads", "n_kv_heads", "head_dim")
 # head_dim has no check of its own: the n_heads and n_kv_heads checks compare n × head_dim with the rows.
 ORDER = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_embeddings", "norm_eps",
          "rope_theta")
-# Fields no weight shows: only a config saved beside the checkpoint can witness them.  How each schema
-# spells them (configs.py's field table has only the dimensions).
+# Fields no weight's shape shows: a saved config witnesses them (and rotary frequencies, theta).  How each
+# schema spells them (configs.py's field table has only the dimensions).
 UNSHOWN = {"norm_eps": {"hf": "rms_norm_eps"}, "rope_theta": {}}
 # Meta's params.json has no tying field: its loader always builds a separate output layer.
 NO_TYING_FIELD = ("meta",)
@@ -271,9 +272,12 @@ def _fields(facts: Facts, fix: dict[str, object]) -> dict[str, object]:
         out["n_kv_heads"] = kv
     # head_dim must hold with this fix alone and with the dim check's fix too.
     dims = {int(out.get("dim", cfg.dim)), inferred.dim or cfg.dim}  # type: ignore[call-overload]
-    if ("dim" in out or "n_heads" in out) and "head_dim" not in out and not _stated(cfg, "head_dim") and any(
-            d % new_heads or d // new_heads != hd for d in dims):
-        out["head_dim"] = hd
+    implicit_holds = all(d % new_heads == 0 and d // new_heads == hd for d in dims)
+    if not _stated(cfg, "head_dim") and ("dim" in out or "n_heads" in out or "head_dim" in out):
+        if implicit_holds:
+            out.pop("head_dim", None)  # dim / n_heads already gives it
+        else:
+            out["head_dim"] = hd
     if cfg.schema != "hf":
         section = cfg.raw.get("model", {}) if cfg.schema == "lingua" else cfg.raw
         ffn = int(out.pop("ffn_dim", inferred.ffn_dim or cfg.ffn_dim))  # type: ignore[call-overload]
