@@ -2,7 +2,7 @@
 
 Every global a pickle names is looked up in an explicit table of stand-ins that ckptcheck wrote itself
 (plain records, never the real classes), so nothing from the file is imported or called.  A global that
-can act (``GLOBAL_KINDS``: ``os.system``, ``builtins.eval``, ...) stops the load with ``UnsafeInputError``.
+can act (``is_dangerous``: ``os.system``, ``builtins.eval``, ...) stops the load with ``UnsafeInputError``.
 Any other global outside the table is data torch's ``weights_only`` loader refuses (``argparse.Namespace``,
 numpy scalars): it becomes a fresh inert ``Unknown`` record, named in ``refused``, and the load goes on.
 
@@ -55,7 +55,7 @@ INERT_DATA = frozenset({
     *(("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")),
     *(("datetime", n) for n in ("datetime", "date", "time", "timedelta", "timezone")),
     *(("builtins", n) for n in ("int", "float", "str", "bytes", "list", "dict", "tuple", "bool", "range")),
-    ("collections", "defaultdict"), ("collections", "Counter"), ("decimal", "Decimal"), ("fractions", "Fraction"),
+    ("collections", "defaultdict"), ("decimal", "Decimal"), ("fractions", "Fraction"),
     ("uuid", "UUID"),
 })
 _INERT_MODULES = ("numpy.dtypes",)
