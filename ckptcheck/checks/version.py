@@ -56,17 +56,26 @@ def plan_version(session: Session) -> list[Check]:
     if m.format == "dcp":
         checks.append(Check("version", "dcp_layout", _dcp_layout(session)))
     if refused_in(m.facts):
-        checks.append(Check("version", "weights_only", _weights_only(refused_in(m.facts))))
+        checks.append(Check("version", "weights_only", _weights_only(refused_in(m.facts), m.format)))
     return checks
 
 
-def _weights_only(refused: list[str]):
+# Formats whose loader reads pickle globals outside torch's weights_only allowlist: DCP's load planner
+# unpickles bytes entries with torch.load(weights_only=False).
+_UNRESTRICTED_LOADER = {"dcp": "dcp.load unpickles bytes entries with weights_only=False"}
+
+
+def _weights_only(refused: list[str], fmt: str):
     """torch.load(weights_only=True), torch's default since 2.6, refuses a pickle naming a global outside
     its allowlist: ``argparse.Namespace`` for the training args, numpy scalars for a logged loss.  That is
     no attack (globals that can act are ``safety`` findings); ckptcheck kept each as an inert record."""
     def evaluate() -> Verdict:
         unknown = [g for g in refused if not is_inert_data(*g.rsplit(".", 1))]
         caution = f" (ckptcheck does not know {', '.join(unknown)} as plain data: check what it is)" if unknown else ""
+        if fmt in _UNRESTRICTED_LOADER:
+            return Verdict.ok(f"pickle globals {', '.join(refused)}{caution}: {_UNRESTRICTED_LOADER[fmt]} and "
+                              "reads them; torch.load(weights_only=True) would refuse them; ckptcheck kept them "
+                              "unexecuted", obtained=", ".join(refused))
         return Verdict.fail(
             f"torch.load(weights_only=True) refuses the pickle globals {', '.join(refused)}{caution}; "
             "ckptcheck kept them unexecuted",
