@@ -131,3 +131,14 @@ def test_quantized_tensor_is_bad_input_not_an_attack(tmp_path: Path, capsys) -> 
         torch.load(path, weights_only=True)  # torch reads it
     assert main(["check", str(path), "--model-config", str(LINGUA)]) == 2
     assert "does not read" in capsys.readouterr().err
+
+
+def test_legacy_file_with_training_args(tmp_path: Path) -> None:
+    path = tmp_path / "legacy.pt"
+    sd = torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True)
+    torch.save({"model": sd, "args": argparse.Namespace(lr=1.0)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        torch.load(path, weights_only=True)
+    results = run(plan(path, LINGUA, Options(metadata_only=True)))
+    assert [(r.status, r.obtained) for r in results if r.id == "version[weights_only]"] == [
+        (Status.FAIL, "argparse.Namespace")]

@@ -52,7 +52,8 @@ def test_hostile_case(case, tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         assert "UNSAFE" in out and case.expect in out, out
 
 
-@pytest.mark.parametrize("name", ["reduce_os_system", "bad_crc_storage", "dcp_chunks_do_not_cover"])
+@pytest.mark.parametrize("name", ["reduce_os_system", "bad_crc_storage", "dcp_chunks_do_not_cover", "bare_pickle_protocol_0",
+                                  "bytearray_2gb_in_a_70kb_pth", "dcp_version_not_numeric"])
 def test_in_a_real_process_without_traceback(name: str, tmp_path: Path) -> None:
     case = next(c for c in CASES if c.name == name)
     path = case.build(tmp_path, tmp_path / "PWNED")
