@@ -166,3 +166,16 @@ def test_rope_freqs_values_decide_rope_theta(tmp_path: Path) -> None:
     given.write_text(json.dumps({"model": {**TRUE["model"], "rope_theta": 500000.0}}))
     r = _results(ckpt, given)["config[rope_theta]"]
     assert r.status is Status.PASS and "rope.freqs" in r.message
+
+
+def test_no_advice_sets_a_tying_field_a_meta_params_json_does_not_have(tmp_path: Path) -> None:
+    """Meta's loader ignores weight_tying: advising it would never converge."""
+    meta = _config(tmp_path / "cfg" / "params.json", TRUE["model"])
+    state = random_state_dict(load_config(meta), seed=5)
+    del state["output.weight"]
+    (tmp_path / "ckpt").mkdir()
+    torch.save(state, tmp_path / "ckpt" / "consolidated.pth")
+    results = _results(tmp_path / "ckpt" / "consolidated.pth", meta)
+    for check_id in ("config[tie_embeddings]", "key_present[output.weight]"):
+        r = results[check_id]
+        assert r.status is Status.FAIL and r.repair and "cannot state tied embeddings" in r.repair, r.repair

@@ -185,7 +185,8 @@ def test_rotary_buffers_are_dropped_as_redundant_and_listed(tmp_path: Path, caps
     import torch
 
     state = torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True)
-    state |= {"rope.freqs": torch.ones(4), "rope.inv_freq": torch.ones(4)}
+    freqs = 1.0 / 10000.0 ** (torch.arange(0, 8, 2).float() / 8)  # head_dim 8, the config's theta
+    state |= {"rope.freqs": freqs, "rope.inv_freq": freqs.clone()}
     torch.save(state, tmp_path / "in.pth")
     dst = tmp_path / "out.pth"
     assert main(["repair", str(tmp_path / "in.pth"), str(dst), "--model-config", LINGUA]) == 0

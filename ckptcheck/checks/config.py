@@ -37,6 +37,18 @@ ORDER = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "t
 UNSHOWN = {"norm_eps": {"hf": "rms_norm_eps"}, "rope_theta": {}}
 # Meta's params.json has no tying field: its loader always builds a separate output layer.
 NO_TYING_FIELD = ("meta",)
+META_CANNOT_TIE = ("a Meta params.json cannot state tied embeddings (Meta's loader always reads a separate "
+                   "output.weight): check against a lingua params.json with weight_tying: true, or a config.json "
+                   "with tie_word_embeddings: true")
+
+
+def tie_repair(session: Session) -> str:
+    """The repair for a tie the config does not state: a config edit where the schema has the field."""
+    cfg = session.config
+    assert cfg is not None
+    if cfg.schema in NO_TYING_FIELD:
+        return META_CANNOT_TIE
+    return repairs.fix_config(session, {cfg.field_name("tie_embeddings"): True})
 
 
 @dataclass(frozen=True)
@@ -151,9 +163,7 @@ def _shown(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | 
     verdict = Verdict.fail(f"config field {field} is {_json(configured)} but the weights imply {_json(weights)} "
                            f"({evidence})", expected=_json(configured), obtained=_json(weights))
     if name == "tie_embeddings" and cfg.schema in NO_TYING_FIELD:
-        return verdict, ("a Meta params.json cannot state tied embeddings (Meta's loader always reads a separate "
-                         "output.weight): check against a lingua params.json with weight_tying: true, or a "
-                         "config.json with tie_word_embeddings: true")
+        return verdict, META_CANNOT_TIE
     fix: dict[str, object] = {name: weights}
     if name == "ffn_dim" and cfg.schema != "hf" and inferred.dim not in (None, cfg.dim):
         fix["dim"] = inferred.dim  # a Meta/lingua FFN width is computed from dim: fix both or neither holds

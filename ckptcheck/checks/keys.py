@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from ..naming import WRAPPER_TITLES, layer_of
 from ..tying import bit_identical
 from . import repairs
+from .config import tie_repair
 from .model import Check, Verdict
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def _present(session: Session, key: str):
             else:
                 why += (f"; the config does not tie embeddings ({cfg.field_name('tie_embeddings')} is false) "
                         "but the checkpoint looks like it came from a tied model")
-                fix = repairs.fix_config(session, {cfg.field_name("tie_embeddings"): True})
+                fix = tie_repair(session)
         else:
             layer = layer_of(key)
             layers = {n for k in session.by_canonical if (n := layer_of(k)) is not None}
