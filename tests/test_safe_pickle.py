@@ -311,3 +311,17 @@ def test_legacy_files_of_every_pickle_protocol_are_read(tmp_path: Path, protocol
     torch.save({"w": torch.arange(4.0)}, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
     with open_checkpoint(path) as ckpt:
         assert ckpt.format_name == "torch-legacy" and torch.equal(ckpt.load("w"), torch.arange(4.0))
+
+
+def test_a_legacy_object_pickle_allocates_no_more_than_a_data_pkl_could_hold(tmp_path: Path, monkeypatch) -> None:
+    """The bytes left in a legacy file are mostly storages: they do not widen what its pickles may allocate."""
+    from ckptcheck.formats import legacy
+
+    from .hostile import LEGACY_INFO, LEGACY_MAGIC, LEGACY_PROTOCOL
+
+    monkeypatch.setattr(legacy, "MAX_DATA_PKL", 1000)
+    path = tmp_path / "legacy.pt"
+    path.write_bytes(LEGACY_MAGIC + LEGACY_PROTOCOL + LEGACY_INFO + pickle.dumps(_Payload(bytearray, 50_000), 2)
+                     + pickle.dumps([], 2) + b"\x00" * 200_000)
+    with pytest.raises(InputError, match="more than its bytes can hold"):
+        open_checkpoint(path)

@@ -17,7 +17,7 @@ from ..errors import InputError
 from ..safe_pickle import BASIC_GLOBALS, is_index, safe_load_stream
 from .base import bytes_to_tensor, check_rows, open_binary, read_exact, row_span
 from .torch_pickle import TORCH_ALLOWLIST, MalformedTensor, StorageRef, StorageTable, TensorRef, weights_only_facts
-from .torchzip import PickledCheckpoint
+from .torchzip import MAX_DATA_PKL, PickledCheckpoint
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +53,9 @@ class LegacyTorchCheckpoint(PickledCheckpoint):
         f, where = self._f, self.path
         size = os.fstat(f.fileno()).st_size
         def load(member: str, allowed: Any = BASIC_GLOBALS, **kwargs: Any) -> Any:
-            return safe_load_stream(f, path=where, member=member, allowed=allowed, size=size - f.tell(), **kwargs)
+            # what a pickle may allocate: bounded by the bytes left, and by what a zip's data.pkl may hold
+            budget = min(size - f.tell(), MAX_DATA_PKL)
+            return safe_load_stream(f, path=where, member=member, allowed=allowed, size=budget, **kwargs)
 
         if load("magic number") != MAGIC:
             raise InputError(where, "magic number", "not a legacy torch file")
