@@ -321,7 +321,7 @@ def test_a_legacy_object_pickle_allocates_no_more_than_a_data_pkl_could_hold(tmp
 
     monkeypatch.setattr(legacy, "MAX_DATA_PKL", 1000)
     path = tmp_path / "legacy.pt"
-    path.write_bytes(LEGACY_MAGIC + LEGACY_PROTOCOL + LEGACY_INFO + pickle.dumps(_Payload(bytearray, 50_000), 2)
+    path.write_bytes(LEGACY_MAGIC + LEGACY_PROTOCOL + LEGACY_INFO + pickle.dumps(_Payload(bytearray, 100_000), 2)
                      + pickle.dumps([], 2) + b"\x00" * 200_000)
     with pytest.raises(InputError, match="more than its bytes can hold"):
         open_checkpoint(path)
