@@ -226,6 +226,7 @@ BASIC_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 MAX_PICKLE_BYTES = 1 << 30
+MAX_UNKNOWN_GLOBALS = 256  # distinct refused globals in one pickle; a real checkpoint names a handful
 MAX_INDEX = (1 << 63) - 1
 MAX_RANK = 64  # dimensions of a tensor a pickle may declare; torch itself allows 64
 
@@ -269,9 +270,12 @@ class _Unpickler(pickle.Unpickler):
         if self._refused is None or is_dangerous(module, name):
             raise _refusal(module, name, self._path, self._member, "refused to load")
         culprit = f"{module}.{name}"
-        self._refused.add(culprit)
         if culprit not in self._unknown:
+            if len(self._unknown) >= MAX_UNKNOWN_GLOBALS:  # each costs a class: bound them, not the file
+                raise InputError(self._path, self._member, f"names more than {MAX_UNKNOWN_GLOBALS} globals "
+                                 "outside the allowlist")
             self._unknown[culprit] = Frozen(name, (Unknown,), {"__slots__": (), "global_name": culprit})
+        self._refused.add(culprit)
         return self._unknown[culprit]
 
     def persistent_load(self, pid: Any) -> Any:

@@ -325,3 +325,14 @@ def test_a_legacy_object_pickle_allocates_no_more_than_a_data_pkl_could_hold(tmp
                      + pickle.dumps([], 2) + b"\x00" * 200_000)
     with pytest.raises(InputError, match="more than its bytes can hold"):
         open_checkpoint(path)
+
+
+def test_distinct_unknown_globals_are_bounded(tmp_path: Path) -> None:
+    """Each refused global costs a stand-in class: a pickle naming millions would take gigabytes."""
+    from ckptcheck.safe_pickle import MAX_UNKNOWN_GLOBALS
+
+    from .hostile import torch_zip
+
+    names = b"".join(_global("argparse", f"N{i}") + b"0" for i in range(MAX_UNKNOWN_GLOBALS + 1))
+    with pytest.raises(InputError, match=f"more than {MAX_UNKNOWN_GLOBALS} globals"):
+        open_checkpoint(torch_zip(tmp_path, b"\x80\x02" + names + b"N."))
