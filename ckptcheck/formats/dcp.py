@@ -404,29 +404,34 @@ class DcpCheckpoint(Checkpoint):
 
     def _read_chunk(self, item: Item, chunk: Chunk, rows: tuple[int, int] | None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-        """A chunk, or rows of it: a torch.save blob (DCP's default) or raw bytes (safetensors items)."""
-        assert item.info is not None
-        where = str(self.folder / chunk.file)
-        f = self._handle(chunk.file)
-        f.seek(chunk.start)
-        head = f.read(4)
-        dtype = item.info.dtype
-        shape = (rows[1] - rows[0], *chunk.sizes[1:]) if rows else chunk.sizes
-        if head == ZIP_MAGIC:
-            archive = TorchArchive(f, path=f"{where}@{chunk.start}", base=chunk.start, length=chunk.length)
-            ref = single_tensor_ref(archive, item.fqn)
-            if ref.shape != chunk.sizes or ref.dtype != dtype:
-                raise InputError(where, item.fqn, f"chunk holds {ref.dtype}{list(ref.shape)}, metadata says "
-                                 f"{dtype}{list(chunk.sizes)}")
-            return archive.read(item.fqn, ref, rows, out)
-        if chunk.length != math.prod(chunk.sizes) * dtypes.itemsize(dtype):
-            raise InputError(where, item.fqn, "chunk is neither a torch.save blob nor raw tensor bytes")
-        first, count = row_span(chunk.sizes, *rows) if rows else (0, math.prod(chunk.sizes))
-        size = dtypes.itemsize(dtype)
-        buf = read_exact(f, chunk.start + first * size, count * size, path=where, item=item.fqn, out=out)
-        return bytes_to_tensor(buf, dtype, shape)
+        return read_chunk(self._handle(chunk.file), self.folder / chunk.file, item, chunk, rows, out)
 
     def close(self) -> None:
         for h in self._handles.values():
             h.close()
         self._handles.clear()
+
+
+def read_chunk(f: BinaryIO, where: str | os.PathLike[str], item: Item, chunk: Chunk,
+               rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A chunk, or rows of it, from its open data file: a torch.save blob (DCP's default, its record's CRC
+    checked by the archive reader) or raw bytes (safetensors items).  Never unpickles with torch."""
+    assert item.info is not None
+    where = str(where)
+    f.seek(chunk.start)
+    head = f.read(4)
+    dtype = item.info.dtype
+    shape = (rows[1] - rows[0], *chunk.sizes[1:]) if rows else chunk.sizes
+    if head == ZIP_MAGIC:
+        archive = TorchArchive(f, path=f"{where}@{chunk.start}", base=chunk.start, length=chunk.length)
+        ref = single_tensor_ref(archive, item.fqn)
+        if ref.shape != chunk.sizes or ref.dtype != dtype:
+            raise InputError(where, item.fqn, f"chunk holds {ref.dtype}{list(ref.shape)}, metadata says "
+                             f"{dtype}{list(chunk.sizes)}")
+        return archive.read(item.fqn, ref, rows, out)
+    if chunk.length != math.prod(chunk.sizes) * dtypes.itemsize(dtype):
+        raise InputError(where, item.fqn, "chunk is neither a torch.save blob nor raw tensor bytes")
+    first, count = row_span(chunk.sizes, *rows) if rows else (0, math.prod(chunk.sizes))
+    size = dtypes.itemsize(dtype)
+    buf = read_exact(f, chunk.start + first * size, count * size, path=where, item=item.fqn, out=out)
+    return bytes_to_tensor(buf, dtype, shape)

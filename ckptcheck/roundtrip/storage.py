@@ -31,10 +31,10 @@ from torch.futures import Future
 from .. import dtypes
 from ..errors import InputError
 from ..formats.base import open_binary, read_exact
-from ..formats.dcp import Chunk, Item, read_metadata
+from ..formats.dcp import Chunk, Item, read_chunk, read_metadata
 from ..formats.torch_pickle import TensorRef, _Dtype
 from ..safe_pickle import AttrDict
-from ..formats.torchzip import ZIP_MAGIC, TorchArchive, single_tensor_ref
+from ..formats.torchzip import ZIP_MAGIC, TorchArchive
 
 
 def torch_metadata(items: dict[str, Item], version: str | None) -> Metadata:
@@ -111,16 +111,10 @@ def _index(item: Item, chunk: Chunk) -> MetadataIndex:
 
 
 def _tensor_chunk(f: BinaryIO, where: Path, item: Item, chunk: Chunk) -> torch.Tensor:
-    """One chunk: a torch.save blob of one tensor, the shape and dtype the metadata declares, its CRC
-    checked.  Errors name the tensor, which is what a user can act on."""
-    assert item.info is not None
+    """One chunk as the metadata declares it, read by ckptcheck's own chunk reader; errors name the tensor
+    and the chunk, which is what a user can act on."""
     try:
-        archive = TorchArchive(f, path=f"{where}@{chunk.start}", base=chunk.start, length=chunk.length)
-        ref = single_tensor_ref(archive, item.fqn)
-        if ref.shape != chunk.sizes or ref.dtype != item.info.dtype:
-            raise InputError(where, item.fqn, f"chunk holds {ref.dtype}{list(ref.shape)}, metadata says "
-                             f"{item.info.dtype}{list(chunk.sizes)}")
-        return archive.read(item.fqn, ref)
+        return read_chunk(f, where, item, chunk)
     except InputError as exc:
         raise InputError(where, item.fqn, f"chunk at {list(chunk.offsets)}: {exc.cause}") from None
 
