@@ -39,6 +39,8 @@ class ModelConfig:
     # Biases (HF attention_bias: q/k/v/o projections; mlp_bias: gate/up/down), absent in Meta's Llama.
     attention_bias: bool = False
     mlp_bias: bool = False
+    # HF rotary scaling (rope_type and its parameters, without rope_theta), or None for plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
     # canonical dimension name -> how this file spells it, for messages ("dim" -> "hidden_size").
     fields: dict[str, str] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -62,6 +64,16 @@ class ModelConfig:
 
     def field_name(self, canonical: str) -> str:
         return self.fields.get(canonical, canonical)
+
+    def states(self, canonical: str) -> bool:
+        """Whether the file itself states the field (rather than leaving it to a default): only a stated
+        value is evidence of what the training run used."""
+        node: Any = self.raw
+        for part in self.field_name(canonical).split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return node is not None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -220,7 +232,8 @@ def _from_meta_like(path: Path, model: dict[str, Any], *, schema: str, raw: dict
             "n_kv_heads": prefix + "n_kv_heads", "head_dim": prefix + "head_dim",
             "vocab_size": prefix + "vocab_size",
             "ffn_dim": f"{prefix}ffn_dim_multiplier/{prefix}multiple_of",
-            "tie_embeddings": prefix + "weight_tying",
+            "tie_embeddings": prefix + "weight_tying", "norm_eps": prefix + "norm_eps",
+            "rope_theta": prefix + "rope_theta",
         },
         raw=raw,
     )
@@ -238,6 +251,7 @@ def _from_hf(path: Path, data: dict[str, Any]) -> ModelConfig:
     dim = _positive(f, "hidden_size", f.int("hidden_size"))
     n_heads, n_kv, head_dim = _heads(f, dim, "hidden_size", "num_attention_heads", "num_key_value_heads")
     dtype_name = data.get("torch_dtype", data.get("dtype"))
+    rope_field, rope_theta, scaling = _hf_rope(f, data)
     dtype = None
     if dtype_name is not None:
         try:
@@ -253,15 +267,38 @@ def _from_hf(path: Path, data: dict[str, Any]) -> ModelConfig:
         tie_embeddings=f.bool("tie_word_embeddings", False),
         dtype=dtype,
         norm_eps=f.float("rms_norm_eps", 1e-6) or 1e-6,
-        rope_theta=f.float("rope_theta", 10000.0) or 10000.0,
+        rope_theta=rope_theta, rope_scaling=scaling,
         attention_bias=f.bool("attention_bias", False), mlp_bias=f.bool("mlp_bias", False),
         fields={
             "dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
             "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
-            "ffn_dim": "intermediate_size", "tie_embeddings": "tie_word_embeddings",
+            "ffn_dim": "intermediate_size", "tie_embeddings": "tie_word_embeddings", "norm_eps": "rms_norm_eps",
+            "rope_theta": rope_field,
         },
         raw=data,
     )
+
+
+# transformers' default RoPE needs no parameters besides theta.
+HF_PLAIN_ROPE = "default"
+
+
+def _hf_rope(f: _Fields, data: dict[str, Any]) -> tuple[str, float, dict[str, Any] | None]:
+    """(the field theta is read from, rope_theta, scaling or None), as transformers reads them: 4.x wrote
+    top-level rope_theta and rope_scaling, 5.x writes one rope_parameters {rope_theta, rope_type, ...}.
+    Like transformers, rope_scaling wins over rope_parameters, and theta in the dict over the top level."""
+    name = "rope_scaling" if data.get("rope_scaling") else "rope_parameters"
+    params = data.get(name) or {}
+    if not isinstance(params, dict):
+        raise f._err(name, f"must be an object, got {params!r}")
+    sub = _Fields(f.path, params, name + ".")
+    theta_field = name + ".rope_theta" if params.get("rope_theta") is not None else "rope_theta"
+    theta = (sub.float("rope_theta") if theta_field != "rope_theta" else f.float("rope_theta")) or 10000.0
+    if theta <= 0:
+        raise f._err(theta_field, f"must be positive, got {theta}")
+    kind = params.get("rope_type", params.get("type", HF_PLAIN_ROPE))
+    scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")} | {"rope_type": kind}
+    return theta_field, theta, (None if kind == HF_PLAIN_ROPE else scaling)
 
 
 def to_lingua_params(cfg: ModelConfig, vocab_size: int | None = None) -> dict[str, Any]:
@@ -297,13 +334,11 @@ def _hf_positions_as_meta(cfg: ModelConfig) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if isinstance(cfg.raw.get("max_position_embeddings"), int):
         out["max_seqlen"] = cfg.raw["max_position_embeddings"]
-    scaling = cfg.raw.get("rope_scaling")
-    if scaling:
-        same = isinstance(scaling, dict) and all(
-            scaling.get(k, scaling.get("type") if k == "rope_type" else None) == v
-            for k, v in LLAMA3_ROPE_SCALING.items())
-        if not same:
-            raise InputError(cfg.source, "field rope_scaling", f"{scaling!r} has no params.json equivalent "
+    scaling = cfg.rope_scaling
+    if scaling is not None:
+        if scaling != LLAMA3_ROPE_SCALING:
+            field = "rope_scaling" if cfg.raw.get("rope_scaling") else "rope_parameters"
+            raise InputError(cfg.source, f"field {field}", f"{scaling!r} has no params.json equivalent "
                              "(Meta's use_scaled_rope is Llama 3.1's scaling only); write --to hf or safetensors")
         out["use_scaled_rope"] = True
     return out

@@ -61,3 +61,52 @@ def test_meta_vocab_minus_one_means_tokenizer(tmp_path: Path) -> None:
 def test_explicit_head_dim(tmp_path: Path) -> None:
     cfg = load_config(_write(tmp_path, {"model": {"dim": 48, "n_layers": 1, "n_heads": 4, "head_dim": 16}}))
     assert cfg.head_dim == 16
+
+
+def _transformers_config(tmp_path: Path, **rope: object) -> Path:
+    """A config.json written by the installed transformers itself (5.x: rope_parameters, no top-level theta)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=128, **rope).save_pretrained(tmp_path)
+    return tmp_path / "config.json"
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("spelling", ["rope_parameters", "rope_scaling"])
+def test_rope_theta_and_scaling_are_read_in_either_spelling(tmp_path: Path, spelling: str) -> None:
+    from ckptcheck.configs import to_lingua_params
+
+    if spelling == "rope_parameters":
+        path = _transformers_config(tmp_path, rope_theta=500000.0, rope_scaling=dict(LLAMA3))
+        assert "rope_theta" not in json.loads(path.read_text())  # what transformers 5 writes
+    else:
+        path = _write(tmp_path, {**json.loads((CONFIGS / "hf_config.json").read_text()), "rope_theta": 500000.0,
+                                 "rope_scaling": {**LLAMA3, "type": "llama3"}})
+    cfg = load_config(path)
+    assert cfg.rope_theta == 500000.0 and cfg.states("rope_theta")
+    assert cfg.rope_scaling == LLAMA3
+    assert to_lingua_params(cfg)["model"]["use_scaled_rope"] is True
+    assert to_lingua_params(cfg)["model"]["rope_theta"] == 500000.0
+
+
+@pytest.mark.parametrize("spelling", ["rope_parameters", "rope_scaling"])
+def test_a_scaling_params_json_cannot_express_is_refused(tmp_path: Path, spelling: str) -> None:
+    from ckptcheck.configs import to_lingua_params
+
+    other = {**LLAMA3, "original_max_position_embeddings": 64}
+    if spelling == "rope_parameters":
+        path = _transformers_config(tmp_path, rope_theta=500000.0, rope_scaling=other)
+    else:
+        path = _write(tmp_path, {**json.loads((CONFIGS / "hf_config.json").read_text()), "rope_scaling": other})
+    with pytest.raises(InputError, match=f"field {spelling}.*no params.json equivalent"):
+        to_lingua_params(load_config(path))
+
+
+def test_plain_rope_of_transformers_5_is_no_scaling(tmp_path: Path) -> None:
+    cfg = load_config(_transformers_config(tmp_path))
+    assert cfg.rope_theta == 10000.0 and cfg.rope_scaling is None
+    assert cfg.states("rope_theta") and cfg.states("norm_eps")
