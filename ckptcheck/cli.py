@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="leave optimizer, scheduler and data-loader state behind (carried by default to torch/dcp)")
     conv.add_argument("--init-optimizer-state", action="store_true",
                       help="write fresh AdamW state (step 0, zero moments) instead of the input's")
+    _head_dim_option(conv)
     _output_options(conv)
     conv.set_defaults(func=cmd_convert)
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--drop", action="append", default=[], metavar="KEY",
                      help="leave this tensor out (repeatable); without it a repair drops only provably redundant "
                      "tensors (bit-identical tied copies, rotary buffers) and refuses other extras")
+    _head_dim_option(rep)
     _output_options(rep)
     rep.set_defaults(func=cmd_repair)
 
@@ -125,6 +127,12 @@ def _with_progress(checks: list[Any], text: bool) -> Any:
     return tqdm(checks, desc="checking", unit="check", file=sys.stderr, leave=False)
 
 
+def _head_dim_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--head-dim", type=int, metavar="N",
+                   help="confirm the config's head size where q/k rows are permuted (between Meta/lingua/"
+                        "torchtitan and Hugging Face names) and nothing in the checkpoint shows it")
+
+
 def _output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--format", choices=("text", "json"), default="text")
@@ -136,7 +144,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     report = convert(args.src, args.dst, to=args.to, naming=args.naming, config=args.model_config, dtype=args.dtype,
                      force=args.force, progress=args.format == "text", weights_only=args.weights_only,
-                     init_optimizer_state=args.init_optimizer_state)
+                     init_optimizer_state=args.init_optimizer_state, head_dim=args.head_dim)
     if args.format == "json":
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -145,13 +153,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
+    from .convert.api import tally
     from .repair import repair
     from .report.text import failure_lines
 
     options = engine_options(lambda name: getattr(args, name, None))
     outcome = repair(args.src, args.dst, config=args.model_config, options=options, to=args.to,
                      dry_run=args.dry_run, force=args.force, progress=args.format == "text",
-                     init_optimizer_state=args.init_optimizer_state, drop=tuple(args.drop))
+                     init_optimizer_state=args.init_optimizer_state, drop=tuple(args.drop),
+                     head_dim=args.head_dim)
     if args.format == "json":
         print(json.dumps(outcome.to_json(), indent=2))
     else:
@@ -166,7 +176,9 @@ def cmd_repair(args: argparse.Namespace) -> int:
         if outcome.conversion is not None:
             print("\n".join(outcome.conversion.lines()))
             still = [r for r in outcome.after if r.status.value in ("fail", "unsafe")]
-            print(f"re-checked {args.dst}: {len(outcome.after) - len(still)} of {len(outcome.after)} checks pass")
+            skipped = [r.id for r in outcome.after if r.status.value == "skip"]
+            print(f"re-checked {args.dst}: "
+                  + tally(len(outcome.after) - len(still) - len(skipped), len(outcome.after), skipped))
             for r in still:
                 print(f"FAIL   {r.id}")
                 print("\n".join("       " + line for line in failure_lines(r)))
@@ -271,12 +283,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.params:
         if note:
             raise InputError(args.ckpt, None, f"no params.json written: {note}")
-        saved = next((w.config for w in witnesses if w.config is not None), None)
-        if saved is None:
-            print("ckptcheck: norm_eps and rope_theta are not in the weights and are left out (lingua and Meta then "
-                  "use 1e-5 and 10000.0): add the training run's values", file=sys.stderr)
-        else:
-            params.update(norm_eps=saved.norm_eps, rope_theta=saved.rope_theta)
+        saved = [w.config for w in witnesses if w.config is not None]
+        for name in ("norm_eps", "rope_theta"):  # a witness's default is no evidence: only what it states
+            stated = next((getattr(c, name) for c in saved if c.states(name)), None)
+            if stated is None:
+                print(f"ckptcheck: {name} is not in the weights and no saved config states it, so it is left out "
+                      "(lingua and Meta then use their defaults): add the training run's value", file=sys.stderr)
+            else:
+                params[name] = stated
         if args.params == "meta":
             params.pop("weight_tying", None)
         print(json.dumps({"model": params} if args.params == "lingua" else params, indent=2))

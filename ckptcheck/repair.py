@@ -196,7 +196,8 @@ def _drop_restores_tie(session: Session, rp: RepairPlan) -> bool:
 
 def repair(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, config: str | os.PathLike[str] | None,
            options: Options, to: str | None = None, dry_run: bool = False, force: bool = False,
-           progress: bool = False, init_optimizer_state: bool = False, drop: tuple[str, ...] = ()) -> RepairOutcome:
+           progress: bool = False, init_optimizer_state: bool = False, drop: tuple[str, ...] = (),
+           head_dim: int | None = None) -> RepairOutcome:
     the_plan = plan(src, config, options)
     try:
         before = run(the_plan)
@@ -211,7 +212,8 @@ def repair(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, config: 
     cfg_for_convert = session.config
     outcome.conversion = convert(src, dst, to=rp.to, naming=rp.naming, config=cfg_for_convert, dtype=rp.dtype,
                                  force=force, progress=progress, drop=rp.drop,
-                                 init_optimizer_state=rp.init_optimizer_state, recheck=False)
+                                 init_optimizer_state=rp.init_optimizer_state, recheck=False,
+                                 head_dim=head_dim)
     # Judge the output as written: with the config the conversion wrote beside it, if it wrote one.
     after_config = outcome.conversion.config_written or session.config_arg
     after_plan = plan(Path(dst), after_config, options)

@@ -27,11 +27,11 @@ def test_every_format_into_every_other_and_back(src_fmt: str, to: str, tiny_cfg,
     state = named(tiny_state, FORMATS[src_fmt], tiny_cfg)
     src = write(src_fmt, state, tmp_path / "src")
     mid = tmp_path / SUFFIX[to]
-    convert(src, mid, to=to, config=LINGUA)
+    convert(src, mid, to=to, config=LINGUA, head_dim=8)  # the fixtures' split, which no witness shows
     back_fmt = BACK[src_fmt]
     back = tmp_path / ("back_" + SUFFIX[back_fmt])
     naming = "hf" if FORMATS[src_fmt].name == "hf" else "meta"
-    convert(mid, back, to=back_fmt, naming=None if back_fmt == "hf" else naming, config=LINGUA)
+    convert(mid, back, to=back_fmt, naming=None if back_fmt == "hf" else naming, config=LINGUA, head_dim=8)
     with open_checkpoint(back) as ckpt:
         assert set(ckpt.manifest.tensors) == set(state)
         for key, t in state.items():
@@ -100,7 +100,7 @@ def test_dtype_cast_reports_precision_loss(tmp_path: Path) -> None:
 
 def test_hf_naming_and_layout(tiny_cfg, tiny_state, tmp_path: Path) -> None:
     src = Path(__file__).parent.parent / "fixtures" / "good" / "consolidated.pth"
-    report = convert(src, tmp_path / "hf", to="hf", config=LINGUA)
+    report = convert(src, tmp_path / "hf", to="hf", config=LINGUA, head_dim=8)
     assert report.summary["permuted"] == 2 * tiny_cfg.n_layers
     with open_checkpoint(tmp_path / "hf") as ckpt:
         expected = named(tiny_state, FORMATS["hf"], tiny_cfg)
@@ -114,7 +114,7 @@ def test_hf_output_is_sharded_past_the_limit(tmp_path: Path, monkeypatch: pytest
 
     monkeypatch.setattr(writers, "HF_SHARD_BYTES", 20_000)
     src = Path(__file__).parent.parent / "fixtures" / "good" / "consolidated.pth"
-    convert(src, tmp_path / "hf", to="hf", config=LINGUA)
+    convert(src, tmp_path / "hf", to="hf", config=LINGUA, head_dim=8)
     shards = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
     assert len(shards) > 2 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     assert diff(src, tmp_path / "hf", config=LINGUA).equal

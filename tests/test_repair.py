@@ -27,7 +27,7 @@ LINGUA = str(CONFIGS / "lingua_params.json")
 def test_repair_produces_a_passing_checkpoint(src: str, to: str | None, steps, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     dst = tmp_path / ("out" if to in ("dcp", "hf") else "out.pth")
-    args = ["repair", str(FIXTURES / src), str(dst), "--model-config", LINGUA, "--format", "json"]
+    args = ["repair", str(FIXTURES / src), str(dst), "--model-config", LINGUA, "--format", "json", "--head-dim", "8"]
     code = main([*args, *(["--to", to] if to else [])])
     out = json.loads(capsys.readouterr().out)
     if src == "broken/extra_layer.pth":  # another architecture: refused, nothing written
@@ -51,7 +51,9 @@ def test_dtype_is_cast_to_the_expected_dtype(tmp_path: Path, capsys: pytest.Capt
     assert main(["repair", str(tmp_path / "mixed.pth"), str(tmp_path / "fixed.pth"), "--model-config", LINGUA]) == 0
     out = capsys.readouterr().out
     assert "cast 1 tensors to bfloat16 (the checkpoint's dominant dtype)" in out
-    assert re.search(r"re-checked .*: (\d+) of \1 checks pass", out), out
+    passed, total, unverifiable = re.search(r"re-checked .*: (\d+) of (\d+) checks pass(?:, (\d+) not verifiable)?",
+                                            out).groups()
+    assert int(passed) + int(unverifiable or 0) == int(total) and "FAIL" not in out, out
 
 
 def test_unrepairable_input_is_refused_with_reasons(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

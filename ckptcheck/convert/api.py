@@ -17,6 +17,7 @@ from ..errors import InputError
 from ..formats import open_checkpoint
 from ..manifest import Manifest
 from ..naming import HF, Scheme
+from .heads import confirm_head_split
 from .atomic import Staging, refuse_unsafe_destination
 from .plan import ConversionPlan, build_plan, carry_state, fresh_adamw_state, scheme_named
 from .stream import ChunkSource
@@ -43,7 +44,7 @@ class ConversionReport:
     precision: dict[str, dict[str, float]] = field(default_factory=dict)
     optimizer_initialised: bool = False
     # The output re-checked as written, with the config written beside it (metadata only: the values were
-    # verified against the input): {"config": path, "total": n, "failed": [{"id", "message"}]}.
+    # verified against the input): {"config": path, "total": n, "failed": [{"id", "message"}], "skipped": [...]}.
     recheck: dict[str, Any] | None = None
 
     @property
@@ -76,13 +77,24 @@ class ConversionReport:
             out.append(f"  config: {self.config_written}")
         if self.recheck is not None:
             failed = self.recheck["failed"]
-            out.append(f"  re-checked with {self.recheck['config']}: {self.recheck['total'] - len(failed)} of "
-                       f"{self.recheck['total']} checks pass")
+            skipped = self.recheck["skipped"]
+            passed = self.recheck["total"] - len(failed) - len(skipped)
+            out.append(f"  re-checked with {self.recheck['config']}: "
+                       + tally(passed, self.recheck["total"], [f["id"] for f in skipped]))
             out += [f"  FAIL {f['id']}: {f['message']}" for f in failed]
         if self.optimizer_initialised:
             out.append("  NOTE: optimizer state was INITIALISED, not carried over: AdamW at step 0 with zero moments "
                        "for every parameter. Training that resumes from this restarts its optimizer.")
         return out
+
+
+def tally(passed: int, total: int, skipped: list[str]) -> str:
+    """How many checks pass, never counting a check the evidence could not decide as passed."""
+    line = f"{passed} of {total} checks pass"
+    if skipped:
+        line += (f", {len(skipped)} not verifiable ({', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}: "
+                 "ckptcheck check -v says why)")
+    return line
 
 
 def infer_output_format(dst: Path, to: str | None) -> str:
@@ -111,12 +123,14 @@ def convert(
     init_optimizer_state: bool = False,
     weights_only: bool = False,
     recheck: bool = True,
+    head_dim: int | None = None,
 ) -> ConversionReport:
     """Convert ``src`` into ``dst``; raises ``InputError`` (nothing written) on any problem.
 
     ``verify=False`` is for callers that verify the output more thoroughly themselves before anyone
     uses it (the FSDP round trip compares every shard it loads with the source).  ``recheck=False`` is
-    for callers that run the full checks on the output themselves (repair).
+    for callers that run the full checks on the output themselves (repair).  ``head_dim`` confirms the
+    config's head split where a permutation of q/k rows needs it and nothing in the checkpoint does.
     """
     from ..engine import resolve_config_path
 
@@ -134,6 +148,8 @@ def convert(
         dst_scheme, nesting = _target_layout(fmt, naming)
         aliases = {"torch": "keep", "dcp": "copy"}.get(fmt, "drop")
         plan = build_plan(source.manifest, naming=dst_scheme, dtype=cast, config=cfg, drop=drop, aliases=aliases)
+        if cfg is not None and any(m.permute for m in plan.moves):
+            confirm_head_split(source.manifest, cfg, src_p, head_dim)
         if init_optimizer_state:
             if fmt not in ("torch", "dcp"):
                 raise InputError(dst_p, None, f"--to {fmt} holds no optimizer state; use --to torch or --to dcp")
@@ -236,7 +252,8 @@ def _recheck(dst: Path, config: str) -> dict[str, Any]:
     finally:
         the_plan.close()
     failed = [{"id": r.id, "message": r.message} for r in results if r.status.value in ("fail", "unsafe")]
-    return {"config": config, "total": len(results), "failed": failed}
+    skipped = [{"id": r.id, "message": r.message} for r in results if r.status.value == "skip"]
+    return {"config": config, "total": len(results), "failed": failed, "skipped": skipped}
 
 
 def written_dtype(plan: ConversionPlan) -> str:

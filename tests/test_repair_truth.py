@@ -1,0 +1,68 @@
+"""Repairs and conversions never destroy data and say only what is true (issue 10, section 3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ckptcheck.cli import main
+
+from .writers import CONFIGS, FIXTURES
+
+LINGUA = CONFIGS / "lingua_params.json"
+GOOD = FIXTURES / "good"
+
+
+def _wrong_heads(tmp_path: Path) -> Path:
+    """The fixtures' model (4 heads of 8, 2 KV heads) described as 8 heads of 4: the same shapes."""
+    params = json.loads(LINGUA.read_text())["model"] | {"n_heads": 8, "n_kv_heads": 4}
+    path = tmp_path / "elsewhere" / "params.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(params))
+    return path
+
+
+# --- a head split nothing verifies -----------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["convert", "repair"])
+def test_a_permutation_on_an_unverified_head_split_is_refused(command: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    dst = tmp_path / "hf"
+    args = [command, str(GOOD / "consolidated.pth"), str(dst), "--to", "hf", "--model-config",
+            str(_wrong_heads(tmp_path))]
+    if command == "repair":  # a repair writes HF names only for an HF config: give it the same wrong split
+        cfg = json.loads((CONFIGS / "hf_config.json").read_text()) | {"num_attention_heads": 8,
+                                                                      "num_key_value_heads": 4, "head_dim": 4}
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        args[-1] = str(tmp_path / "config.json")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing in or beside the checkpoint confirms" in err[0] and "--head-dim 4" in err[0]
+    assert not dst.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_a_head_dim_flag_that_contradicts_the_config_is_refused(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    dst = tmp_path / "hf"
+    assert main(["convert", str(GOOD / "consolidated.pth"), str(dst), "--to", "hf", "--model-config", str(LINGUA),
+                 "--head-dim", "4"]) == 2
+    assert "is not the config's head_dim 8" in capsys.readouterr().err and not dst.exists()
+
+
+def test_a_confirmed_split_converts_and_skips_are_not_counted_as_passes(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    dst = tmp_path / "hf"
+    assert main(["convert", str(GOOD / "consolidated.pth"), str(dst), "--to", "hf", "--model-config", str(LINGUA),
+                 "--head-dim", "8"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "re-checked" in x)
+    # the written config.json is the only witness of the split it states: those checks cannot pass
+    assert "not verifiable" in line and "config[n_heads]" in line, line
+    assert not line.split(": ", 1)[1].startswith(tuple(f"{n} of {n} " for n in range(200))), line
+
+
+def test_a_conversion_that_does_not_permute_needs_no_confirmation(tmp_path: Path) -> None:
+    assert main(["convert", str(GOOD / "consolidated.pth"), str(tmp_path / "out_dcp"), "--to", "dcp",
+                 "--model-config", str(_wrong_heads(tmp_path))]) == 0
