@@ -171,16 +171,22 @@ def resolve_config_path(ckpt: str | os.PathLike[str], config: str | os.PathLike[
 
 
 def open_session(ckpt: str | os.PathLike[str], config: str | os.PathLike[str] | None, options: Options) -> Session:
-    """Open both inputs; raises ``InputError`` or ``UnsafeInputError``."""
-    config_arg = resolve_config_path(ckpt, config)
-    cfg = load_config(config_arg) if config_arg is not None else None
-    if options.model_factory:
-        spec = spec_from_factory(options.model_factory, cfg)
-    elif cfg is not None:
-        spec = spec_from_config(cfg)
-    else:
-        raise InputError(ckpt, None, "no model config: pass --model-config (params.json or config.json) or --model-factory")
+    """Open both inputs; raises ``InputError`` or ``UnsafeInputError``.  The checkpoint is opened first: an
+    unsafe one is reported as unsafe whatever is wrong with the config, or when there is none."""
     checkpoint = open_checkpoint(ckpt)
+    try:
+        config_arg = resolve_config_path(ckpt, config)
+        cfg = load_config(config_arg) if config_arg is not None else None
+        if options.model_factory:
+            spec = spec_from_factory(options.model_factory, cfg)
+        elif cfg is not None:
+            spec = spec_from_config(cfg)
+        else:
+            raise InputError(ckpt, None, "no model config: pass --model-config (params.json or config.json) or "
+                             "--model-factory")
+    except BaseException:
+        checkpoint.close()
+        raise
     session = Session(checkpoint, spec, options, cfg, str(ckpt), config_arg)
     if config is None and config_arg is not None:
         session.notes.append(f"using the config found beside the checkpoint: {config_arg}")

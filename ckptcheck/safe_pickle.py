@@ -1,10 +1,10 @@
 """An allowlisting unpickler: the only way ckptcheck ever reads a pickle.
 
 Every global a pickle names is looked up in an explicit table of stand-ins that ckptcheck wrote itself
-(plain records, never the real classes), so nothing from the file is imported or called.  A global that
-can act (``is_dangerous``: ``os.system``, ``builtins.eval``, ...) stops the load with ``UnsafeInputError``.
-Any other global outside the table is data torch's ``weights_only`` loader refuses (``argparse.Namespace``,
-numpy scalars): it becomes a fresh inert ``Unknown`` record, named in ``refused``, and the load goes on.
+(plain records, never the real classes), so nothing from the file is imported or called.  A global outside
+the table that is known inert data torch's ``weights_only`` loader refuses (``INERT_DATA``:
+``argparse.Namespace``, numpy scalars) becomes a fresh ``Unknown`` record, named in ``refused``, and the
+load goes on; any other global stops the load with ``UnsafeInputError``.
 
 Whatever ``find_class`` returns is immutable or fresh per load, so ``BUILD`` cannot change it for the next
 file; constructors whose result size the pickle chooses are charged to a budget bounded by its bytes.
@@ -22,43 +22,21 @@ from typing import Any, ClassVar
 
 from .errors import InputError, UnsafeInputError
 
-# Module roots whose globals can act (run code, touch files, processes or the network, or reach any
-# other object); a global from one is unsafe unless an allowlist holds it.
-_DANGEROUS_MODULES = frozenset((
-    "os", "posix", "nt", "subprocess", "_posixsubprocess", "sys", "runpy", "pip", "importlib", "imp", "pkgutil",
-    "zipimport", "shutil", "socket", "ssl", "select", "selectors", "webbrowser", "ctypes", "_ctypes", "cffi",
-    "pty", "code", "codeop", "commands", "marshal", "pickle", "_pickle", "copyreg", "copy_reg", "dill",
-    "cloudpickle", "joblib", "shelve", "dbm", "sqlite3", "asyncio", "multiprocessing", "concurrent", "threading",
-    "_thread", "signal", "tempfile", "requests", "urllib", "urllib3", "http", "ftplib", "smtplib", "telnetlib",
-    "xmlrpc", "platform", "types", "operator", "_operator", "functools", "_functools", "builtins", "__builtin__",
-    "io", "_io", "inspect", "gc", "pdb", "bdb", "timeit", "trace", "profile", "cProfile", "doctest", "unittest",
-    "venv", "ensurepip", "distutils", "setuptools", "site", "sysconfig", "logging", "mmap", "fcntl", "resource",
-    "atexit", "_winapi", "msvcrt", "winreg", "IPython", "numexpr", "yaml", "jinja2",
-))
-_DANGEROUS_PREFIXES = (
-    "torch.hub", "torch.jit", "torch.package", "torch.ops", "torch._ops", "torch._C", "torch._classes",
-    "torch.classes", "torch.library", "torch.utils.cpp_extension", "torch.distributed.rpc", "torch._dynamo",
-    "torch._inductor", "torch.fx", "torch.serialization", "torch.multiprocessing", "torch.cuda",
-    "numpy.lib.npyio", "numpy.testing", "numpy.f2py", "numpy.distutils", "numpy.ctypeslib", "pandas.io",
-    "pandas.core.computation",
-)
-_DANGEROUS_NAMES = frozenset({
-    ("torch", n) for n in ("load", "save", "from_file", "compile", "_load_global_deps", "_C")
-} | {("numpy", n) for n in ("load", "save", "savez", "savetxt", "loadtxt", "genfromtxt", "fromfile", "memmap")}
-  | {("pandas", n) for n in ("eval", "read_pickle", "read_csv", "to_pickle")})
-
-# Globals known to be inert data that torch's weights_only loader still refuses: safe to pass to
-# ``torch.serialization.add_safe_globals``.  Anything else that is not dangerous is unknown data.
+# The only globals outside a reader's allowlist a pickle may name: classes known to be inert data that
+# torch's weights_only loader still refuses, so safe to pass to ``torch.serialization.add_safe_globals``.
+# Every other global is unsafe, whatever its name: code that runs hides under any module (``pydoc.pipepager``,
+# ``codecs.open``, ``weakref.finalize``), so only a short list of known data is let through.
+# ``collections.defaultdict`` calls its factory on a missing key: the factory is a global the pickle names
+# too, and so itself must be allowlisted or inert.
 INERT_DATA = frozenset({
     ("argparse", "Namespace"), ("numpy", "dtype"), ("numpy", "ndarray"),
     *((m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("scalar", "_reconstruct")),
     *(("pathlib", n) for n in ("Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath")),
     *(("datetime", n) for n in ("datetime", "date", "time", "timedelta", "timezone")),
-    *(("builtins", n) for n in ("int", "float", "str", "bytes", "list", "dict", "tuple", "bool", "range")),
-    ("collections", "defaultdict"), ("decimal", "Decimal"), ("fractions", "Fraction"),
-    ("uuid", "UUID"),
+    ("collections", "defaultdict"),
 })
-_INERT_MODULES = ("numpy.dtypes",)
+# numpy's per-dtype classes (``numpy.dtypes.Float32DType``), under this module and with this suffix.
+_INERT_CLASS_FAMILIES = (("numpy.dtypes", "DType"),)
 
 
 def py3_name(module: str, name: str) -> tuple[str, str]:
@@ -69,24 +47,16 @@ def py3_name(module: str, name: str) -> tuple[str, str]:
     return _compat_pickle.IMPORT_MAPPING.get(module, module), name
 
 
-def is_dangerous(module: str, name: str) -> bool:
-    """Whether the global can act.  A dotted or dunder name reaches attributes of anything, so it can too."""
-    if not isinstance(module, str) or not isinstance(name, str):
-        return True
-    module, name = py3_name(module, name)
-    if (module, name) in INERT_DATA:
-        return False
-    return (
-        module.split(".", 1)[0] in _DANGEROUS_MODULES
-        or any(module == p or module.startswith(p + ".") for p in _DANGEROUS_PREFIXES)
-        or (module, name) in _DANGEROUS_NAMES
-        or "." in name or name.startswith("__") or not name or not module
-    )
-
-
 def is_inert_data(module: str, name: str) -> bool:
+    """Whether the global is a class known to be inert data (``INERT_DATA``); nothing else outside an
+    allowlist is ever let through."""
+    if not isinstance(module, str) or not isinstance(name, str):
+        return False
     module, name = py3_name(module, name)
-    return (module, name) in INERT_DATA or module in _INERT_MODULES
+    return (module, name) in INERT_DATA or any(
+        module == m and name.endswith(suffix) and name.isidentifier() and not name.startswith("_")
+        for m, suffix in _INERT_CLASS_FAMILIES
+    )
 
 
 class Frozen(type):
@@ -174,7 +144,7 @@ class AttrDict(dict, metaclass=Frozen):
 
 
 class Unknown(metaclass=Frozen):
-    """A global outside the allowlist that cannot act, kept unexecuted: calling, NEWOBJ, BUILD and item
+    """A known inert data global outside the allowlist, kept unexecuted: calling, NEWOBJ, BUILD and item
     opcodes only record their arguments.  ``find_class`` makes one subclass per global per load."""
 
     __slots__ = ("args", "state", "contents")
@@ -267,7 +237,7 @@ class _Unpickler(pickle.Unpickler):
         return self._budget.bind(entry) if isinstance(entry, Sized) else entry
 
     def _not_allowed(self, module: str, name: str) -> type[Unknown]:
-        if self._refused is None or is_dangerous(module, name):
+        if self._refused is None or not is_inert_data(module, name):
             raise _refusal(module, name, self._path, self._member, "refused to load")
         culprit = f"{module}.{name}"
         if culprit not in self._unknown:
@@ -296,7 +266,7 @@ def safe_loads(
 ) -> Any:
     """Unpickle ``data`` through ``allowed`` only.  Errors come back as one-line ``CkptError``s.
 
-    With ``refused`` (a set to fill), a global that cannot act but is not allowed becomes an ``Unknown``
+    With ``refused`` (a set to fill), a global in ``INERT_DATA`` but not allowed becomes an ``Unknown``
     record and its name is added; without it, such a global is refused as unsafe like any other.
     ``require_single`` refuses bytes after the STOP opcode: a second pickle appended to a benign one is
     how payloads hide from scanners that stop at the first.
@@ -401,7 +371,7 @@ class _Unprovable(Exception):
 
 def scan_globals(data: bytes, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any]) -> None:
     """Follow a pickle's opcodes on a simulated stack (nothing is built or imported) and refuse any global
-    that can act, in every pickle the bytes hold.  A pickle whose globals cannot be named (malformed
+    outside ``allowed`` and ``INERT_DATA``, in every pickle the bytes hold.  A pickle whose globals cannot be named (malformed
     opcodes, a STACK_GLOBAL on values that are not known strings) cannot be proven free of code: unsafe."""
     how = "found without loading it"
     try:
@@ -536,14 +506,14 @@ def _scan_one(stream: io.BytesIO, *, path: str, member: str, allowed: Mapping[tu
 
 def _check_global(module: str, name: str, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any],
                   how: str) -> None:
-    if py3_name(module, name) not in allowed and is_dangerous(module, name):
+    if py3_name(module, name) not in allowed and not is_inert_data(module, name):
         raise _refusal(module, name, path, member, how)
 
 
 def _refusal(module: str, name: str, path: str, member: str, how: str) -> UnsafeInputError:
     culprit = f"{module}.{name}"
-    why = "known to execute code or reach the system" if is_dangerous(module, name) else "not on the allowlist"
-    return UnsafeInputError(path, member, f"pickle global {culprit} ({why}); {how}", culprit)
+    return UnsafeInputError(path, member, f"pickle global {culprit} (outside the allowlist and not known inert "
+                            f"data: importing and calling it can execute code); {how}", culprit)
 
 
 def _short(exc: BaseException) -> str:

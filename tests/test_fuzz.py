@@ -130,15 +130,15 @@ def _globals_the_real_unpickler_resolves(data: bytes) -> list[tuple[str, str]]:
 @settings(max_examples=max(EXAMPLES * 200, 2000), deadline=None, derandomize=True, database=None)
 @given(program=st.lists(st.sampled_from(_PIECES), max_size=10))
 def test_scanner_sees_every_global_the_unpickler_resolves(program: list[bytes]) -> None:
-    """Whatever string, memo and stack tricks a pickle plays, a dangerous global the real unpickler would
-    import is reported as unsafe by the scanner that never loads it."""
+    """Whatever string, memo and stack tricks a pickle plays, a global the real unpickler would
+    import that is neither allowlisted nor inert data is reported as unsafe by the scanner that never loads it."""
     from ckptcheck.errors import UnsafeInputError
     from ckptcheck.formats.torch_pickle import TORCH_ALLOWLIST
-    from ckptcheck.safe_pickle import is_dangerous, scan_globals
+    from ckptcheck.safe_pickle import is_inert_data, scan_globals
 
     data = b"\x80\x04" + b"".join(program) + b"."
     resolved = _globals_the_real_unpickler_resolves(data)
-    dangerous = [g for g in resolved if g not in TORCH_ALLOWLIST and is_dangerous(*g)]
+    dangerous = [g for g in resolved if g not in TORCH_ALLOWLIST and not is_inert_data(*g)]
     try:
         scan_globals(data, path="fuzz", member="pickle", allowed=TORCH_ALLOWLIST)
     except UnsafeInputError:
