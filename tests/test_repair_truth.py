@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from ckptcheck.cli import main
 
@@ -66,3 +67,39 @@ def test_a_confirmed_split_converts_and_skips_are_not_counted_as_passes(tmp_path
 def test_a_conversion_that_does_not_permute_needs_no_confirmation(tmp_path: Path) -> None:
     assert main(["convert", str(GOOD / "consolidated.pth"), str(tmp_path / "out_dcp"), "--to", "dcp",
                  "--model-config", str(_wrong_heads(tmp_path))]) == 0
+
+
+# --- casts that change values ------------------------------------------------------------------------
+
+def _with_norm(tmp_path: Path, value: float) -> Path:
+    state = torch.load(GOOD / "consolidated.pth", weights_only=True)
+    state["norm.weight"] = state["norm.weight"].float()
+    state["norm.weight"][0] = value
+    torch.save(state, tmp_path / "in.pth")
+    return tmp_path / "in.pth"
+
+
+@pytest.mark.parametrize(("value", "what"), [(1e6, "1e+06 overflows to Inf"), (1e-9, "1e-09 is flushed to zero")])
+@pytest.mark.parametrize("to", ["torch", "dcp"])
+def test_a_cast_that_overflows_or_flushes_is_refused(value: float, what: str, to: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    src = _with_norm(tmp_path, value)
+    dst = tmp_path / ("out.pth" if to == "torch" else "out")
+    assert main(["convert", str(src), str(dst), "--to", to, "--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "norm.weight" in err[0] and what in err[0], err
+    assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.pth"]
+
+
+def test_a_repair_cast_that_overflows_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The fixture is bf16; a float32 norm holding 3.4e38 (beyond bf16's largest, 3.39e38) must not become Inf."""
+    src = _with_norm(tmp_path, 3.4e38)
+    dst = tmp_path / "out.pth"
+    assert main(["repair", str(src), str(dst), "--model-config", str(LINGUA)]) == 2
+    assert "overflows to Inf" in capsys.readouterr().err and not dst.exists()
+
+
+def test_a_cast_that_only_rounds_is_written(tmp_path: Path) -> None:
+    src = _with_norm(tmp_path, 1.0 + 2**-20)
+    assert main(["convert", str(src), str(tmp_path / "out.pth"), "--dtype", "bf16"]) == 0
+    assert torch.load(tmp_path / "out.pth", weights_only=True)["norm.weight"][0] == 1.0

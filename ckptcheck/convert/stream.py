@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .. import dtypes
+from ..errors import InputError
 from ..layouts import half_to_interleaved, interleaved_to_half
 from .plan import TensorMove
 
@@ -108,6 +109,8 @@ class ChunkSource:
 
     def _cast(self, move: TensorMove, t: torch.Tensor) -> torch.Tensor:
         cast = t.to(dtypes.to_torch(move.dst_dtype))
+        if move.src_dtype in dtypes.FLOATING and move.dst_dtype in dtypes.FLOATING:
+            refuse_lossy_cast(t, cast, path=self.checkpoint.manifest.path, key=move.src_key)
         if self.measure_casts and dtypes.itemsize(move.dst_dtype) < dtypes.itemsize(move.src_dtype) and t.numel():
             stats = self.cast_stats.setdefault(move.dst_key, CastStats())
             back = cast.to(t.dtype)
@@ -120,6 +123,21 @@ class ChunkSource:
     def chunks(self, move: TensorMove, chunk_bytes: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         for start, stop in row_ranges(move, chunk_bytes):
             yield start, self.read(move, start, stop)
+
+
+def refuse_lossy_cast(t: torch.Tensor, cast: torch.Tensor, *, path: str, key: str) -> None:
+    """A cast may round; it may not turn a finite value into Inf nor a nonzero one into zero: either
+    changes what the model computes (Inf spreads to every activation; a flushed scale silences a row)."""
+    import torch
+
+    overflow = torch.isfinite(t) & ~torch.isfinite(cast)
+    flushed = (t != 0) & (cast == 0)
+    for bad, what in ((overflow, "overflows to Inf"), (flushed, "is flushed to zero")):
+        if bool(bad.any()):
+            value = float(t[bad].reshape(-1)[0])
+            raise InputError(path, key, f"casting to {dtypes.canonical(str(cast.dtype))} "
+                             f"would change its values: {value:.6g} {what} ({int(bad.sum())} values in this "
+                             "chunk); nothing written (keep this tensor's dtype)")
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import dtypes
+from ..errors import CkptError
 from .plan import ConversionPlan, TensorMove
 from .stream import ChunkSource, as_bytes
 
@@ -245,7 +246,11 @@ class DcpWriter:
         writer = _grouping_writer_class()(str(self.folder), FILE_BYTES)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
+            try:
+                dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
+            except dcp.api.CheckpointException as exc:
+                # DCP wraps what the chunk source raised (a refused cast, an unreadable input): re-raise that
+                raise next((e for e, _ in exc.failures.values() if isinstance(e, (CkptError, OSError))), exc) from None
 
 
 FILE_BYTES = 256 << 20
