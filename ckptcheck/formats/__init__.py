@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..safe_pickle import looks_like_pickle
+from ..files import open_binary
 from .base import Checkpoint
 from .dcp import METADATA_NAME, DcpCheckpoint
 from .legacy import LegacyTorchCheckpoint
@@ -34,11 +35,8 @@ _MAGIC_NAMES = {
 
 def _sniff(path: Path) -> str:
     """'torch', 'safetensors', 'legacy' or a description of what else the file is."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(64)
-    except OSError as exc:
-        raise InputError(path, None, exc.strerror or str(exc)) from None
+    with open_binary(path) as f:
+        head = f.read(64)
     if not head:
         return "an empty file"
     if head.startswith(ZIP_MAGIC):
@@ -85,13 +83,13 @@ def _refuse_unsafe_pickle(p: Path) -> None:
     from .torch_pickle import TORCH_ALLOWLIST
     from .torchzip import MAX_DATA_PKL
 
-    with open(p, "rb") as f:
+    with open_binary(p) as f:
         data = f.read(MAX_DATA_PKL)
     scan_globals(data, path=str(p), member="pickle", allowed=TORCH_ALLOWLIST)
 
 
 def _detect_folder(p: Path) -> tuple[str, Path]:
-    if (p / METADATA_NAME).is_file():
+    if (p / METADATA_NAME).exists():  # a FIFO or device too: its reader refuses it by name
         return "dcp", p
     shards = shard_files(p)
     if len(shards) > 1:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import InputError
+from ..files import open_binary as open_binary  # re-exported: roundtrip.storage imports it from here
 from ..manifest import MODEL_SECTIONS, OPTIMIZER_SECTIONS, Manifest, TensorInfo, natural_key
 
 if TYPE_CHECKING:
@@ -118,13 +118,6 @@ def _sorted(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
 
 def _renamed(info: TensorInfo, key: str) -> TensorInfo:
     return info if info.key == key else TensorInfo(key, info.shape, info.dtype, info.alias_of)
-
-
-def open_binary(path: str | os.PathLike[str]) -> BinaryIO:
-    try:
-        return open(path, "rb")  # noqa: SIM115 - the caller owns and closes it
-    except OSError as exc:
-        raise InputError(path, None, exc.strerror or str(exc)) from None
 
 
 def row_span(shape: tuple[int, ...], start: int, stop: int) -> tuple[int, int]:

@@ -18,7 +18,8 @@ from .. import dtypes
 from ..errors import InputError, UnsafeInputError
 from ..manifest import Manifest, TensorInfo
 from ..safe_pickle import MAX_RANK, Frozen, Function, is_index, safe_loads
-from .base import Checkpoint, bytes_to_tensor, check_rows, open_binary, read_exact, row_span, split_sections
+from ..files import open_binary
+from .base import Checkpoint, bytes_to_tensor, check_rows, read_exact, row_span, split_sections
 from .torch_pickle import TORCH_VALUES, _Dtype, weights_only_facts
 from .torchzip import ZIP_MAGIC, TorchArchive, single_tensor_ref
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 from .. import dtypes
 from ..errors import InputError
 from ..safe_pickle import BASIC_GLOBALS, is_index, safe_load_stream
-from .base import bytes_to_tensor, check_rows, open_binary, read_exact, row_span
+from ..files import open_binary
+from .base import bytes_to_tensor, check_rows, read_exact, row_span
 from .torch_pickle import TORCH_ALLOWLIST, MalformedTensor, StorageRef, StorageTable, TensorRef, weights_only_facts
 from .torchzip import MAX_DATA_PKL, PickledCheckpoint
 

@@ -18,7 +18,8 @@ from ..configs import reject_duplicate_keys
 from ..dtypes import SAFETENSORS_DTYPE, itemsize
 from ..errors import InputError
 from ..manifest import Manifest, TensorInfo, natural_key
-from .base import Checkpoint, bytes_to_tensor, check_rows, open_binary, read_exact, row_span
+from ..files import open_binary
+from .base import Checkpoint, bytes_to_tensor, check_rows, read_exact, row_span
 
 if TYPE_CHECKING:
     import torch

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import InputError
 from ..manifest import Manifest, TensorInfo
-from .base import Checkpoint, bytes_to_tensor, check_rows, open_binary, read_exact, row_span, split_sections
+from ..files import open_binary
+from .base import Checkpoint, bytes_to_tensor, check_rows, read_exact, row_span, split_sections
 from .torch_pickle import StorageRef, TensorRef, load_torch_pickle, walk, weights_only_facts
 
 if TYPE_CHECKING:
