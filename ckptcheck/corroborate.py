@@ -1,6 +1,10 @@
 """Witnesses of the head split.  Shapes fix n_heads × head_dim and n_kv_heads × head_dim, never the
 split itself, so head counts are verified only when something else in or beside the checkpoint
 states head_dim: a rotary buffer, a per-head q/k norm, or a config the training run saved there.
+
+A saved config is a witness only when it is another file, with other content, than the config under test
+(a copy of the tested config agrees with it by construction), and only when every dimension the weights
+show matches it (a stale config of another model two folders up describes something else).
 """
 
 from __future__ import annotations
@@ -90,20 +94,34 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def _from_saved_configs(ckpt: str | os.PathLike[str], tested: str | None, inferred: Inferred) -> list[Witness]:
+    copied = _content(Path(tested)) if tested else None
     out = []
     for path in saved_configs(ckpt, tested):
         cfg = _describes(path, inferred)
-        if cfg is not None:
+        if cfg is not None and (copied is None or cfg.raw != copied):
             out.append(Witness(cfg.head_dim, f"the config saved at {path}", cfg))
     return out
 
 
+def _content(path: Path) -> dict[str, object] | None:
+    """The tested config's content: a copy of it beside the checkpoint is the config under test again, not
+    evidence that agrees with it."""
+    try:
+        return load_config(path).raw
+    except InputError:
+        return None
+
+
 def _describes(path: Path, inferred: Inferred) -> ModelConfig | None:
-    """The saved config when it describes these weights (a config of another model witnesses nothing)."""
+    """The saved config when it describes these weights: every dimension the weights show must match (a
+    config of another model, or of another size of this one, witnesses nothing)."""
     try:
         cfg = load_config(path)
     except InputError:
         return None
-    fits = (inferred.dim in (None, cfg.dim) and cfg.n_heads * cfg.head_dim == inferred.q_rows
-            and cfg.n_kv_heads * cfg.head_dim == inferred.kv_rows)
+    shown = {"dim": cfg.dim, "n_layers": cfg.n_layers, "ffn_dim": cfg.ffn_dim, "tied": cfg.tie_embeddings,
+             "q_rows": cfg.n_heads * cfg.head_dim, "kv_rows": cfg.n_kv_heads * cfg.head_dim,
+             "vocab_size": cfg.vocab_size}
+    fits = all(getattr(inferred, name) in (None, value) for name, value in shown.items()
+               if not (name == "vocab_size" and value is None))  # Meta's -1 leaves the vocabulary to the tokenizer
     return cfg if fits else None

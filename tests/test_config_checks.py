@@ -63,7 +63,7 @@ def test_a_config_saved_beside_the_checkpoint_decides_the_head_split(tmp_path: P
     assert f"{tmp_path / 'ckpt' / 'params.json'}" in r.message and "so n_heads = 4" in r.message
     assert r.repair == (f"set model.n_heads = 4 and model.n_kv_heads = 2 in {wrong}, "
                         "if the weights are the model you meant")
-    right = _results(ckpt, _config(tmp_path / "cfg2" / "params.json", TRUE))
+    right = _results(ckpt, _config(tmp_path / "cfg2" / "params.json", {"model": {**TRUE["model"], "norm_eps": 1e-5}}))
     assert right["config[n_heads]"].status is Status.PASS and right["config[n_kv_heads]"].status is Status.PASS
 
 
@@ -154,7 +154,7 @@ def test_norm_eps_and_rope_theta_need_a_saved_config(tmp_path: Path) -> None:
     r = _results(ckpt, given)["config[rope_theta]"]
     assert r.status is Status.FAIL and r.repair == (
         f"set model.rope_theta = 500000.0 in {given}, if the weights are the model you meant")
-    assert _results(ckpt, given)["config[norm_eps]"].status is Status.PASS
+    assert _results(ckpt, given)["config[norm_eps]"].status is Status.SKIP  # the saved config does not state it
 
 
 def test_rope_freqs_values_decide_rope_theta(tmp_path: Path) -> None:
@@ -179,3 +179,54 @@ def test_no_advice_sets_a_tying_field_a_meta_params_json_does_not_have(tmp_path:
     for check_id in ("config[tie_embeddings]", "key_present[output.weight]"):
         r = results[check_id]
         assert r.status is Status.FAIL and r.repair and "cannot state tied embeddings" in r.repair, r.repair
+
+
+def test_a_copy_of_the_tested_config_is_not_a_witness(tmp_path: Path) -> None:
+    """Byte-identical or reformatted, a copy of the config under test agrees with it by construction."""
+    ckpt = _model(tmp_path / "ckpt", TRUE)
+    wrong = _config(tmp_path / "cfg" / "params.json", EIGHT_HEADS)
+    for copy in (wrong.read_text(), json.dumps(EIGHT_HEADS, indent=4)):
+        (tmp_path / "ckpt" / "params.json").write_text(copy)
+        results = _results(ckpt, wrong)
+        for key in ("n_heads", "n_kv_heads"):
+            r = results[f"config[{key}]"]
+            assert r.status is Status.SKIP and "copies of it" in r.message, r.message
+
+
+def test_a_stale_config_of_another_model_is_not_a_witness(tmp_path: Path) -> None:
+    """Same q/k rows and dim, other layers and vocabulary: a config of another model two folders up."""
+    ckpt = _model(tmp_path / "runs" / "exp1" / "step100", TRUE)
+    _config(tmp_path / "runs" / "params.json",
+            {"model": {**EIGHT_HEADS["model"], "n_layers": 3, "vocab_size": 64, "rope_theta": 5e5, "norm_eps": 1e-6}})
+    results = _results(ckpt, _config(tmp_path / "cfg" / "params.json", TRUE))
+    for key in ("n_heads", "n_kv_heads", "norm_eps", "rope_theta"):
+        assert results[f"config[{key}]"].status is Status.SKIP, results[f"config[{key}]"].message
+
+
+def test_a_saved_config_is_evidence_only_for_what_it_states(tmp_path: Path) -> None:
+    """A config.json that leaves rms_norm_eps / rope_theta out does not say transformers' defaults."""
+    ckpt = _model(tmp_path / "ckpt", TRUE)
+    _config(tmp_path / "ckpt" / "config.json", {
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 96, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 16})
+    given = _config(tmp_path / "cfg" / "params.json",
+                    {"model": {**TRUE["model"], "norm_eps": 1e-5, "rope_theta": 500000.0}})
+    results = _results(ckpt, given)
+    assert results["config[n_heads]"].status is Status.PASS  # it states the heads
+    for key in ("norm_eps", "rope_theta"):
+        r = results[f"config[{key}]"]
+        assert r.status is Status.SKIP and "cannot be verified" in r.message, r.message
+
+
+def test_a_config_written_by_transformers_5_witnesses_rope_theta(tmp_path: Path) -> None:
+    """transformers 5 writes theta inside rope_parameters: read as 10000 it would give the wrong advice."""
+    from transformers import LlamaConfig
+
+    ckpt = _model(tmp_path / "ckpt", TRUE)
+    LlamaConfig(hidden_size=32, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=16, rope_theta=500000.0, rms_norm_eps=1e-5,
+                tie_word_embeddings=False).save_pretrained(tmp_path / "ckpt")
+    given = _config(tmp_path / "cfg" / "params.json", TRUE)  # theta left at 10000
+    r = _results(ckpt, given)["config[rope_theta]"]
+    assert r.status is Status.FAIL and r.repair == (
+        f"set model.rope_theta = 500000.0 in {given}, if the weights are the model you meant")

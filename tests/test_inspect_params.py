@@ -72,7 +72,7 @@ def test_written_params_check_clean_and_say_the_split_is_unverified(tmp_path: Pa
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     ckpt = _model(tmp_path / "ckpt")
     rc, params, err = _params(capsys, str(ckpt), "--params", "lingua", "--n-heads", "4")
-    assert rc == 0 and "norm_eps and rope_theta are not in the weights" in err
+    assert rc == 0 and "norm_eps is not in the weights" in err and "rope_theta is not in the weights" in err
     written = tmp_path / "written" / "params.json"
     written.parent.mkdir()
     written.write_text(json.dumps(params))
@@ -86,3 +86,23 @@ def test_description_leaves_out_what_nothing_states(tmp_path: Path, capsys: pyte
     rc, doc, _ = _params(capsys, str(_model(tmp_path / "ckpt")), "--format", "json")
     assert rc == 0 and "n_heads" not in doc["inferred_params"] and doc["inferred_params"]["dim"] == 256
     assert "--n-heads" in doc["inferred_params_note"]
+
+
+def test_a_stale_or_silent_saved_config_is_not_written_as_fact(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """A params.json of another model two folders up states nothing about these weights; a config.json that
+    leaves rms_norm_eps and rope_theta to defaults does not say the defaults."""
+    ckpt = _model(tmp_path / "runs" / "exp1" / "step100")
+    other = {"model": {**TRUE["model"], "n_layers": 4, "vocab_size": 64, "n_heads": 2, "rope_theta": 5e5}}
+    (tmp_path / "runs" / "params.json").write_text(json.dumps(other))
+    rc, _, err = _params(capsys, str(ckpt), "--params", "meta")
+    assert rc == 2 and "--n-heads" in err  # the stale config's 2 heads are not taken
+
+    silent = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 1,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 8}
+    ckpt = _model(tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(silent))
+    rc, params, err = _params(capsys, str(ckpt), "--params", "lingua")
+    assert rc == 0 and params["model"]["n_heads"] == 4
+    assert "norm_eps" not in params["model"] and "rope_theta" not in params["model"]
+    assert "norm_eps is not in the weights" in err

@@ -32,9 +32,11 @@ HEADS = ("n_heads", "n_kv_heads", "head_dim")
 # head_dim has no check of its own: the n_heads and n_kv_heads checks compare n × head_dim with the rows.
 ORDER = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_embeddings", "norm_eps",
          "rope_theta")
-# Fields no weight's shape shows: a saved config witnesses them (and rotary frequencies, theta).  How each
-# schema spells them (configs.py's field table has only the dimensions).
-UNSHOWN = {"norm_eps": {"hf": "rms_norm_eps"}, "rope_theta": {}}
+# Fields no weight's shape shows: a saved config that states them witnesses them (and rotary frequencies, theta).
+UNSHOWN = ("norm_eps", "rope_theta")
+# Which configs witness: documented in every message that relies on them or misses them.
+WITNESS_RULE = ("a config saved in or up to two folders above the checkpoint, other than the config under test and "
+                "copies of it, whose every dimension matches the weights")
 # Meta's params.json has no tying field: its loader always builds a separate output layer.
 NO_TYING_FIELD = ("meta",)
 META_CANNOT_TIE = ("a Meta params.json cannot state tied embeddings (Meta's loader always reads a separate "
@@ -119,9 +121,9 @@ def evaluate(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str 
 
 def _unshown(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | None]:
     cfg = facts.cfg
-    field = UNSHOWN[name].get(cfg.schema, ("model." if cfg.schema == "lingua" else "") + name)
+    field = cfg.field_name(name)
     configured = getattr(cfg, name)
-    saved = [w for w in facts.witnesses if w.config is not None]
+    saved = [w for w in facts.witnesses if w.config is not None and w.config.states(name)]
     for w in saved:
         value = getattr(w.config, name)
         if not math.isclose(value, configured, rel_tol=1e-6):
@@ -133,8 +135,8 @@ def _unshown(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str 
     stored = facts.frequencies() if name == "rope_theta" else None
     if stored is not None:
         return _theta_from_frequencies(facts, field, stored)
-    return Verdict.skip(f"{field} = {configured} cannot be verified: the weights do not show it and no other config "
-                        f"saved with the checkpoint states it; conversions will assume {configured}"), None
+    return Verdict.skip(f"{field} = {configured} cannot be verified: the weights do not show it and no witness "
+                        f"({WITNESS_RULE}) states it; conversions will assume {configured}"), None
 
 
 def _shown(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | None]:
@@ -227,7 +229,7 @@ def _heads(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | 
 
 
 def _implicit_note(cfg: ModelConfig) -> str:
-    stated = _stated(cfg, "head_dim")
+    stated = cfg.states("head_dim")
     return "" if stated else f" (the config states no head_dim, so it is dim / n_heads = {cfg.head_dim})"
 
 
@@ -237,7 +239,7 @@ def _unverifiable(facts: Facts, name: str) -> str:
     splits = [f"{q // hd} × {hd}" for hd in _fitting_head_dims(q, k, cfg.head_dim)]
     return (f"{cfg.field_name(name)} = {getattr(cfg, name)} cannot be verified: the weights fix only heads × head_dim "
             f"({facts.q_name} has {q} rows: {' or '.join(splits)}), and nothing in or beside the checkpoint states "
-            f"head_dim (rope.freqs, q/k norms, a saved params.json or config.json); conversions will assume "
+            f"head_dim (rope.freqs, q/k norms, {WITNESS_RULE}); conversions will assume "
             f"head_dim = {cfg.head_dim}")
 
 
@@ -254,7 +256,7 @@ def target_split(facts: Facts) -> tuple[int, int, int]:
     cfg, q, k = facts.cfg, facts.inferred.q_rows, facts.inferred.kv_rows
     assert q is not None and k is not None
     candidates = [w.head_dim for w in facts.witnesses]
-    if _stated(cfg, "head_dim"):
+    if cfg.states("head_dim"):
         candidates.append(cfg.head_dim)
     candidates += [q // cfg.n_heads if q % cfg.n_heads == 0 else 0,
                    k // cfg.n_kv_heads if k % cfg.n_kv_heads == 0 else 0, cfg.head_dim]
@@ -278,12 +280,12 @@ def _fields(facts: Facts, fix: dict[str, object]) -> dict[str, object]:
     heads_known = inferred.q_rows is not None and inferred.kv_rows is not None
     _, kv, hd = target_split(facts) if heads_known else (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
     new_heads = int(out.get("n_heads", cfg.n_heads))  # type: ignore[call-overload]
-    if "n_heads" in out and "n_kv_heads" not in out and not _stated(cfg, "n_kv_heads"):
+    if "n_heads" in out and "n_kv_heads" not in out and not cfg.states("n_kv_heads"):
         out["n_kv_heads"] = kv
     # head_dim must hold with this fix alone and with the dim check's fix too.
     dims = {int(out.get("dim", cfg.dim)), inferred.dim or cfg.dim}  # type: ignore[call-overload]
     implicit_holds = all(d % new_heads == 0 and d // new_heads == hd for d in dims)
-    if not _stated(cfg, "head_dim") and ("dim" in out or "n_heads" in out or "head_dim" in out):
+    if not cfg.states("head_dim") and ("dim" in out or "n_heads" in out or "head_dim" in out):
         if implicit_holds:
             out.pop("head_dim", None)  # dim / n_heads already gives it
         else:
@@ -297,12 +299,6 @@ def _fields(facts: Facts, fix: dict[str, object]) -> dict[str, object]:
             out.update(ffn_params(new_dim, ffn))
     prefix = "model." if cfg.schema == "lingua" else ""
     return {cfg.field_name(k) if k in cfg.fields else prefix + k: v for k, v in out.items()}
-
-
-def _stated(cfg: ModelConfig, name: str) -> bool:
-    """Whether the config file states the field (rather than leaving it to a default)."""
-    section = cfg.raw.get("model") if cfg.schema == "lingua" else cfg.raw
-    return isinstance(section, dict) and cfg.field_name(name).split(".")[-1] in section
 
 
 def _json(value: object) -> str:
