@@ -179,6 +179,10 @@ def cases() -> list[Case]:
             t, extra={"model/extra.pkl": pickle.dumps(Payload(os.system, touch(s)), 2)}), 1, "posix.system"),
         Case("payload_in_member_without_suffix", lambda t, s: torch_zip(
             t, extra={"model/.data/x": pickle.dumps(Payload(os.system, touch(s)), 2)}), 1, "posix.system"),
+        Case("payload_in_unreferenced_storage_member", lambda t, s: torch_zip(
+            t, extra={"model/data/99": pickle.dumps(Payload(os.system, touch(s)), 2)}), 1, "posix.system"),
+        Case("protocol_0_payload_in_other_member", lambda t, s: torch_zip(
+            t, extra={"model/notes": pickle.dumps(Payload(os.system, touch(s)), 0)}), 1, "posix.system"),
         Case("member_name_climbs_out", lambda t, s: torch_zip(t, extra={"model/../../evil": b"x"}), 1,
              "outside the archive"),
         Case("legacy_object_payload", lambda t, s: legacy(t, [LEGACY_MAGIC, LEGACY_PROTOCOL, LEGACY_INFO,

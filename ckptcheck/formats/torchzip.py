@@ -117,15 +117,17 @@ class TorchArchive:
 
     def _scan_other_pickles(self, main: zipfile.ZipInfo) -> None:
         """Any other member that is a pickle is scanned, never loaded, for globals outside the allowlist:
-        torch reads only data.pkl, but a payload parked beside it is still a hostile file."""
-        from ..safe_pickle import scan_globals
+        torch reads only data.pkl, but a payload parked beside it is still a hostile file.  Only the
+        storages data.pkl refers to are raw tensor bytes; an unreferenced ``data/99`` is scanned too."""
+        from ..safe_pickle import looks_like_pickle, scan_globals
         from .torch_pickle import TORCH_ALLOWLIST
 
+        storages = {f"{self.prefix}data/{key}" for key in self.storages}
         for info in self._members.values():
-            if info is main or info.filename.startswith(f"{self.prefix}data/") or info.file_size < 2:
+            if info is main or info.filename in storages or info.file_size < 2:
                 continue
-            head = self._read_member(info, 2, whole=False)
-            if head in PICKLE_HEADS or info.filename.endswith((".pkl", ".pickle")):
+            head = self._read_member(info, 64, whole=False)
+            if head[:2] in PICKLE_HEADS or looks_like_pickle(head) or info.filename.endswith((".pkl", ".pickle")):
                 scan_globals(self._read_member(info, MAX_DATA_PKL), path=self.path, member=info.filename,
                              allowed=TORCH_ALLOWLIST)
 
