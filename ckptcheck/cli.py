@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--drop", action="append", default=[], metavar="KEY",
                      help="leave this tensor out (repeatable); without it a repair drops only provably redundant "
                      "tensors (bit-identical tied copies, rotary buffers) and refuses other extras")
+    rep.add_argument("--weights-only", action="store_true",
+                     help="leave the optimizer, scheduler and data-loader state behind (refused otherwise where "
+                          "the output format cannot hold it)")
     _head_dim_option(rep)
     _output_options(rep)
     rep.set_defaults(func=cmd_repair)
@@ -161,7 +164,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     outcome = repair(args.src, args.dst, config=args.model_config, options=options, to=args.to,
                      dry_run=args.dry_run, force=args.force, progress=args.format == "text",
                      init_optimizer_state=args.init_optimizer_state, drop=tuple(args.drop),
-                     head_dim=args.head_dim)
+                     head_dim=args.head_dim, weights_only=args.weights_only)
     if args.format == "json":
         print(json.dumps(outcome.to_json(), indent=2))
     else:

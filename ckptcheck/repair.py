@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks.model import CheckResult, Status
-from .convert.api import ConversionReport, convert
+from .convert.api import ConversionReport, convert, refuse_lost_state, train_state_files
 from .engine import Options, Plan, Session, plan, run
 from .errors import InputError
 
@@ -46,6 +46,7 @@ class RepairPlan:
     dtype: str | None = None
     drop: dict[str, str] = field(default_factory=dict)
     init_optimizer_state: bool = False
+    weights_only: bool = False
     left_as_is: list[str] = field(default_factory=list)
 
     @property
@@ -82,11 +83,13 @@ def _ids(results: list[CheckResult], category: str) -> str:
 
 
 def plan_repair(the_plan: Plan, results: list[CheckResult], to: str | None,
-                init_optimizer_state: bool = False, drop: tuple[str, ...] = ()) -> RepairPlan:
-    """What to do; ``drop`` names tensors (stored or target names) the user wants left out."""
+                init_optimizer_state: bool = False, drop: tuple[str, ...] = (),
+                weights_only: bool = False) -> RepairPlan:
+    """What to do; ``drop`` names tensors (stored or target names) the user wants left out, and
+    ``weights_only`` leaves the training state behind (never done unasked)."""
     session = the_plan.session
     failed = [r for r in results if r.status in (Status.FAIL, Status.UNSAFE)]
-    rp = RepairPlan(init_optimizer_state=init_optimizer_state)
+    rp = RepairPlan(init_optimizer_state=init_optimizer_state, weights_only=weights_only)
     named = _named_drops(session, drop) if session is not None else {}
     _plan_extras(rp, [r for r in failed if r.category == "unexpected_key"], named)
     if session is not None and _drop_restores_tie(session, rp):
@@ -137,7 +140,7 @@ def plan_repair(the_plan: Plan, results: list[CheckResult], to: str | None,
     for key, why in rp.drop.items():
         rp.steps.append(f"drop {key}: {why}")
     if manifest.nesting and rp.to == "safetensors":
-        rp.steps.append(f"unwrap the model tensors from {manifest.nesting!r}; training state is left behind")
+        rp.steps.append(f"unwrap the model tensors from {manifest.nesting!r}")
     if rp.to == "dcp":
         rp.steps.append("nest the model tensors under 'model' (lingua's init_ckpt_path layout)")
     if rp.to in ("dcp", "hf") and session.config is not None:
@@ -148,8 +151,14 @@ def plan_repair(the_plan: Plan, results: list[CheckResult], to: str | None,
             rp.refusals.append(f"--to {rp.to} holds no optimizer state; use --to torch or --to dcp")
         rp.steps.append("INITIALISE optimizer state: AdamW at step 0 with zero moments for every parameter, "
                         "replacing whatever optimizer state the input has")
-    elif manifest.sections and rp.to in ("torch", "dcp"):
-        rp.steps.append(f"carry the training state over ({', '.join(manifest.sections)})")
+    state_files = [f.name for f in train_state_files(manifest)]
+    if weights_only and (manifest.sections or state_files):
+        rp.steps.append(f"leave the training state behind ({', '.join([*manifest.sections, *state_files])}; "
+                        "--weights-only)")
+    elif not init_optimizer_state:
+        refuse_lost_state(manifest, train_state_files(manifest), rp.to, Path(session.ckpt_arg))
+        if manifest.sections or state_files:
+            rp.steps.append(f"carry the training state over ({', '.join([*manifest.sections, *state_files])})")
     if not rp.steps and not rp.refusals:
         rp.steps.append("nothing to repair: every check passes (the output is a verified copy)")
     return rp
@@ -197,11 +206,11 @@ def _drop_restores_tie(session: Session, rp: RepairPlan) -> bool:
 def repair(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, config: str | os.PathLike[str] | None,
            options: Options, to: str | None = None, dry_run: bool = False, force: bool = False,
            progress: bool = False, init_optimizer_state: bool = False, drop: tuple[str, ...] = (),
-           head_dim: int | None = None) -> RepairOutcome:
+           head_dim: int | None = None, weights_only: bool = False) -> RepairOutcome:
     the_plan = plan(src, config, options)
     try:
         before = run(the_plan)
-        rp = plan_repair(the_plan, before, to, init_optimizer_state, drop)
+        rp = plan_repair(the_plan, before, to, init_optimizer_state, drop, weights_only)
     finally:
         the_plan.close()
     outcome = RepairOutcome(rp, before)
@@ -213,7 +222,7 @@ def repair(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, config: 
     outcome.conversion = convert(src, dst, to=rp.to, naming=rp.naming, config=cfg_for_convert, dtype=rp.dtype,
                                  force=force, progress=progress, drop=rp.drop,
                                  init_optimizer_state=rp.init_optimizer_state, recheck=False,
-                                 head_dim=head_dim)
+                                 head_dim=head_dim, weights_only=rp.weights_only)
     # Judge the output as written: with the config the conversion wrote beside it, if it wrote one.
     after_config = outcome.conversion.config_written or session.config_arg
     after_plan = plan(Path(dst), after_config, options)

@@ -32,7 +32,9 @@ def _fingerprint(path: Path) -> dict[str, tuple[str, int]]:
 @pytest.mark.parametrize("to", ["torch", "dcp", "hf"])
 def test_input_bytes_and_mtime_unchanged(src: str, to: str, tmp_path: Path) -> None:
     before = _fingerprint(GOOD / src)
-    convert(GOOD / src, tmp_path / "out", to=to, config=CONFIGS / "lingua_params.json", head_dim=8)
+    held = to == "dcp" or (to == "torch" and src != "dcp")  # where the output can hold the training state
+    convert(GOOD / src, tmp_path / "out", to=to, config=CONFIGS / "lingua_params.json", head_dim=8,
+            weights_only=not held)
     assert _fingerprint(GOOD / src) == before
 
 

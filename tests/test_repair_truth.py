@@ -103,3 +103,42 @@ def test_a_cast_that_only_rounds_is_written(tmp_path: Path) -> None:
     src = _with_norm(tmp_path, 1.0 + 2**-20)
     assert main(["convert", str(src), str(tmp_path / "out.pth"), "--dtype", "bf16"]) == 0
     assert torch.load(tmp_path / "out.pth", weights_only=True)["norm.weight"][0] == 1.0
+
+
+# --- training state is never dropped unasked -------------------------------------------------------
+
+def test_a_lingua_step_folder_to_torch_refuses_to_lose_its_train_state(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    dst = tmp_path / "out.pth"
+    assert main(["convert", str(GOOD / "dcp"), str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train_state_00000.json" in err[0] and "--weights-only" in err[0] and not dst.exists()
+    assert main(["convert", str(GOOD / "dcp"), str(dst), "--weights-only"]) == 0
+    out = capsys.readouterr().out
+    assert "1 dropped" in out and "dropped optim, train_state_00000.json: training state (--weights-only)" in out
+    written = torch.load(dst, weights_only=True)
+    assert "optim" not in written and "model" not in written and "norm.weight" in written
+
+
+def test_a_lingua_step_folder_to_dcp_carries_its_train_state(tmp_path: Path) -> None:
+    assert main(["convert", str(GOOD / "dcp"), str(tmp_path / "out"), "--to", "dcp"]) == 0
+    assert (tmp_path / "out" / "train_state_00000.json").read_bytes() == (GOOD / "dcp" / "train_state_00000.json").read_bytes()
+
+
+def test_a_resume_repair_refuses_to_lose_its_train_state(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dst = tmp_path / "out.pth"
+    assert main(["repair", str(GOOD / "dcp"), str(dst), "--target", "lingua_resume", "--to", "torch"]) == 2
+    assert "train_state_00000.json" in capsys.readouterr().err and not dst.exists()
+
+
+def test_a_resume_repair_to_safetensors_refuses_to_drop_the_optimizer(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    src = GOOD / "lingua_consolidated"
+    dst = tmp_path / "out"
+    args = ["repair", str(src / "consolidated.pth"), str(dst), "--model-config", str(src / "params.json"),
+            "--target", "resume", "--to", "safetensors"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot hold the training state optim" in err and "--weights-only" in err and not dst.exists()
+    assert main([*args, "--weights-only"]) == 1  # written without it, and the resume target then fails
+    assert "leave the training state behind (optim; --weights-only)" in capsys.readouterr().out

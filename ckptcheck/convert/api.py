@@ -150,17 +150,20 @@ def convert(
         plan = build_plan(source.manifest, naming=dst_scheme, dtype=cast, config=cfg, drop=drop, aliases=aliases)
         if cfg is not None and any(m.permute for m in plan.moves):
             confirm_head_split(source.manifest, cfg, src_p, head_dim)
-        if init_optimizer_state:
+        state_files = train_state_files(source.manifest)
+        if weights_only:
+            left = [*source.manifest.sections, *(f.name for f in state_files)]
+            if left:
+                plan = dataclasses.replace(plan, dropped=(*plan.dropped, (", ".join(left),
+                                                                          "training state (--weights-only)")))
+        elif init_optimizer_state:
             if fmt not in ("torch", "dcp"):
                 raise InputError(dst_p, None, f"--to {fmt} holds no optimizer state; use --to torch or --to dcp")
             plan = fresh_adamw_state(plan)
-        elif source.manifest.sections and not weights_only:
-            if fmt in ("torch", "dcp"):
+        else:
+            refuse_lost_state(source.manifest, state_files, fmt, dst_p)
+            if source.manifest.sections:
                 plan = carry_state(plan, source, config=cfg)
-            else:
-                left = ", ".join(source.manifest.sections)
-                plan = dataclasses.replace(plan, dropped=(*plan.dropped, (left, f"training state: --to {fmt} holds "
-                                                                                "model tensors only")))
         if plan.state and fmt == "torch":
             nesting = nesting or "model"  # the training state goes beside the model: {"model": ..., "optim": ...}
         if fmt == "hf" and cfg is None:
@@ -174,8 +177,8 @@ def convert(
             with _progress_bar(progress, plan.total_bytes, f"converting to {fmt}") as tick:
                 _writer(fmt, staging.path, dst_p, nesting).write(plan, chunks, tick)
             written_config = _write_config(fmt, staging.path, dst_p, cfg, plan)
-            if fmt == "dcp" and plan.state and not init_optimizer_state:
-                _copy_train_states(source.manifest, staging.path)
+            if fmt == "dcp" and not weights_only and not init_optimizer_state:
+                _copy_train_states(state_files, staging.path)
             verified = verify_output(staging.path, plan, chunks, display=str(dst_p)) if verify else 0
             staging.commit()
         except OSError as exc:  # a full disk, a file size limit, a read-only folder: nothing is left behind
@@ -267,18 +270,33 @@ def written_dtype(plan: ConversionPlan) -> str:
     return max(sorted(counts), key=lambda d: counts[d]) if counts else "float32"
 
 
-def _copy_train_states(manifest: Manifest, staged: Path) -> None:
+def train_state_files(manifest: Manifest) -> list[Path]:
     """lingua keeps each data-parallel rank's train state (step, scheduler, data loader) in
     train_state_<rank>.json beside the DCP files: it travels with the training state."""
-    import shutil
-
     from ..training_state import TRAIN_STATE_RE
 
     folder = Path(manifest.path)
-    if manifest.format == "dcp" and folder.is_dir():
-        for f in sorted(folder.iterdir()):
-            if TRAIN_STATE_RE.match(f.name) and f.is_file():
-                shutil.copyfile(f, staged / f.name)
+    if manifest.format != "dcp" or not folder.is_dir():
+        return []
+    return [f for f in sorted(folder.iterdir()) if TRAIN_STATE_RE.match(f.name) and f.is_file()]
+
+
+def refuse_lost_state(manifest: Manifest, state_files: list[Path], fmt: str, dst: Path) -> None:
+    """Training state goes where the output can hold it (sections: torch and DCP; lingua's per-rank
+    files: beside DCP files) or nowhere without --weights-only: a conversion never drops it silently."""
+    lost = [] if fmt in ("torch", "dcp") else list(manifest.sections)
+    lost += [] if fmt == "dcp" else [f.name for f in state_files]
+    if lost:
+        raise InputError(dst, None, f"--to {fmt} cannot hold the training state {', '.join(lost)}: use "
+                         + ("--to dcp" if state_files else "--to torch or --to dcp")
+                         + ", or --weights-only to leave it behind")
+
+
+def _copy_train_states(state_files: list[Path], staged: Path) -> None:
+    import shutil
+
+    for f in state_files:
+        shutil.copyfile(f, staged / f.name)
 
 
 class _progress_bar:  # noqa: N801 - used as a context manager
