@@ -223,6 +223,7 @@ class _Unpickler(pickle.Unpickler):
         self._path, self._member, self._allowed = path, member, allowed
         self._persistent = persistent_load
         self._budget = _Budget(size)
+        self.size = size
         self._refused = refused
         self._unknown: dict[str, type[Unknown]] = {}
 
@@ -310,6 +311,7 @@ def _load(unpickler: _Unpickler, path: str, member: str) -> Any:
     try:
         obj = unpickler.load()
         _check_ints(obj)
+        _check_expanded_size(obj, unpickler.size)
         return obj
     except UnsafeInputError:
         raise
@@ -334,6 +336,55 @@ def _check_ints(obj: Any) -> None:
             raise InputError(None, None, f"the pickle holds an integer of {o.bit_length()} bits")
 
 
+def _check_expanded_size(obj: Any, size: int) -> None:
+    """Refuse a pickle whose shared references expand to far more than its bytes: each reference costs the
+    pickle a byte or more, so a checkpoint's object tree, with every shared object counted at every place it
+    is reached, is about its size.  Forty nested ``{"a": d, "b": d}`` take 2 KB and expand to 2**40 paths,
+    which any walk, ``str()`` or report of the object would follow.  Strings weigh by their length."""
+    limit = 2 * size + (1 << 16)
+    expanded: dict[int, int] = {}
+    todo: list[tuple[Any, bool]] = [(obj, False)]
+    open_: set[int] = set()
+    while todo:
+        o, done = todo.pop()
+        key = id(o)
+        if done:
+            open_.discard(key)
+            expanded[key] = 1 + sum(expanded[id(c)] for c in _children(o))
+            if expanded[key] > limit:
+                raise InputError(None, None, f"shared references in the pickle expand to more than {limit} "
+                                 "objects, far more than its bytes hold")
+            continue
+        if key in expanded:
+            continue
+        if key in open_:
+            raise InputError(None, None, "a container in the pickle contains itself")
+        if isinstance(o, (str, bytes, bytearray)):
+            expanded[key] = 1 + len(o) // 64
+            continue
+        open_.add(key)
+        todo.append((o, True))
+        todo += ((c, False) for c in _children(o))
+
+
+def _children(o: Any) -> tuple[Any, ...]:
+    """The objects a container, stand-in or record holds (what ``_parts`` follows)."""
+    if isinstance(o, (int, str, bytes, bytearray, float, complex, type)):
+        return ()
+    if isinstance(o, dict):
+        kids: tuple[Any, ...] = (*o.keys(), *o.values())
+    elif isinstance(o, (list, tuple, set, frozenset)):
+        kids = tuple(o)
+    elif isinstance(o, slice):
+        kids = (o.start, o.stop, o.step)
+    elif isinstance(o, Unknown):
+        kids = (o.args, o.state, o.contents)
+    else:
+        kids = ()
+    attrs = getattr(o, "__dict__", None)
+    return (*kids, attrs) if isinstance(attrs, dict) else kids
+
+
 def refuse_stand_ins(obj: Any, *, path: str | None, item: str | None) -> None:
     """Before writing values read from a checkpoint: an ``Unknown`` stand-in is not the object it names."""
     for o in _parts(obj):
@@ -352,17 +403,7 @@ def _parts(obj: Any) -> Iterator[Any]:
         if isinstance(o, (int, str, bytes, bytearray, float, complex, type)) or id(o) in seen:
             continue
         seen.add(id(o))
-        if isinstance(o, dict):
-            todo += [*o.keys(), *o.values()]
-        elif isinstance(o, (list, tuple, set, frozenset)):
-            todo += o
-        elif isinstance(o, slice):
-            todo += (o.start, o.stop, o.step)
-        elif isinstance(o, Unknown):
-            todo += (o.args, o.state, o.contents)
-        attrs = getattr(o, "__dict__", None)
-        if isinstance(attrs, dict):
-            todo.append(attrs)
+        todo += _children(o)
 
 
 class _Unprovable(Exception):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from .. import dtypes
 from ..errors import InputError, UnsafeInputError
 from ..manifest import Manifest, TensorInfo
-from ..safe_pickle import MAX_RANK, Frozen, Function, is_index, safe_loads
+from ..safe_pickle import MAX_RANK, Frozen, Function, Sized, is_index, safe_loads
 from ..files import open_binary
 from .base import Checkpoint, bytes_to_tensor, check_rows, read_exact, row_span, split_sections
 from .torch_pickle import TORCH_VALUES, _Dtype, weights_only_facts
@@ -94,8 +94,16 @@ def _as_tuple(value: Any) -> tuple[int, ...] | None:
     raise ValueError(f"offsets or sizes are a {type(value).__name__}, not a sequence")
 
 
-def _path(sep: str) -> Function:
-    return Function(lambda *parts: sep.join(str(p) for p in parts))
+def _path(sep: str) -> Sized:
+    """A pathlib path as a string.  Only strings are joined (a ``str()`` of anything else costs what the
+    pickle chooses), and the join is charged to the load's budget: one long string named many times
+    joins to far more than the pickle holds."""
+    def join(*parts: Any) -> str:
+        if not all(isinstance(p, str) for p in parts):
+            raise ValueError("a path part is not a string")
+        return sep.join(parts)
+
+    return Sized(join, lambda *parts: sum(len(p) for p in parts if isinstance(p, str)))
 
 
 def _allowlist() -> dict[tuple[str, str], Any]:

@@ -179,6 +179,14 @@ _UNSUPPORTED = {
 _TENSOR_TYPES = ("BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int", "Long", "Short")
 
 
+def _device(kind: Any = "cpu", index: Any = None) -> str:
+    """torch.device("cuda", 0) as its type name; anything but a string would cost a ``str()`` of whatever
+    the pickle hands it (a nested list of 2**40 leaves)."""
+    if not isinstance(kind, str) or not (index is None or is_index(index)):
+        raise MalformedTensor("torch.device of something other than a device name and index")
+    return kind
+
+
 def _allowlist() -> dict[tuple[str, str], Any]:
     table = dict(TORCH_VALUES)
     table.update({key: Unsupported(what) for key, what in _UNSUPPORTED.items() if key not in table})
@@ -194,7 +202,7 @@ def _allowlist() -> dict[tuple[str, str], Any]:
         ("torch._tensor", "_rebuild_from_type_v2"): Function(_rebuild_from_type_v2),
         ("torch.nn.parameter", "Parameter"): _Marker("Parameter"),
         ("torch", "Tensor"): _Marker("Tensor"),
-        ("torch", "device"): Function(lambda *a: str(a[0]) if a else "cpu"),
+        ("torch", "device"): Function(_device),
     })
     return table
 
