@@ -272,6 +272,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .corroborate import head_dim_witnesses
     from .formats import open_checkpoint
+    from .spec import biases
     from .infer import infer_dims
     from .naming import map_keys
     from .report.text import human_bytes
@@ -284,6 +285,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         witnesses = head_dim_witnesses(m.tensors, inferred, args.ckpt, None)
     params, note = _inspect_params(args, inferred, witnesses)
     if args.params:
+        note = note or _inexpressible(args.params, params, biases(by_canonical))
         if note:
             raise InputError(args.ckpt, None, f"no params.json written: {note}")
         saved = [w.config for w in witnesses if w.config is not None]
@@ -338,6 +340,23 @@ _HEAD_FLAGS = (("--n-heads", "n_heads"), ("--n-kv-heads", "n_kv_heads"), ("--hea
 
 def _head_sources(args: argparse.Namespace, witnesses: list[Any]) -> list[str]:
     return [flag for flag, name in _HEAD_FLAGS if getattr(args, name) is not None] + [w.source for w in witnesses]
+
+
+TITLES = {"meta": "Meta", "lingua": "lingua"}
+
+
+def _inexpressible(schema: str, params: dict[str, Any], found: dict[str, list[str]]) -> str:
+    """Why a ``schema`` params.json cannot describe these weights ("" when it can): neither lingua's nor Meta's
+    Llama has biases, and Meta's params.json has no head_dim (it is always dim / n_heads)."""
+    if found:
+        keys = sorted(k for ks in found.values() for k in ks)
+        return (f"the checkpoint holds {len(keys)} bias tensors ({', '.join(keys[:2])}, ...), which {TITLES[schema]}'s Llama "
+                f"does not have and its params.json cannot state ({' and '.join(sorted(found))}): describe it "
+                "with a Hugging Face config.json")
+    if schema == "meta" and "head_dim" in params:
+        return (f"head_dim {params['head_dim']} is not dim / n_heads = {params['dim']} / {params['n_heads']}, and "
+                "Meta's params.json has no head_dim field (its ModelArgs derives it): use --params lingua")
+    return ""
 
 
 def _inspect_params(args: argparse.Namespace, inferred: Any, witnesses: list[Any]) -> tuple[dict[str, Any], str]:

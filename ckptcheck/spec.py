@@ -5,13 +5,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .configs import ModelConfig
 from .errors import InputError
-from .naming import CANONICAL, CUSTOM, SCHEMES, Scheme, map_keys
+from .naming import CANONICAL, CUSTOM, SCHEMES, Scheme, map_keys, role_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,15 @@ BIAS_FLAGS = {
     "layers.{i}.feed_forward.w1.bias": "mlp_bias", "layers.{i}.feed_forward.w2.bias": "mlp_bias",
     "layers.{i}.feed_forward.w3.bias": "mlp_bias",
 }
+
+
+def biases(canonical_keys: Iterable[str]) -> dict[str, list[str]]:
+    """The bias tensors among canonical keys, by the config flag they need ("attention_bias", "mlp_bias")."""
+    out: dict[str, list[str]] = {}
+    for key in canonical_keys:
+        if (flag := BIAS_FLAGS.get(role_of(key))) is not None:
+            out.setdefault(flag, []).append(key)
+    return out
 
 
 def spec_from_config(cfg: ModelConfig) -> ModelSpec:

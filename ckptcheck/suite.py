@@ -24,6 +24,9 @@ class Suite:
     formats: tuple[str, ...] | None = None  # formats the framework loads; None: any
     nesting: str | None = None  # with formats: "model" or None (flat)
     repair: tuple[str, ...] = ()  # ckptcheck repair arguments producing the framework's layout
+    # Model features the framework's config cannot state ("head_dim", "attention_bias", "mlp_bias"): a model
+    # that needs one fails its config check for that feature.
+    cannot_express: tuple[str, ...] = ()
 
     @property
     def is_framework(self) -> bool:
@@ -53,4 +56,5 @@ def load_suite(name: str) -> Suite:
                          f"unknown categories {sorted(unknown)})")
     return Suite(name=name, title=data.get("title", ""), categories=tuple(data["categories"]),
                  naming=data.get("naming"), formats=tuple(data["formats"]) if data.get("formats") else None,
-                 nesting=data.get("nesting"), repair=tuple(data.get("repair", ())))
+                 nesting=data.get("nesting"), repair=tuple(data.get("repair", ())),
+                 cannot_express=tuple(data.get("cannot_express", ())))

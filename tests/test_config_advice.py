@@ -142,6 +142,7 @@ def test_suggested_config_edits_converge(model: dict[str, Any], schema: str, wro
     m["ffn"] = ffn_hidden(m["dim"], m["multiple_of"], None)
     if schema == "meta":
         m["tied"] = False  # a Meta params.json cannot state tying
+        assume(not m["wide"])  # nor a head size other than dim / n_heads (test_config_checks covers the advice)
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         (d / "ckpt").mkdir()

@@ -230,3 +230,50 @@ def test_a_config_written_by_transformers_5_witnesses_rope_theta(tmp_path: Path)
     r = _results(ckpt, given)["config[rope_theta]"]
     assert r.status is Status.FAIL and r.repair == (
         f"set model.rope_theta = 500000.0 in {given}, if the weights are the model you meant")
+
+
+# A head size other than dim / n_heads: 4 heads of 4 in a model of dim 32.
+NARROW = {"model": {**TRUE["model"], "head_dim": 4}}
+
+
+def _results_for(ckpt: Path, config: Path, target: str) -> dict[str, CheckResult]:
+    the_plan = plan(ckpt, config, Options(target=target))
+    try:
+        return {r.id: r for r in run(the_plan)}
+    finally:
+        the_plan.close()
+
+
+def test_the_meta_target_fails_a_head_size_meta_cannot_state(tmp_path: Path) -> None:
+    ckpt = _model(tmp_path / "ckpt", NARROW)
+    meta = _config(tmp_path / "cfg" / "params.json", NARROW["model"])  # a Meta-schema params.json with head_dim
+    r = _results_for(ckpt, meta, "meta")["config[head_dim]"]
+    assert r.status is Status.FAIL and "no head_dim field" in r.message and "16 rows, not dim = 32" in r.message
+    lingua = _config(tmp_path / "lingua" / "params.json", NARROW)
+    assert "config[head_dim]" not in _results_for(ckpt, lingua, "lingua_init")  # lingua states head_dim
+    plain = _model(tmp_path / "plain", TRUE)
+    assert _results_for(plain, _config(tmp_path / "m2" / "params.json", TRUE["model"]), "meta")[
+        "config[head_dim]"].status is Status.PASS
+
+
+def test_no_advice_sets_a_head_dim_a_meta_params_json_does_not_have(tmp_path: Path) -> None:
+    ckpt = _model(tmp_path / "ckpt", NARROW)
+    meta = _config(tmp_path / "cfg" / "params.json", TRUE["model"])  # 4 heads of 8: wq would have 32 rows
+    failing = [r for r in _results(ckpt, meta).values() if r.status is Status.FAIL and r.category == "config"]
+    assert failing and all(r.repair and "set head_dim" not in r.repair for r in failing), [r.repair for r in failing]
+    assert any(r.repair and "cannot state head_dim" in r.repair for r in failing)
+
+
+BIASED = {"model": {**TRUE["model"], "attention_bias": True, "mlp_bias": True}}
+
+
+def test_lingua_and_meta_targets_fail_biases(tmp_path: Path) -> None:
+    """lingua's and Meta's Llama have no biases: a biased checkpoint cannot load there, whatever the config says."""
+    ckpt = _model(tmp_path / "ckpt", BIASED)
+    config = _config(tmp_path / "cfg" / "params.json", BIASED)
+    for target in ("lingua_init", "lingua_resume", "meta"):
+        results = _results_for(ckpt, config, target)
+        for flag in ("attention_bias", "mlp_bias"):
+            r = results[f"config[{flag}]"]
+            assert r.status is Status.FAIL and "such tensors (layers.0." in r.message, (target, r.message)
+    assert "config[attention_bias]" not in _results_for(ckpt, config, "hf")

@@ -106,3 +106,26 @@ def test_a_stale_or_silent_saved_config_is_not_written_as_fact(tmp_path: Path,
     assert rc == 0 and params["model"]["n_heads"] == 4
     assert "norm_eps" not in params["model"] and "rope_theta" not in params["model"]
     assert "norm_eps is not in the weights" in err
+
+
+def test_params_a_schema_cannot_express_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Biases (lingua, Meta) and a head size other than dim / n_heads (Meta) have no params.json field: a
+    params.json without them would fail against the very weights it was written from."""
+    biased = {"model": {**TRUE["model"], "attention_bias": True, "mlp_bias": True}}
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "truth.json").write_text(json.dumps(biased))
+    torch.save(random_state_dict(load_config(tmp_path / "b" / "truth.json"), seed=3), tmp_path / "b" / "c.pth")
+    for fmt in ("lingua", "meta"):
+        rc, _, err = _params(capsys, str(tmp_path / "b" / "c.pth"), "--params", fmt, "--n-heads", "4")
+        assert rc == 2 and "bias tensors" in err and "params.json cannot state" in err, err
+
+    narrow = str(_model(tmp_path / "ckpt"))  # wq 256 rows = dim: 8 heads of 32 is another head size
+    rc, _, err = _params(capsys, narrow, "--params", "meta", "--n-heads", "8", "--head-dim", "32")
+    assert rc == 0
+    (tmp_path / "n").mkdir()
+    (tmp_path / "n" / "truth.json").write_text(json.dumps({"model": {**TRUE["model"], "head_dim": 32}}))
+    torch.save(random_state_dict(load_config(tmp_path / "n" / "truth.json"), seed=3), tmp_path / "n" / "c.pth")
+    rc, _, err = _params(capsys, str(tmp_path / "n" / "c.pth"), "--params", "meta", "--n-heads", "4")
+    assert rc == 2 and "Meta's params.json has no head_dim field" in err
+    rc, params, _ = _params(capsys, str(tmp_path / "n" / "c.pth"), "--params", "lingua", "--n-heads", "4")
+    assert rc == 0 and params["model"]["head_dim"] == 32

@@ -39,6 +39,16 @@ WITNESS_RULE = ("a config saved in or up to two folders above the checkpoint, ot
                 "copies of it, whose every dimension matches the weights")
 # Meta's params.json has no tying field: its loader always builds a separate output layer.
 NO_TYING_FIELD = ("meta",)
+# Features a framework's config may have no field for (a suite's cannot_express): feature -> why.
+CANNOT_EXPRESS = {
+    "head_dim": "its config has no head_dim field: the head size is always dim / n_heads",
+    "attention_bias": "its Llama has no attention biases and its config no attention_bias field",
+    "mlp_bias": "its Llama has no MLP biases and its config no mlp_bias field",
+}
+# Schemas whose loader has no head_dim field (Meta's ModelArgs), and the advice for a head size a Meta params.json cannot state.
+NO_HEAD_DIM_FIELD = ("meta",)
+META_CANNOT_HEAD_DIM = ("a Meta params.json cannot state head_dim (Meta's ModelArgs has no such field and derives "
+                        "dim / n_heads): check against a lingua params.json or a config.json that states head_dim")
 META_CANNOT_TIE = ("a Meta params.json cannot state tied embeddings (Meta's loader always reads a separate "
                    "output.weight): check against a lingua params.json with weight_tying: true, or a config.json "
                    "with tie_word_embeddings: true")
@@ -87,7 +97,40 @@ def plan_config(session: Session) -> list[Check]:
     def make(name: str):
         return lambda: repair_with(session, evaluate(facts, name))
 
-    return [Check("config", name, make(name), reads_data=reads.get(name, False)) for name in ORDER]
+    checks = [Check("config", name, make(name), reads_data=reads.get(name, False)) for name in ORDER]
+    suite = session.suite
+    return checks + [Check("config", name, _expressible(session, facts, suite.title.split(":")[0], name))
+                     for name in suite.cannot_express]
+
+
+def _expressible(session: Session, facts: Facts, framework: str, name: str) -> Callable[[], Verdict]:
+    """A target whose config cannot state a feature fails a model that needs it, saying why."""
+    from ..spec import biases
+
+    def evaluate() -> Verdict:
+        cfg, inferred = facts.cfg, facts.inferred
+        if name == "head_dim":
+            q, dim = inferred.q_rows, inferred.dim
+            needs = []
+            if q is not None and dim is not None and q != dim:
+                needs.append(f"{facts.q_name} has {q} rows, not dim = {dim}")
+            if cfg.n_heads * cfg.head_dim != cfg.dim:
+                needs.append(f"the config's head_dim {cfg.head_dim} is not dim / n_heads = {cfg.dim} / {cfg.n_heads}")
+            found = "; ".join(needs)
+        else:
+            keys = biases(session.by_canonical).get(name, [])
+            shown = sorted(session.spec.display(k) for k in keys)[:2]
+            found = (f"the checkpoint holds {len(keys)} such tensors ({', '.join(shown)}, ...)" if keys
+                     else f"the config sets {name}" if getattr(cfg, name) else "")
+        if not found:
+            return Verdict.ok(f"the model needs no {name}, which {framework} cannot state", expected="none",
+                              obtained="none")
+        return Verdict.fail(f"{framework} cannot load this model: {CANNOT_EXPRESS[name]}, but {found}",
+                            expected=f"no {name}", obtained=name,
+                            repair=f"no config edit makes {framework} load it: choose a target whose config "
+                                   f"states {name} (a Hugging Face config.json, --target hf)")
+
+    return evaluate
 
 
 def _is_copy(session: Session) -> bool:
@@ -271,10 +314,12 @@ def _head_fix(facts: Facts) -> dict[str, object]:
     return {name: value for name, value in target.items() if value != getattr(cfg, name)}
 
 
-def _fields(facts: Facts, fix: dict[str, object]) -> dict[str, object]:
+def _fields(facts: Facts, fix: dict[str, object]) -> dict[str, object] | str:
     """A fix as assignments to the config file's own fields, with every implicit field it would move pinned:
     n_kv_heads defaults to n_heads, head_dim to dim / n_heads, and a Meta/lingua FFN width is computed from
-    dim.  Each fix then holds alone and together with the other checks' fixes."""
+    dim.  Each fix then holds alone and together with the other checks' fixes.  A Meta params.json has no
+    head_dim: a stated one is removed (null) where dim / n_heads gives it, and a head size it cannot give
+    is no config edit at all."""
     cfg, inferred = facts.cfg, facts.inferred
     out = dict(fix)
     heads_known = inferred.q_rows is not None and inferred.kv_rows is not None
@@ -290,6 +335,10 @@ def _fields(facts: Facts, fix: dict[str, object]) -> dict[str, object]:
             out.pop("head_dim", None)  # dim / n_heads already gives it
         else:
             out["head_dim"] = hd
+    if cfg.schema in NO_HEAD_DIM_FIELD and "head_dim" in out:
+        if not implicit_holds:
+            return META_CANNOT_HEAD_DIM
+        out["head_dim"] = None
     if cfg.schema != "hf":
         section = cfg.raw.get("model", {}) if cfg.schema == "lingua" else cfg.raw
         ffn = int(out.pop("ffn_dim", inferred.ffn_dim or cfg.ffn_dim))  # type: ignore[call-overload]
