@@ -7,6 +7,7 @@ remembers which field of its own file each dimension came from, so a mismatch ca
 from __future__ import annotations
 
 import json
+import os
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 from . import dtypes
 from .errors import InputError
+from .files import open_binary
 
 MAX_CONFIG_BYTES = 16 << 20
 CONFIG_NAMES = ("params.json", "config.json")
@@ -107,10 +109,11 @@ def find_config(path: str | Path) -> Path:
 
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise InputError(path, None, f"{size} bytes is too large for a config (limit {MAX_CONFIG_BYTES})")
-        text = path.read_bytes().decode("utf-8")
+        with open_binary(path) as f:  # a FIFO or device is refused, not read forever
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_CONFIG_BYTES:
+                raise InputError(path, None, f"{size} bytes is too large for a config (limit {MAX_CONFIG_BYTES})")
+            text = f.read().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(path, None, f"not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:

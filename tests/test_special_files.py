@@ -32,10 +32,19 @@ def _dcp_with(tmp: Path, name: str, make) -> Path:
     return folder
 
 
-CASES = {
-    "fifo_file": (lambda t: _fifo(t / "m.pth"), "is a FIFO"),
-    "dev_zero": (lambda t: _link_zero(t / "z.pth"), "is a character device"),
-    "dcp_metadata_fifo": (lambda t: _dcp_with(t, ".metadata", _fifo), "is a FIFO"),
+def _none(path: Path) -> list[str]:
+    return []
+
+
+CASES = {  # name: (build, text of the one line, more arguments for the path)
+    "fifo_file": (lambda t: _fifo(t / "m.pth"), "is a FIFO", _none),
+    "dev_zero": (lambda t: _link_zero(t / "z.pth"), "is a character device", _none),
+    "dcp_metadata_fifo": (lambda t: _dcp_with(t, ".metadata", _fifo), "is a FIFO", _none),
+    "index_json_fifo": (lambda t: _fifo(t / "model.safetensors.index.json"), "is a FIFO", _none),
+    "config_fifo": (lambda t: _dcp_with(t, "params.json", _fifo), "is a FIFO",
+                    lambda p: ["--model-config", str(p / "params.json")]),
+    "train_state_fifo": (lambda t: _dcp_with(t, "train_state_00000.json", _fifo), "is a FIFO",
+                         lambda p: ["--target", "lingua_resume"]),
 }
 
 
@@ -46,9 +55,10 @@ def _link_zero(path: Path) -> Path:
 
 @pytest.mark.parametrize("case", CASES)
 def test_special_file_is_refused_by_the_cli_process(tmp_path: Path, case: str) -> None:
-    build, expect = CASES[case]
+    build, expect, args = CASES[case]
     path = build(tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "ckptcheck", "check", str(path)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "ckptcheck", "check", str(path), *args(path)], capture_output=True,
+                          text=True,
                           timeout=HANG_GUARD_S, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
