@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .checks.model import CheckResult, Status
-from .convert.api import ConversionReport, convert, refuse_lost_state, train_state_files
+from .convert.api import ConversionReport, convert, infer_output_format, refuse_lost_state, train_state_files
 from .engine import Options, Plan, Session, plan, run
 from .errors import InputError
 
@@ -82,10 +82,10 @@ def _ids(results: list[CheckResult], category: str) -> str:
     return f"{', '.join(ids[:4])}{' ...' if len(ids) > 4 else ''}"
 
 
-def plan_repair(the_plan: Plan, results: list[CheckResult], to: str | None,
+def plan_repair(the_plan: Plan, results: list[CheckResult], dst: str | os.PathLike[str], to: str | None,
                 init_optimizer_state: bool = False, drop: tuple[str, ...] = (),
                 weights_only: bool = False) -> RepairPlan:
-    """What to do; ``drop`` names tensors (stored or target names) the user wants left out, and
+    """What to do, writing ``dst`` (its suffix names the format unless ``to`` does); ``drop`` names tensors (stored or target names) the user wants left out, and
     ``weights_only`` leaves the training state behind (never done unasked)."""
     session = the_plan.session
     failed = [r for r in results if r.status in (Status.FAIL, Status.UNSAFE)]
@@ -111,7 +111,7 @@ def plan_repair(the_plan: Plan, results: list[CheckResult], to: str | None,
     manifest = session.manifest
     suite = session.suite
     suite_to = suite.repair[suite.repair.index("--to") + 1] if "--to" in suite.repair else None
-    rp.to = to or suite_to or DEFAULT_OUTPUT.get(manifest.format, "torch")
+    rp.to = infer_output_format(Path(dst), to or suite_to, DEFAULT_OUTPUT.get(manifest.format, "torch"))
     # The naming the target loads: the framework's, else the config's.
     spec_scheme = SCHEMES[suite.naming] if suite.naming else session.spec.scheme
     rp.naming = None if spec_scheme.is_custom else ("hf" if rp.to == "hf" else spec_scheme.name)
@@ -210,7 +210,7 @@ def repair(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, config: 
     the_plan = plan(src, config, options)
     try:
         before = run(the_plan)
-        rp = plan_repair(the_plan, before, to, init_optimizer_state, drop, weights_only)
+        rp = plan_repair(the_plan, before, dst, to, init_optimizer_state, drop, weights_only)
     finally:
         the_plan.close()
     outcome = RepairOutcome(rp, before)

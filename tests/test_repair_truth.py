@@ -142,3 +142,32 @@ def test_a_resume_repair_to_safetensors_refuses_to_drop_the_optimizer(tmp_path: 
     assert "cannot hold the training state optim" in err and "--weights-only" in err and not dst.exists()
     assert main([*args, "--weights-only"]) == 1  # written without it, and the resume target then fails
     assert "leave the training state behind (optim; --weights-only)" in capsys.readouterr().out
+
+
+# --- an output is what its name says ----------------------------------------------------------------
+
+def test_repair_writes_the_format_the_destination_names(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    dst = tmp_path / "x.safetensors"
+    assert main(["repair", str(FIXTURES / "broken" / "ddp_prefix.pth"), str(dst), "--model-config", str(LINGUA)]) == 0
+    with safe_open(str(dst), "pt") as f:  # the reference reader opens it: it is safetensors, not a torch zip
+        assert "norm.weight" in set(f.keys())
+
+
+@pytest.mark.parametrize("command", ["convert", "repair"])
+def test_a_destination_named_for_another_format_is_refused(command: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    dst = tmp_path / "x.safetensors"
+    assert main([command, str(FIXTURES / "broken" / "ddp_prefix.pth"), str(dst), "--to", "torch",
+                 "--model-config", str(LINGUA)]) == 2
+    assert "the name says safetensors (.safetensors) but the output is torch" in capsys.readouterr().err
+    assert not dst.exists()
+
+
+def test_check_fails_a_file_whose_name_contradicts_its_content(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    misnamed = tmp_path / "model.safetensors"
+    misnamed.write_bytes((GOOD / "consolidated.pth").read_bytes())
+    assert main(["check", str(misnamed), "--model-config", str(LINGUA)]) == 1
+    assert "named .safetensors (safetensors) but holds a torch file" in capsys.readouterr().out

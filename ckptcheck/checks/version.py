@@ -98,6 +98,10 @@ def _serialization(session: Session):
     def evaluate() -> Verdict:
         m = session.manifest
         kind = m.facts.get("serialization", m.format)
+        if "misnamed" in m.facts:  # the loaders that go by the name cannot open it
+            return Verdict.fail(f"{m.facts['misnamed']}: tools that open files by name (safetensors, transformers) "
+                                "cannot read it", expected="a name that says what the file holds", obtained=kind,
+                                repair="rename it for its format, or ckptcheck convert it to the format its name says")
         if m.format == "torch-legacy":
             return Verdict.fail(
                 "legacy torch serialization (a pickle stream, not a zip archive): torch.load(mmap=True) refuses "

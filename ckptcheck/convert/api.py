@@ -97,12 +97,18 @@ def tally(passed: int, total: int, skipped: list[str]) -> str:
     return line
 
 
-def infer_output_format(dst: Path, to: str | None) -> str:
+def infer_output_format(dst: Path, to: str | None, default: str | None = None) -> str:
+    """``to``, else the format DST's suffix names, else ``default``.  A suffix that names another format
+    is refused: tools that go by the name (safetensors, transformers) could not open the file."""
+    named = _SUFFIX_FORMAT.get(dst.suffix)
     if to is not None:
         if to not in OUTPUT_FORMATS:
             raise InputError(None, "--to", f"unknown format {to!r}; use {', '.join(OUTPUT_FORMATS)}")
+        if named is not None and named != to:
+            raise InputError(dst, None, f"the name says {named} ({dst.suffix}) but the output is {to}: name it "
+                             f"for what it holds, or pass --to {named}")
         return to
-    fmt = _SUFFIX_FORMAT.get(dst.suffix)
+    fmt = named or default
     if fmt is None:
         raise InputError(dst, None, f"cannot tell the output format from the name; pass --to {'|'.join(OUTPUT_FORMATS)}")
     return fmt

@@ -109,7 +109,20 @@ def _detect_folder(p: Path) -> tuple[str, Path]:
     raise InputError(p, None, f"no checkpoint found in this folder (it holds {listing})")
 
 
+# What a file's suffix tells tools that open by name (safetensors, transformers) it holds.
+_SUFFIX_SAYS = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", ".bin": "torch"}
+
+
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    ckpt = _open(path)
+    target = Path(ckpt.manifest.path)
+    said = _SUFFIX_SAYS.get(target.suffix) if target.is_file() else None
+    if said is not None and said != ckpt.manifest.format.removesuffix("-legacy"):
+        ckpt.manifest.facts["misnamed"] = f"named {target.suffix} ({said}) but holds a {ckpt.manifest.format} file"
+    return ckpt
+
+
+def _open(path: str | os.PathLike[str]) -> Checkpoint:
     fmt, target = detect_format(path)
     if fmt == "dcp":
         return DcpCheckpoint(target)
