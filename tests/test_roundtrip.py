@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -217,3 +219,64 @@ def test_optimizer_trip_from_a_consolidated_file(tmp_path: Path) -> None:
     result = roundtrip(GOOD / "lingua_consolidated", config=None, world_size=2, optimizer=True, workdir=tmp_path)
     assert result.ok, result.lines()
     assert result.converted and result.trips[0].ranks[0]["compared_tensors"] == 21 * 4
+
+
+def test_sigkill_of_the_launcher_ends_its_ranks_and_the_next_trip_removes_its_folders(
+        factories: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL runs no cleanup in the launcher: its ranks and torchrun end themselves, and the next
+    round trip in the same temporary folder removes the dead one's folders (converted DCP included)."""
+    tmp = factories / "tmp"
+    tmp.mkdir()
+    cli = Path(sys.executable).parent / "ckptcheck"
+    launcher = subprocess.Popen([cli, "roundtrip", GOOD / "consolidated.pth", "--model-config", LINGUA,
+                                 "--world-size", "2", "--model-factory", "trip_factories:hang_on_rank_1"],
+                                env={**os.environ, "TMPDIR": str(tmp)}, start_new_session=True)
+    try:
+        while not (factories / "rank1_hangs").exists():  # waits for an event, bounded by the check below
+            assert launcher.poll() is None, "the launcher ended before rank 1 hung"
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGKILL)
+        # the launcher stays unreaped (a zombie) meanwhile: the ranks must take that for gone too
+        deadline = time.monotonic() + 120
+        while leftovers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert leftovers() == []
+    finally:
+        launcher.kill()
+        launcher.wait()
+    dead = sorted(tmp.iterdir())
+    assert any(p.name.startswith("ckptcheck-roundtrip-") for p in dead), dead
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    result = roundtrip(GOOD / "consolidated.pth", config=LINGUA, world_size=1)
+    assert result.ok, result.lines()
+    assert sorted(tmp.iterdir()) == []  # the dead run's folders, torchelastic's included, and this run's
+
+
+def _with_unknown_optimizer_entry(tmp_path: Path) -> Path:
+    """lingua's consolidated checkpoint whose optimizer state holds an object weights_only refuses."""
+    import argparse
+
+    import torch
+
+    state = torch.load(GOOD / "lingua_consolidated" / "consolidated.pth", weights_only=True)
+    state["optim"]["param_groups"][0]["args"] = argparse.Namespace(lr=1.0)
+    folder = tmp_path / "src"
+    folder.mkdir()
+    torch.save(state, folder / "consolidated.pth")
+    shutil.copy(GOOD / "lingua_consolidated" / "params.json", folder / "params.json")
+    return folder
+
+
+def test_an_unknown_optimizer_entry_is_left_behind_unless_the_trip_loads_the_optimizer(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The ranks load model tensors only, so the training state is not converted; with --optimizer the
+    refusal names what the user can do with roundtrip (it has no --weights-only)."""
+    from ckptcheck.cli import main
+
+    src = _with_unknown_optimizer_entry(tmp_path)
+    result = roundtrip(src, config=None, world_size=1, workdir=tmp_path / "w")
+    assert result.ok, result.lines()
+    assert main(["roundtrip", str(src), "--world-size", "1", "--optimizer"]) == 2
+    err = capsys.readouterr().err
+    assert "argparse.Namespace" in err and "without --optimizer" in err and "--weights-only" not in err, err

@@ -3,7 +3,8 @@
 ``torchrun --standalone`` finds a free port for its rendezvous itself, so two round trips at once (say
 under ``pytest -n 2``) never collide.  Ranks run with a wall-clock limit; when a trip ends, however it
 ends, every process carrying its tag is killed (``reaper``), so none outlives it, and each rank's own
-error (from its report file) is what the caller sees.
+error (from its report file) is what the caller sees.  A launcher killed with SIGKILL runs no cleanup:
+then each process of the trip ends itself, and the next round trip removes its folders (``tether``).
 
 Before any rank starts, every input the ranks will read has passed ckptcheck's own safe readers (the
 source, and the DCP folder with its metadata and every bytes entry): hostile input stops the trip with
@@ -18,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from . import tether
 from .reaper import PATIENCE_S, TRIP_ENV, kill_all_with_env
 
 
@@ -94,7 +95,7 @@ def run_world(*, dcp: str | Path, source: str | Path, world_size: int, config: s
     Whatever happens (success, failure, timeout, an exception here, SIGTERM), no process of the trip
     outlives this call and its report folder is removed.
     """
-    report_dir = Path(tempfile.mkdtemp(prefix="ckptcheck-roundtrip-"))
+    report_dir = tether.mkdtemp()
     try:
         return _run_world(report_dir, dcp=dcp, source=source, world_size=world_size, config=config,
                           factory=factory, optimizer=optimizer, save=save, timeout=timeout, backend=backend,
@@ -118,11 +119,14 @@ def _run_world(report_dir: Path, *, dcp: str | Path, source: str | Path, world_s
         worker_args.append("--optimizer")
     if save:
         worker_args += ["--save", str(save)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}",
+    cmd = [sys.executable, "-m", "ckptcheck.roundtrip.agent", "--standalone", f"--nproc-per-node={world_size}",
            "--max-restarts=0", "--monitor-interval=0.2", "-m", "ckptcheck.roundtrip", *worker_args]
     tag = uuid.uuid4().hex
+    scratch = report_dir / "tmp"  # torchrun's own torchelastic_* folders go here, and go with the trip's
+    scratch.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "CKPTCHECK_BACKEND": backend_for(world_size, backend), "PYTHONUNBUFFERED": "1", TRIP_ENV: tag}
+           "CKPTCHECK_BACKEND": backend_for(world_size, backend), "PYTHONUNBUFFERED": "1", TRIP_ENV: tag,
+           tether.LAUNCHER_ENV: tether.own_identity(), "TMPDIR": str(scratch)}
     if env["CKPTCHECK_BACKEND"] == "gloo":
         env["CUDA_VISIBLE_DEVICES"] = ""  # gloo round trips run on CPU, whatever the machine has
     started = time.perf_counter()
@@ -267,8 +271,9 @@ def roundtrip(ckpt: str | Path, *, config: str | Path | None, world_size: int = 
     config_path = resolve_config_path(ckpt, config)
     if config_path is None and factory is None:
         raise InputError(ckpt, None, "no model config: pass --model-config or --model-factory")
+    tether.sweep_dead()
     own = workdir is None
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ckptcheck-roundtrip-"))
+    work = Path(workdir) if workdir else tether.mkdtemp()
     try:
         fmt, target = detect_format(dcp if dcp is not None else ckpt)
         if dcp is not None and fmt != "dcp":
@@ -280,8 +285,13 @@ def roundtrip(ckpt: str | Path, *, config: str | Path | None, world_size: int = 
 
             def prepare() -> None:
                 # Not verified on its own: the trip compares every shard loaded from it with the source.
-                convert(ckpt, dcp_dir, to="dcp", naming="lingua" if factory is None else None, config=config_path,
-                        verify=False)
+                # The training state goes along only when the ranks load it.
+                try:
+                    convert(ckpt, dcp_dir, to="dcp", naming="lingua" if factory is None else None,
+                            config=config_path, verify=False, weights_only=not optimizer)
+                except InputError as exc:
+                    raise InputError(exc.path, exc.item, exc.cause.replace(
+                        "(--weights-only)", "(run the round trip without --optimizer)")) from None
         else:
             dcp_dir = Path(target)
         check_inputs(ckpt, *(() if converted else (dcp_dir,)))

@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @record
 def main(argv: list[str] | None = None) -> None:
+    from .tether import watch_launcher
+
+    watch_launcher()  # a rank never outlives its launcher, even one killed with SIGKILL
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     report: dict[str, Any] = {"rank": rank, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
