@@ -8,6 +8,7 @@ from .keys import plan_key_checks, plan_layout, plan_naming
 from .model import Check
 from .optimizer import plan_optimizer, plan_train_state
 from .roundtrip import plan_roundtrip
+from .shards import plan_replicas
 from .state import plan_resume
 from .config import plan_config
 from .tensors import plan_dtype, plan_finite, plan_shape
@@ -16,7 +17,8 @@ from .version import plan_version
 if TYPE_CHECKING:
     from ..engine import Session
 
-PLANNERS = (plan_version, plan_naming, plan_layout, plan_config, plan_key_checks, plan_shape, plan_dtype, plan_finite, plan_resume,
+PLANNERS = (plan_version, plan_naming, plan_layout, plan_config, plan_key_checks, plan_shape, plan_dtype, plan_finite, plan_replicas,
+            plan_resume,
             plan_optimizer, plan_train_state, plan_roundtrip)
 
 

@@ -121,6 +121,8 @@ WHY: dict[str, str] = {
     "shape": "a shape mismatch fails the load, and only after the job has started on the cluster",
     "dtype": "a tensor of another dtype is cast on load: silent precision loss, or twice the memory",
     "finite": "one NaN or Inf weight spreads to every activation: the loss is NaN from the first step",
+    "replicas": "Meta's model-parallel files each hold a copy of every tensor they do not split, and each rank "
+    "loads its own: copies that differ are different models, and a merge into one file would keep one silently",
     "resume": "resuming without optimizer state restarts AdamW's moments from zero: a loss spike and a "
     "different run",
     "optimizer_state": "each parameter resumes with its own AdamW moments; a missing or misshapen one "

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from .. import dtypes
 from . import repairs
 from .model import Check, Verdict
+from .shards import differing_copies
 
 if TYPE_CHECKING:
     from ..engine import Session
@@ -81,6 +82,8 @@ def plan_finite(session: Session) -> list[Check]:
             info = session.manifest.tensors[stored]
             if info.dtype not in dtypes.FLOATING:
                 return Verdict.skip(f"{info.dtype} cannot hold NaN or Inf")
+            if differing_copies(session, stored):
+                return Verdict.skip(f"{stored} has copies that differ between shards (see replicas)")
             bad = _count_nonfinite(session, stored, info)
             if bad is None:
                 return Verdict.ok(expected="finite", obtained="finite")

@@ -3,6 +3,10 @@
 Each file holds a slice of every split tensor.  Meta splits wq/wk/wv/w1/w3/output on dim 0 (column
 parallel), wo/w2 on dim 1 (row parallel), replicates the norms, and splits tok_embeddings on dim 1
 (Llama 1/2) or dim 0 (Llama 3).  The manifest shows the merged tensors; ``load`` concatenates slices.
+
+A replicated tensor is read from shard 0 only once every shard's copy is bit-identical to it: Meta's
+code loads each rank its own copy, so copies that differ are not one tensor, and reading it as one
+(a conversion, a diff) is refused, naming the key and the shards, rather than keeping one silently.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from .torchzip import TorchFileCheckpoint
 if TYPE_CHECKING:
     import torch
 
+# Bytes compared per step when checking a replicated tensor's copies: bounds memory, not the tensor.
+COMPARE_BYTES = 1 << 26
 SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 _SPLIT_DIM = {
     "layers.{i}.attention.wq.weight": 0, "layers.{i}.attention.wk.weight": 0,
@@ -66,6 +72,7 @@ class MetaShardsCheckpoint(Checkpoint):
             for p in files:
                 self._shards.append(TorchFileCheckpoint(p))
             tensors, self._dims, facts = self._merge()
+            self._copies: dict[str, tuple[str, ...]] = {}
         except BaseException:
             self.close()
             raise
@@ -114,12 +121,47 @@ class MetaShardsCheckpoint(Checkpoint):
             raise InputError(self.path, key, "no such tensor in the checkpoint")
         return self._dims[key]
 
+    def replicated(self) -> list[str]:
+        """Keys every shard holds a whole copy of (none when there is one shard: nothing to compare)."""
+        return [k for k, d in self._dims.items() if d is None] if len(self._shards) > 1 else []
+
+    def differing_copies(self, key: str) -> tuple[str, ...]:
+        """The shard files whose copy of replicated ``key`` is not bit-identical to consolidated.00.pth's
+        (compared in bounded row ranges); () for a split tensor, or when every copy is the same."""
+        if self._split(key) is not None:
+            return ()
+        if key not in self._copies:
+            self._copies[key] = tuple(Path(s.path).name for s in self._shards[1:] if not self._same_copy(s, key))
+        return self._copies[key]
+
+    def _same_copy(self, shard: TorchFileCheckpoint, key: str) -> bool:
+        from ..bits import first_difference
+
+        first = self._shards[0]
+        info = first.manifest.tensors[key]
+        if not info.shape:
+            return first_difference(first.load(key), shard.load(key)) is None
+        row_bytes = max(1, info.nbytes // info.shape[0]) if info.shape[0] else 1
+        step = max(1, COMPARE_BYTES // row_bytes)
+        return all(first_difference(first.read_rows(key, lo, min(lo + step, info.shape[0])),
+                                    shard.read_rows(key, lo, min(lo + step, info.shape[0]))) is None
+                   for lo in range(0, info.shape[0], step))
+
+    def _replicated(self, key: str) -> TorchFileCheckpoint:
+        """Shard 0, whose copy of ``key`` stands for all only when they are all the same."""
+        differ = self.differing_copies(key)
+        if differ:
+            raise InputError(self.path, key, f"the copies of this replicated tensor differ between shards "
+                             f"({', '.join(differ)} vs consolidated.00.pth): Meta's code loads each rank its own "
+                             "copy, and merging them into one tensor would keep one silently")
+        return self._shards[0]
+
     def load(self, key: str) -> torch.Tensor:
         import torch
 
         split = self._split(key)
         if split is None:
-            return self._shards[0].load(key)
+            return self._replicated(key).load(key)
         return torch.cat([s.load(key) for s in self._shards], dim=split)
 
     def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,7 +172,7 @@ class MetaShardsCheckpoint(Checkpoint):
         split = self._split(key)
         check_rows(self.path, key, self.manifest.tensors[key].shape, start, stop)
         if split is None:
-            return self._shards[0].read_rows(key, start, stop, out)
+            return self._replicated(key).read_rows(key, start, stop, out)
         if split == 1:
             return torch.cat([s.read_rows(key, start, stop) for s in self._shards], dim=1)
         pieces, offset = [], 0
