@@ -171,3 +171,41 @@ def test_check_fails_a_file_whose_name_contradicts_its_content(tmp_path: Path,
     misnamed.write_bytes((GOOD / "consolidated.pth").read_bytes())
     assert main(["check", str(misnamed), "--model-config", str(LINGUA)]) == 1
     assert "named .safetensors (safetensors) but holds a torch file" in capsys.readouterr().out
+
+
+# --- a rotary buffer is dropped only when it is the one loaders recompute ---------------------------
+
+def _with_freqs(tmp_path: Path, freqs: torch.Tensor) -> Path:
+    state = torch.load(GOOD / "consolidated.pth", weights_only=True)
+    state["rope.freqs"] = freqs
+    torch.save(state, tmp_path / "in.pth")
+    return tmp_path / "in.pth"
+
+
+def _freqs(theta: float, head_dim: int = 8) -> torch.Tensor:
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+
+
+@pytest.mark.parametrize(("freqs", "why"), [
+    (torch.randn(4, 4), "shape [4, 4], not [4] for head_dim 8"),
+    (_freqs(500000.0), "its values are not those of rope_theta 10000.0"),
+    (_freqs(10000.0, head_dim=4), "shape [2], not [4]"),
+])
+def test_a_rotary_buffer_the_config_does_not_give_is_not_dropped(freqs: torch.Tensor, why: str, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    src = _with_freqs(tmp_path, freqs)
+    dst = tmp_path / "out.safetensors"
+    assert main(["convert", str(src), str(dst), "--model-config", str(LINGUA)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "rope.freqs" in err[0] and why in err[0], err
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rotary_buffer_the_config_gives_is_dropped(dtype: torch.dtype, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    src = _with_freqs(tmp_path, _freqs(10000.0).to(dtype))
+    assert main(["convert", str(src), str(tmp_path / "out.safetensors"), "--model-config", str(LINGUA)]) == 0
+    assert "dropped rope.freqs: buffer that loaders recompute" in capsys.readouterr().out
+    assert main(["convert", str(src), str(tmp_path / "nocfg.safetensors")]) == 2  # nothing to compare it with
+    assert "pass --model-config" in capsys.readouterr().err

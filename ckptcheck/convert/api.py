@@ -19,7 +19,8 @@ from ..manifest import Manifest
 from ..naming import HF, Scheme
 from .heads import confirm_head_split
 from .atomic import Staging, refuse_unsafe_destination
-from .plan import ConversionPlan, build_plan, carry_state, fresh_adamw_state, scheme_named
+from .buffers import refuse_unrecomputable
+from .plan import RECOMPUTED, ConversionPlan, build_plan, carry_state, fresh_adamw_state, scheme_named
 from .stream import ChunkSource
 from .verify import verify_output
 from .writers import DcpWriter, SafetensorsWriter, TorchZipWriter
@@ -154,6 +155,7 @@ def convert(
         dst_scheme, nesting = _target_layout(fmt, naming)
         aliases = {"torch": "keep", "dcp": "copy"}.get(fmt, "drop")
         plan = build_plan(source.manifest, naming=dst_scheme, dtype=cast, config=cfg, drop=drop, aliases=aliases)
+        refuse_unrecomputable(source, [k for k, why in plan.dropped if why == RECOMPUTED], cfg)
         if cfg is not None and any(m.permute for m in plan.moves):
             confirm_head_split(source.manifest, cfg, src_p, head_dim)
         state_files = train_state_files(source.manifest)

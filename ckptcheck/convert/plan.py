@@ -77,6 +77,9 @@ class ConversionPlan:
         }
 
 
+RECOMPUTED = "buffer that loaders recompute (rotary frequencies)"
+
+
 def build_plan(
     manifest: Manifest,
     *,
@@ -100,7 +103,7 @@ def build_plan(
         raise InputError(manifest.path, None, f"keys follow no Llama-family scheme; cannot rename them to {dst.name}")
     dropped = dict(drop or {})
     for key in mapping.buffers:
-        dropped.setdefault(key, "buffer that loaders recompute (rotary frequencies)")
+        dropped.setdefault(key, RECOMPUTED)
     moves: list[TensorMove] = []
     dst_of: dict[str, str] = {}
     for key, info in manifest.tensors.items():
