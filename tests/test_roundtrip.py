@@ -232,8 +232,10 @@ def test_sigkill_of_the_launcher_ends_its_ranks_and_the_next_trip_removes_its_fo
                                  "--world-size", "2", "--model-factory", "trip_factories:hang_on_rank_1"],
                                 env={**os.environ, "TMPDIR": str(tmp)}, start_new_session=True)
     try:
-        while not (factories / "rank1_hangs").exists():  # waits for an event, bounded by the check below
+        ready_by = time.monotonic() + 300  # a generous bound: only a broken launcher takes this long
+        while not (factories / "rank1_hangs").exists():
             assert launcher.poll() is None, "the launcher ended before rank 1 hung"
+            assert time.monotonic() < ready_by, "rank 1 did not start within 300 s"
             time.sleep(0.05)
         launcher.send_signal(signal.SIGKILL)
         # the launcher stays unreaped (a zombie) meanwhile: the ranks must take that for gone too
