@@ -2,8 +2,9 @@
 
 A repair is a conversion with decided parameters: the config's naming and rotary layout, the expected
 dtype, wrappers stripped, shards merged, nesting as the output format expects.  It drops a tensor only
-when the tensor is provably redundant (a bit-identical tied copy, a buffer loaders recompute) or the user
-names it (``--drop KEY``): a tensor the config does not know may be one the real model has.
+when the tensor is provably redundant (a tied copy holding exactly the embedding's values, a buffer
+loaders recompute) or the user names it (``--drop KEY``, never a tensor the config needs): a tensor the
+config does not know may be one the real model has.
 What a conversion cannot fix (another architecture, NaN weights, missing tensors, unsafe input, tensors
 it would have to drop) is refused with the reason before anything is written.
 """
@@ -165,26 +166,32 @@ def plan_repair(the_plan: Plan, results: list[CheckResult], dst: str | os.PathLi
 
 
 def _named_drops(session: Session, names: tuple[str, ...]) -> dict[str, str]:
-    """Stored keys for the names given to --drop, as stored or as the config's naming spells them."""
+    """Stored keys for the names given to --drop, as stored or as the config's naming spells them; never a
+    tensor the configured model needs."""
     by_display = {session.spec.display(c): s for s, c in session.mapping.canonical.items()}
     out: dict[str, str] = {}
     for name in names:
         stored = name if name in session.manifest.tensors else by_display.get(name)
         if stored is None:
             raise InputError(session.ckpt_arg, "--drop", f"{name!r} is not a tensor of this checkpoint")
+        canonical = session.mapping.canonical.get(stored)
+        if canonical in session.spec.tensors:
+            raise InputError(session.ckpt_arg, "--drop", f"{name!r} is {session.spec.display(canonical)}, a tensor "
+                             "the configured model needs: without it the output would fail key_present")
         out[stored] = "named with --drop"
     return out
 
 
 def _plan_extras(rp: RepairPlan, extras: list[CheckResult], named: dict[str, str]) -> None:
-    """Drop what the user named and bit-identical tied copies; refuse every other extra tensor."""
+    """Drop what the user named and tied copies holding exactly the embedding's values; refuse every other
+    extra tensor."""
     kept: list[str] = []
     for r in extras:
         details = r.details or {}
         if r.key in named:
             continue
-        if details.get("bit_identical"):
-            rp.drop[r.key] = f"bit-identical to {details['tied_copy_of']} (the tie the config asks for)"
+        if details.get("redundant"):
+            rp.drop[r.key] = f"{details['redundant']} (the tie the config asks for)"
         elif details.get("tied_copy_of"):
             rp.refusals.append(f"{r.message}: dropping it would lose trained values (set the config's tie flag "
                                f"to false if the model is untied, or --drop {r.key} to discard it)")

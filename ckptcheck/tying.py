@@ -1,5 +1,5 @@
 """Is a stored copy redundant?  A separate ``output.weight`` beside a tied embedding may be dropped only
-when it holds the embedding's values bit for bit; anything else would lose trained values."""
+when it holds exactly the embedding's values; anything else would lose trained values."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from .bits import first_difference
 
 if TYPE_CHECKING:
+    import torch
+
     from .formats import Checkpoint
 
 CHUNK_BYTES = 64 << 20  # compared a chunk of rows at a time: memory stays near two chunks
@@ -16,16 +18,32 @@ CHUNK_BYTES = 64 << 20  # compared a chunk of rows at a time: memory stays near 
 def bit_identical(ckpt: Checkpoint, a: str, b: str) -> bool:
     """Whether stored tensors ``a`` and ``b`` have the same dtype, shape and bits (streamed)."""
     x, y = ckpt.manifest.tensors[a], ckpt.manifest.tensors[b]
-    if x.shape != y.shape or x.dtype != y.dtype:
+    return x.dtype == y.dtype and redundant_copy(ckpt, a, b)
+
+
+def redundant_copy(ckpt: Checkpoint, copy: str, primary: str) -> bool:
+    """Whether dropping ``copy`` loses nothing: same shape and, element by element, exactly ``primary``'s
+    values (bit for bit, NaN payloads and the sign of zero included).  A copy in another dtype counts only
+    when every value of it is exactly representable in ``primary``'s dtype (casting there and back gives
+    the same bits) and the cast equals ``primary`` bit for bit: an fp32 copy of a bf16 embedding, say."""
+    x, y = ckpt.manifest.tensors[copy], ckpt.manifest.tensors[primary]
+    if x.shape != y.shape:
         return False
-    if x.alias_of == b or y.alias_of == a:
+    if x.alias_of == primary or y.alias_of == copy:
         return True
     if not x.shape:
-        return first_difference(ckpt.load(a), ckpt.load(b)) is None
+        return _same(ckpt.load(copy), ckpt.load(primary))
     rows = x.shape[0]
-    step = max(1, CHUNK_BYTES // max(1, x.nbytes // max(1, rows)))
+    step = max(1, CHUNK_BYTES // max(1, max(x.nbytes, y.nbytes) // max(1, rows)))
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        if first_difference(ckpt.read_rows(a, start, stop), ckpt.read_rows(b, start, stop)) is not None:
+        if not _same(ckpt.read_rows(copy, start, stop), ckpt.read_rows(primary, start, stop)):
             return False
     return True
+
+
+def _same(copy: torch.Tensor, primary: torch.Tensor) -> bool:
+    if copy.dtype == primary.dtype:
+        return first_difference(copy, primary) is None
+    cast = copy.to(primary.dtype)
+    return first_difference(cast.to(copy.dtype), copy) is None and first_difference(cast, primary) is None

@@ -32,7 +32,8 @@ def test_repair_produces_a_passing_checkpoint(src: str, to: str | None, steps, t
     out = json.loads(capsys.readouterr().out)
     if src == "broken/extra_layer.pth":  # another architecture: refused, nothing written
         assert code == 1 and not out["repaired"] and not dst.exists()
-        assert any("different models" in r for r in out["refusals"])
+        # refused as another model, or (when the config checks leave n_layers undecided) for its stray tensors
+        assert any("different models" in r or "does not have" in r for r in out["refusals"]), out["refusals"]
         return
     assert code == 0, out
     assert out["repaired"] and out["failed_after"] == []

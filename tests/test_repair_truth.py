@@ -209,3 +209,42 @@ def test_the_rotary_buffer_the_config_gives_is_dropped(dtype: torch.dtype, tmp_p
     assert "dropped rope.freqs: buffer that loaders recompute" in capsys.readouterr().out
     assert main(["convert", str(src), str(tmp_path / "nocfg.safetensors")]) == 2  # nothing to compare it with
     assert "pass --model-config" in capsys.readouterr().err
+
+
+# --- what a repair may drop ---------------------------------------------------------------------------
+
+def test_drop_of_a_tensor_the_model_needs_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dst = tmp_path / "out.pth"
+    assert main(["repair", str(GOOD / "consolidated.pth"), str(dst), "--model-config", str(LINGUA),
+                 "--drop", "layers.0.attention.wq.weight"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a tensor the configured model needs" in err[0] and not dst.exists()
+
+
+def _tied(tmp_path: Path, copy: torch.Tensor | None = None) -> Path:
+    state = torch.load(GOOD / "consolidated.pth", weights_only=True)
+    state["output.weight"] = state["tok_embeddings.weight"].float() if copy is None else copy
+    torch.save(state, tmp_path / "in.pth")
+    return tmp_path / "in.pth"
+
+
+def test_an_fp32_copy_with_exactly_the_embeddings_values_is_dropped(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    dst = tmp_path / "out.pth"
+    assert main(["repair", str(_tied(tmp_path)), str(dst), "--model-config",
+                 str(CONFIGS / "lingua_tied_params.json")]) == 0
+    out = capsys.readouterr().out
+    assert ("dropped output.weight: holding exactly the values of tok_embeddings.weight (float32, each value "
+            "exactly representable in bfloat16)") in out and "bit-identical" not in out
+    assert "output.weight" not in torch.load(dst, weights_only=True)
+
+
+def test_an_fp32_copy_with_values_bf16_cannot_hold_is_kept(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = torch.load(GOOD / "consolidated.pth", weights_only=True)
+    copy = state["tok_embeddings.weight"].float()
+    copy[0, 0] += copy[0, 0].abs() * 2**-12 + 2**-30  # rounds to the embedding's value in bf16, but is not it
+    assert copy[0, 0].bfloat16() == state["tok_embeddings.weight"][0, 0]
+    dst = tmp_path / "out.pth"
+    assert main(["repair", str(_tied(tmp_path, copy)), str(dst), "--model-config",
+                 str(CONFIGS / "lingua_tied_params.json")]) == 1
+    assert "dropping it would lose trained values" in capsys.readouterr().out and not dst.exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..naming import WRAPPER_TITLES, layer_of
-from ..tying import bit_identical
+from ..tying import redundant_copy
 from . import repairs
 from .config import tie_repair
 from .model import Check, Verdict
@@ -125,17 +125,20 @@ def _unexpected(session: Session, stored: str, canonical: str | None):
                        f"but the checkpoint stores a separate {stored}")
             expected = f"absent (tied to {spec.display(primary)})"
             if primary_stored is not None and not session.options.metadata_only \
-                    and bit_identical(session.checkpoint, stored, primary_stored):
+                    and redundant_copy(session.checkpoint, stored, primary_stored):
+                theirs = session.manifest.tensors[primary_stored].dtype
+                same = f"bit-identical to {primary_stored}" if info.dtype == theirs else (
+                    f"holding exactly the values of {primary_stored} ({info.dtype}, each value exactly "
+                    f"representable in {theirs})")
                 return Verdict.fail(
-                    f"{message}, bit-identical to {primary_stored}", expected=expected,
-                    obtained="a bit-identical copy", repair=repairs.drop_key(session, stored),
-                    details={"tied_copy_of": primary_stored, "bit_identical": True})
+                    f"{message}, {same}", expected=expected, obtained="a redundant copy",
+                    repair=repairs.drop_key(session, stored), details={"tied_copy_of": primary_stored, "redundant": same})
             differs = "" if session.options.metadata_only else f" whose values differ from {primary_stored}"
             return Verdict.fail(
                 message + differs, expected=expected, obtained="a separate tensor",
                 repair=f"set {field} = false if the model is untied (ckptcheck repair refuses to drop {stored}: "
                 "its values would be lost)",
-                details={"tied_copy_of": primary_stored, "bit_identical": None if differs == "" else False},
+                details={"tied_copy_of": primary_stored, "redundant": None if differs == "" else False},
             )
         message = f"{stored} is not a tensor of the configured model"
         layer = layer_of(canonical) if canonical else None
