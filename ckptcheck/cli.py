@@ -285,7 +285,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         witnesses = head_dim_witnesses(m.tensors, inferred, args.ckpt, None)
     params, note = _inspect_params(args, inferred, witnesses)
     if args.params:
-        note = note or _inexpressible(args.params, params, biases(by_canonical))
+        note = note or _partial(inferred) or _inexpressible(args.params, params, biases(by_canonical))
         if note:
             raise InputError(args.ckpt, None, f"no params.json written: {note}")
         saved = [w.config for w in witnesses if w.config is not None]
@@ -340,6 +340,15 @@ _HEAD_FLAGS = (("--n-heads", "n_heads"), ("--n-kv-heads", "n_kv_heads"), ("--hea
 
 def _head_sources(args: argparse.Namespace, witnesses: list[Any]) -> list[str]:
     return [flag for flag, name in _HEAD_FLAGS if getattr(args, name) is not None] + [w.source for w in witnesses]
+
+
+def _partial(inferred: Any) -> str:
+    """Why the weights leave n_layers open ("" when they do not): top layers holding only some tensors."""
+    if not inferred.partial_top:
+        return ""
+    parts = ", ".join(f"layer {n} holds {held} of {full} tensors" for n, held, full in inferred.partial_top)
+    return (f"n_layers is {inferred.complete_layers} or {inferred.n_layers} ({parts}): drop the stray tensors or "
+            "restore the missing ones first")
 
 
 TITLES = {"meta": "Meta", "lingua": "lingua"}

@@ -21,6 +21,14 @@ class Inferred:
     tied: bool | None = None
     # dimension -> the tensor and shape it was read from, for messages.
     evidence: dict[str, str] = field(default_factory=dict)
+    # The top layers that hold only some of the tensors the fullest layer holds: (layer, held, of), highest
+    # last.  With them the weights show n_layers only as "between the complete layers and all layers".
+    partial_top: tuple[tuple[int, int, int], ...] = ()
+
+    @property
+    def complete_layers(self) -> int | None:
+        """Layers up to the last complete one (n_layers when no top layer is partial)."""
+        return self.partial_top[0][0] if self.partial_top else self.n_layers
 
 
 def _shape(t: TensorInfo | None, ndim: int) -> tuple[int, ...] | None:
@@ -50,6 +58,7 @@ def infer_dims(tensors: Mapping[str, TensorInfo], display: Mapping[str, str] | N
     n_layers = max(layers) + 1 if layers else None
     if n_layers is not None:
         ev["n_layers"] = f"layer indices {min(layers)}..{max(layers)} ({len(layers)} present)"
+    partial = _partial_top(tensors)
     first = min(layers) if layers else 0
     for name, role, idx in (("ffn_dim", "feed_forward.w1.weight", 0), ("q_rows", "attention.wq.weight", 0),
                             ("kv_rows", "attention.wk.weight", 0)):
@@ -67,7 +76,24 @@ def infer_dims(tensors: Mapping[str, TensorInfo], display: Mapping[str, str] | N
     tied = None
     if "tok_embeddings.weight" in tensors:
         tied = out is None or out.alias_of is not None
-    return Inferred(dim, n_layers, vocab, ffn, q, kv, tied, ev)
+    return Inferred(dim, n_layers, vocab, ffn, q, kv, tied, ev, partial)
+
+
+def _partial_top(tensors: Mapping[str, TensorInfo]) -> tuple[tuple[int, int, int], ...]:
+    """(layer, tensors held, tensors of the fullest layer) for the top layers that are not complete."""
+    held: dict[int, int] = {}
+    for key in tensors:
+        if (n := layer_of(key)) is not None:
+            held[n] = held.get(n, 0) + 1
+    if not held:
+        return ()
+    full = max(held.values())
+    out = []
+    for n in sorted(held, reverse=True):
+        if held[n] == full:
+            break
+        out.append((n, held[n], full))
+    return tuple(reversed(out))
 
 
 @dataclass(frozen=True)
@@ -104,7 +130,7 @@ def weights_params(inf: Inferred, heads: HeadSplit | None) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if inf.dim is not None:
         params["dim"] = inf.dim
-    if inf.n_layers is not None:
+    if inf.n_layers is not None and not inf.partial_top:  # a partial top layer leaves n_layers open
         params["n_layers"] = inf.n_layers
     if heads is not None:
         params["n_heads"], params["n_kv_heads"] = heads.n_heads, heads.n_kv_heads

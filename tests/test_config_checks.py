@@ -277,3 +277,18 @@ def test_lingua_and_meta_targets_fail_biases(tmp_path: Path) -> None:
             r = results[f"config[{flag}]"]
             assert r.status is Status.FAIL and "such tensors (layers.0." in r.message, (target, r.message)
     assert "config[attention_bias]" not in _results_for(ckpt, config, "hf")
+
+
+def test_a_partial_top_layer_gets_no_n_layers_advice(tmp_path: Path) -> None:
+    """One tensor of a third layer: "set n_layers = 3" would leave its 8 other tensors missing."""
+    state = torch.load(FIXTURES / "broken" / "extra_layer.pth", weights_only=True)
+    assert [k for k in state if k.startswith("layers.2.")] == ["layers.2.attention.wq.weight"]
+    ckpt = FIXTURES / "broken" / "extra_layer.pth"
+    results = _results(ckpt, FIXTURES / "configs" / "meta_params.json")
+    r = results["config[n_layers]"]
+    assert r.status is Status.SKIP and "layer 2 holds 1 of 9 tensors" in r.message, r.message
+    assert results["unexpected_key[layers.2.attention.wq.weight]"].status is Status.FAIL
+    five = _config(tmp_path / "cfg" / "params.json", {**json.loads(
+        (FIXTURES / "configs" / "meta_params.json").read_text()), "n_layers": 5})
+    r = _results(ckpt, five)["config[n_layers]"]
+    assert r.status is Status.FAIL and r.repair and "n_layers = 2 and drop" in r.repair and "= 3 and restore" in r.repair

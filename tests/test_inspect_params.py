@@ -129,3 +129,11 @@ def test_params_a_schema_cannot_express_are_refused(tmp_path: Path, capsys: pyte
     assert rc == 2 and "Meta's params.json has no head_dim field" in err
     rc, params, _ = _params(capsys, str(tmp_path / "n" / "c.pth"), "--params", "lingua", "--n-heads", "4")
     assert rc == 0 and params["model"]["head_dim"] == 32
+
+
+def test_a_partial_top_layer_leaves_n_layers_open(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = _model(tmp_path / "ckpt", {"layers.1.attention.wq.weight": torch.zeros(256, 256)})
+    rc, _, err = _params(capsys, str(ckpt), "--params", "lingua", "--n-heads", "4")
+    assert rc == 2 and "n_layers is 1 or 2 (layer 1 holds 1 of 9 tensors)" in err, err
+    rc, doc, _ = _params(capsys, str(ckpt), "--format", "json", "--n-heads", "4")
+    assert rc == 0 and "n_layers" not in doc["inferred_params"]

@@ -191,6 +191,8 @@ def _shown(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | 
         return Verdict.skip(f"the config leaves {field} to the tokenizer"), None
     if weights is None:
         return Verdict.skip(f"the weights do not show {name} (the tensor it is read from is missing)"), None
+    if name == "n_layers" and inferred.partial_top:
+        return _partial_layers(facts, field, configured)
     evidence = inferred.evidence.get(ev_key, "") if ev_key else (
         "output.weight absent or sharing the embeddings' storage" if weights else "a separate output.weight")
     if configured == weights:
@@ -213,6 +215,23 @@ def _shown(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | 
     if name == "ffn_dim" and cfg.schema != "hf" and inferred.dim not in (None, cfg.dim):
         fix["dim"] = inferred.dim  # a Meta/lingua FFN width is computed from dim: fix both or neither holds
     return verdict, _fields(facts, fix)
+
+
+def _partial_layers(facts: Facts, field: str, configured: int) -> tuple[Verdict, str | None]:
+    """Top layers holding only some tensors: the model has the complete layers (the rest are strays) or all
+    of them (the rest were lost).  The weights cannot say which, so no single n_layers edit is advised."""
+    inferred = facts.inferred
+    complete, present = inferred.complete_layers, inferred.n_layers
+    parts = ", ".join(f"layer {n} holds {held} of {full} tensors" for n, held, full in inferred.partial_top)
+    why = (f"the weights hold {complete} complete layers and a partial top ({parts}): n_layers is {complete} if "
+           f"those are stray tensors, {present} if the rest were lost")
+    if configured in (complete, present):
+        return Verdict.skip(f"{field} = {configured} cannot be verified: {why}; the key checks list the stray or "
+                            "missing tensors"), None
+    return (Verdict.fail(f"config field {field} is {configured} but {why}", expected=configured,
+                         obtained=f"{complete} or {present}"),
+            f"set {field} = {complete} and drop the partial layers' tensors, or set {field} = {present} and restore "
+            "their missing tensors from the training run")
 
 
 def _theta_from_frequencies(facts: Facts, field: str, stored: Any) -> tuple[Verdict, dict[str, object] | str | None]:
@@ -318,12 +337,12 @@ def _fields(facts: Facts, fix: dict[str, object]) -> dict[str, object] | str:
     """A fix as assignments to the config file's own fields, with every implicit field it would move pinned:
     n_kv_heads defaults to n_heads, head_dim to dim / n_heads, and a Meta/lingua FFN width is computed from
     dim.  Each fix then holds alone and together with the other checks' fixes.  A Meta params.json has no
-    head_dim: a stated one is removed (null) where dim / n_heads gives it, and a head size it cannot give
-    is no config edit at all."""
+    head_dim: the fix pins dim and the head counts whose dim / n_heads gives the head size (a stated
+    head_dim becomes null), and a head size no dim / n_heads gives is no config edit at all."""
     cfg, inferred = facts.cfg, facts.inferred
     out = dict(fix)
     heads_known = inferred.q_rows is not None and inferred.kv_rows is not None
-    _, kv, hd = target_split(facts) if heads_known else (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+    nq, kv, hd = target_split(facts) if heads_known else (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
     new_heads = int(out.get("n_heads", cfg.n_heads))  # type: ignore[call-overload]
     if "n_heads" in out and "n_kv_heads" not in out and not cfg.states("n_kv_heads"):
         out["n_kv_heads"] = kv
@@ -336,9 +355,18 @@ def _fields(facts: Facts, fix: dict[str, object]) -> dict[str, object] | str:
         else:
             out["head_dim"] = hd
     if cfg.schema in NO_HEAD_DIM_FIELD and "head_dim" in out:
-        if not implicit_holds:
+        weights_dim = inferred.dim or cfg.dim
+        if nq * hd != weights_dim:
             return META_CANNOT_HEAD_DIM
-        out["head_dim"] = None
+        # Meta derives head_dim = dim / n_heads: pin the dim and the split that give it.
+        target = {"dim": weights_dim, "n_heads": nq, "n_kv_heads": kv}
+        out.update({k: v for k, v in target.items() if k in out or v != getattr(cfg, k)})
+        if "n_heads" in out and not cfg.states("n_kv_heads"):
+            out["n_kv_heads"] = kv
+        if cfg.states("head_dim"):
+            out["head_dim"] = None
+        else:
+            out.pop("head_dim")
     if cfg.schema != "hf":
         section = cfg.raw.get("model", {}) if cfg.schema == "lingua" else cfg.raw
         ffn = int(out.pop("ffn_dim", inferred.ffn_dim or cfg.ffn_dim))  # type: ignore[call-overload]
