@@ -18,6 +18,7 @@ from typing import Any
 
 from .checks.model import CheckResult, Status
 from .convert.api import ConversionReport, convert, infer_output_format, refuse_lost_state, train_state_files
+from .checks.repairs import cast_loss
 from .engine import Options, Plan, Session, plan, run
 from .errors import InputError
 
@@ -136,8 +137,12 @@ def plan_repair(the_plan: Plan, results: list[CheckResult], dst: str | os.PathLi
     dtype_fails = [r for r in failed if r.category == "dtype"]
     if dtype_fails:
         want, source = session.expected_dtype
-        rp.dtype = want
-        rp.steps.append(f"cast {len(dtype_fails)} tensors to {want} ({source})")
+        lossy = cast_loss(session, want)
+        if lossy:
+            rp.refusals.append(f"{lossy} (a repair casts only what the cast merely rounds)")
+        else:
+            rp.dtype = want
+            rp.steps.append(f"cast {len(dtype_fails)} tensors to {want} ({source})")
     for key, why in rp.drop.items():
         rp.steps.append(f"drop {key}: {why}")
     if manifest.nesting and rp.to == "safetensors":

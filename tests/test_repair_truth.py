@@ -91,12 +91,18 @@ def test_a_cast_that_overflows_or_flushes_is_refused(value: float, what: str, to
     assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.pth"]
 
 
-def test_a_repair_cast_that_overflows_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_repair_cast_that_overflows_is_refused_and_not_advised(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """The fixture is bf16; a float32 norm holding 3.4e38 (beyond bf16's largest, 3.39e38) must not become Inf."""
     src = _with_norm(tmp_path, 3.4e38)
     dst = tmp_path / "out.pth"
-    assert main(["repair", str(src), str(dst), "--model-config", str(LINGUA)]) == 2
-    assert "overflows to Inf" in capsys.readouterr().err and not dst.exists()
+    assert main(["check", str(src), "--model-config", str(LINGUA)]) == 1
+    out = capsys.readouterr().out
+    assert "no cast can repair this" in out and "(casts to bfloat16)" not in out, out
+    assert main(["repair", str(src), str(dst), "--model-config", str(LINGUA)]) == 1
+    out = capsys.readouterr().out
+    assert "cannot repair: " in out and "norm.weight: casting to bfloat16" in out and "overflows to Inf" in out
+    assert "repair: cast" not in out and not dst.exists()
 
 
 def test_a_cast_that_only_rounds_is_written(tmp_path: Path) -> None:

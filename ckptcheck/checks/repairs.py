@@ -7,11 +7,13 @@ person has to change.
 from __future__ import annotations
 
 import shlex
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..engine import Session
+    from ..formats import Checkpoint
     from ..naming import Scheme
 
 
@@ -55,7 +57,27 @@ def naming(session: Session, scheme: Scheme) -> str:
 
 
 def cast(session: Session, dtype: str) -> str:
+    """The cast, unless it would overflow or flush values (then what to keep instead)."""
+    lossy = None if session.options.metadata_only else cast_loss(session, dtype)
+    if lossy:
+        return f"no cast can repair this: {lossy}"
     return f"{command(session)}  (casts to {dtype})"
+
+
+_CAST_LOSS: weakref.WeakKeyDictionary[Checkpoint, dict[str, str | None]] = weakref.WeakKeyDictionary()
+
+
+def cast_loss(session: Session, dtype: str) -> str | None:
+    """Why casting this checkpoint's floating tensors to ``dtype`` would change values beyond rounding
+    (one line), or None; read once per opened checkpoint and dtype, however many dtype checks ask."""
+    from .. import dtypes
+    from ..convert.stream import lossy_cast
+
+    known = _CAST_LOSS.setdefault(session.checkpoint, {})
+    if dtype not in known:
+        keys = [k for k, i in session.manifest.tensors.items() if i.dtype in dtypes.FLOATING and i.dtype != dtype]
+        known[dtype] = lossy_cast(session.checkpoint, keys, dtype)
+    return known[dtype]
 
 
 def drop_key(session: Session, key: str) -> str:

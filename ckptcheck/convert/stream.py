@@ -137,7 +137,26 @@ def refuse_lossy_cast(t: torch.Tensor, cast: torch.Tensor, *, path: str, key: st
             value = float(t[bad].reshape(-1)[0])
             raise InputError(path, key, f"casting to {dtypes.canonical(str(cast.dtype))} "
                              f"would change its values: {value:.6g} {what} ({int(bad.sum())} values in this "
-                             "chunk); nothing written (keep this tensor's dtype)")
+                             "chunk): keep this tensor's dtype")
+
+
+def lossy_cast(checkpoint: Checkpoint, keys: list[str], dtype: str) -> str | None:
+    """Why casting the floating tensors ``keys`` to ``dtype`` would change values beyond rounding (the
+    first overflow or flush found, as one line), or None; streamed a chunk of rows at a time."""
+    want = dtypes.to_torch(dtype)
+    for key in keys:
+        info = checkpoint.manifest.tensors[key]
+        if info.dtype not in dtypes.FLOATING or info.dtype == dtype:
+            continue
+        rows = info.shape[0] if info.shape else 1
+        step = max(1, CHUNK_BYTES // max(1, info.nbytes // max(1, rows)))
+        for start in range(0, rows, step):
+            t = checkpoint.read_rows(key, start, min(rows, start + step)) if info.shape else checkpoint.load(key)
+            try:
+                refuse_lossy_cast(t, t.to(want), path=checkpoint.manifest.path, key=key)
+            except InputError as exc:
+                return exc.line()
+    return None
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:
