@@ -19,6 +19,7 @@ from typing import Any
 from .checks.model import CheckResult, Status
 from .convert.api import ConversionReport, convert, infer_output_format, refuse_lost_state, train_state_files
 from .checks.repairs import cast_loss
+from .convert.heads import confirm_head_split
 from .engine import Options, Plan, Session, plan, run
 from .errors import InputError
 
@@ -86,9 +87,10 @@ def _ids(results: list[CheckResult], category: str) -> str:
 
 def plan_repair(the_plan: Plan, results: list[CheckResult], dst: str | os.PathLike[str], to: str | None,
                 init_optimizer_state: bool = False, drop: tuple[str, ...] = (),
-                weights_only: bool = False) -> RepairPlan:
+                weights_only: bool = False, head_dim: int | None = None) -> RepairPlan:
     """What to do, writing ``dst`` (its suffix names the format unless ``to`` does); ``drop`` names tensors (stored or target names) the user wants left out, and
-    ``weights_only`` leaves the training state behind (never done unasked)."""
+    ``weights_only`` leaves the training state behind (never done unasked); ``head_dim`` confirms the
+    head split a q/k permutation assumes."""
     session = the_plan.session
     failed = [r for r in results if r.status in (Status.FAIL, Status.UNSAFE)]
     rp = RepairPlan(init_optimizer_state=init_optimizer_state, weights_only=weights_only)
@@ -128,6 +130,8 @@ def plan_repair(the_plan: Plan, results: list[CheckResult], dst: str | os.PathLi
     mapping = session.mapping
     if mapping.scheme.name != spec_scheme.name and not spec_scheme.is_custom:
         permute = mapping.scheme.rotary != spec_scheme.rotary
+        if permute and session.config is not None:
+            confirm_head_split(manifest, session.config, Path(session.ckpt_arg), head_dim)
         rp.steps.append(f"rename keys from {mapping.scheme.title} to {spec_scheme.title} naming"
                         + (" and permute wq/wk rows to the config's rotary layout" if permute else ""))
     if mapping.wrappers:
@@ -222,7 +226,7 @@ def repair(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, config: 
     the_plan = plan(src, config, options)
     try:
         before = run(the_plan)
-        rp = plan_repair(the_plan, before, dst, to, init_optimizer_state, drop, weights_only)
+        rp = plan_repair(the_plan, before, dst, to, init_optimizer_state, drop, weights_only, head_dim)
     finally:
         the_plan.close()
     outcome = RepairOutcome(rp, before)

@@ -68,7 +68,7 @@ def test_unrepairable_input_is_refused_with_reasons(tmp_path: Path, capsys: pyte
 def test_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dst = tmp_path / "out.pth"
     assert main(["repair", str(FIXTURES / "broken" / "hf_names.pth"), str(dst), "--model-config", LINGUA,
-                 "--dry-run"]) == 0
+                 "--dry-run", "--head-dim", "8"]) == 0
     assert "dry run: nothing written" in capsys.readouterr().out and not dst.exists()
 
 

@@ -44,6 +44,15 @@ def test_a_permutation_on_an_unverified_head_split_is_refused(command: str, tmp_
     assert not dst.exists() and not list(tmp_path.glob(".*"))
 
 
+def test_a_repair_dry_run_names_the_unverified_head_split(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["repair", str(FIXTURES / "broken" / "hf_names.pth"), str(tmp_path / "out.pth"), "--model-config",
+            str(LINGUA), "--dry-run"]
+    assert main(args) == 2
+    assert "--head-dim 8" in capsys.readouterr().err
+    assert main([*args, "--head-dim", "8"]) == 0
+
+
 def test_a_head_dim_flag_that_contradicts_the_config_is_refused(tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     dst = tmp_path / "hf"
