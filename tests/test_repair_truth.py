@@ -263,3 +263,10 @@ def test_an_fp32_copy_with_values_bf16_cannot_hold_is_kept(tmp_path: Path, capsy
     assert main(["repair", str(_tied(tmp_path, copy)), str(dst), "--model-config",
                  str(CONFIGS / "lingua_tied_params.json")]) == 1
     assert "dropping it would lose trained values" in capsys.readouterr().out and not dst.exists()
+
+
+def test_init_optimizer_state_says_what_it_replaces(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["convert", str(GOOD / "dcp"), str(tmp_path / "out"), "--to", "dcp", "--init-optimizer-state"]) == 0
+    out = capsys.readouterr().out
+    assert "1 dropped" in out and "dropped train_state_00000.json: training state replaced by --init-optimizer-state" \
+        in out, out

@@ -15,7 +15,7 @@ from .. import dtypes
 from ..configs import ModelConfig, load_config, to_hf_config, to_lingua_params
 from ..errors import InputError
 from ..formats import open_checkpoint
-from ..manifest import Manifest
+from ..manifest import OPTIMIZER_SECTIONS, Manifest
 from ..naming import HF, Scheme
 from .heads import confirm_head_split
 from .atomic import Staging, refuse_unsafe_destination
@@ -168,6 +168,11 @@ def convert(
             if fmt not in ("torch", "dcp"):
                 raise InputError(dst_p, None, f"--to {fmt} holds no optimizer state; use --to torch or --to dcp")
             plan = fresh_adamw_state(plan)
+            left = [*(x for x in source.manifest.sections if x not in OPTIMIZER_SECTIONS),
+                    *(f.name for f in state_files)]
+            if left:  # the fresh state replaces all of it: say so
+                plan = dataclasses.replace(plan, dropped=(*plan.dropped, (", ".join(left), "training state "
+                                                                          "replaced by --init-optimizer-state")))
         else:
             refuse_lost_state(source.manifest, state_files, fmt, dst_p)
             if source.manifest.sections:
