@@ -29,7 +29,7 @@ def refuse_unrecomputable(ckpt: Checkpoint, keys: list[str], cfg: ModelConfig | 
         if why:
             raise InputError(ckpt.manifest.path, key, f"not the rotary buffer loaders recompute ({why}); it may "
                              "hold what the model was trained with, so it is not dropped: fix head_dim/rope_theta "
-                             "in the config, or remove it yourself if it is junk")
+                             "in the config, or name it with repair --drop to discard it")
 
 
 def _differs(stored: torch.Tensor, cfg: ModelConfig) -> str:
