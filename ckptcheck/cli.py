@@ -270,6 +270,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .configs import scaling_as_meta
     from .corroborate import head_dim_witnesses
     from .formats import open_checkpoint
     from .spec import biases
@@ -296,6 +297,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                       "(lingua and Meta then use their defaults): add the training run's value", file=sys.stderr)
             else:
                 params[name] = stated
+        params.update(next((scaling_as_meta(c) for c in saved if c.rope_scaling is not None), {}))
         if args.params == "meta":
             params.pop("weight_tying", None)
         print(json.dumps({"model": params} if args.params == "lingua" else params, indent=2))

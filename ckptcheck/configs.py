@@ -230,6 +230,7 @@ def _from_meta_like(path: Path, model: dict[str, Any], *, schema: str, raw: dict
         norm_eps=f.float("norm_eps", 1e-5) or 1e-5,
         rope_theta=f.float("rope_theta", 10000.0) or 10000.0,
         attention_bias=f.bool("attention_bias", False), mlp_bias=f.bool("mlp_bias", False),
+        rope_scaling=dict(LLAMA3_ROPE_SCALING) if model.get("use_scaled_rope") else None,
         fields={
             "dim": prefix + "dim", "n_layers": prefix + "n_layers", "n_heads": prefix + "n_heads",
             "n_kv_heads": prefix + "n_kv_heads", "head_dim": prefix + "head_dim",
@@ -332,11 +333,17 @@ def _meta_model_fields(cfg: ModelConfig, vocab_size: int | None) -> dict[str, An
 
 
 def _hf_positions_as_meta(cfg: ModelConfig) -> dict[str, Any]:
-    """max_position_embeddings and rope_scaling as lingua/Meta spell them; a scaling Meta's use_scaled_rope
-    (Llama 3.1's fixed constants) cannot express is refused rather than silently dropped."""
+    """max_position_embeddings and rope_scaling as lingua/Meta spell them."""
     out: dict[str, Any] = {}
     if isinstance(cfg.raw.get("max_position_embeddings"), int):
         out["max_seqlen"] = cfg.raw["max_position_embeddings"]
+    return out | scaling_as_meta(cfg)
+
+
+def scaling_as_meta(cfg: ModelConfig) -> dict[str, Any]:
+    """An HF rope scaling as lingua/Meta spell it; a scaling Meta's use_scaled_rope (Llama 3.1's fixed
+    constants) cannot express is refused rather than silently dropped."""
+    out: dict[str, Any] = {}
     scaling = cfg.rope_scaling
     if scaling is not None:
         if scaling != LLAMA3_ROPE_SCALING:
@@ -377,6 +384,6 @@ def to_hf_config(cfg: ModelConfig, dtype: str, vocab_size: int | None = None) ->
         "mlp_bias": cfg.mlp_bias, "max_position_embeddings": int(max_positions or 8192),
         "torch_dtype": dtype,
     }
-    if model.get("use_scaled_rope"):
-        data["rope_scaling"] = dict(LLAMA3_ROPE_SCALING)
+    if cfg.rope_scaling is not None:
+        data["rope_scaling"] = dict(cfg.rope_scaling)
     return data

@@ -137,3 +137,22 @@ def test_a_partial_top_layer_leaves_n_layers_open(tmp_path: Path, capsys: pytest
     assert rc == 2 and "n_layers is 1 or 2 (layer 1 holds 1 of 9 tensors)" in err, err
     rc, doc, _ = _params(capsys, str(ckpt), "--format", "json", "--n-heads", "4")
     assert rc == 0 and "n_layers" not in doc["inferred_params"]
+
+
+def test_a_saved_rope_scaling_is_written_or_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A witness config.json (transformers 5 spelling) with Llama 3.1 scaling: the params.json says so; a
+    scaling params.json cannot state is refused, never dropped."""
+    from transformers import LlamaConfig
+
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    for name, scaling in (("ok", llama3), ("other", {**llama3, "original_max_position_embeddings": 64})):
+        ckpt = _model(tmp_path / name)
+        LlamaConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=1, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=8, rope_theta=500000.0, rope_scaling=scaling,
+                    tie_word_embeddings=False).save_pretrained(tmp_path / name)
+        rc, params, err = _params(capsys, str(ckpt), "--params", "lingua")
+        if name == "ok":
+            assert rc == 0 and params["model"]["use_scaled_rope"] is True and params["model"]["rope_theta"] == 5e5
+        else:
+            assert rc == 2 and "no params.json equivalent" in err, err
