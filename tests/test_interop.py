@@ -32,7 +32,7 @@ def _hf_logits(folder: Path) -> torch.Tensor:
 @pytest.mark.parametrize("src", ["consolidated.pth", "meta_mp", "dcp"])
 def test_transformers_loads_our_hf_output(src: str, tmp_path: Path) -> None:
     cfg = load_config(CONFIGS / "lingua_params.json")
-    convert(FIXTURES / "good" / src, tmp_path / "hf", to="hf", config=cfg, head_dim=cfg.head_dim)
+    convert(FIXTURES / "good" / src, tmp_path / "hf", to="hf", config=cfg, head_dim=cfg.head_dim, weights_only=True)
     with open_checkpoint(FIXTURES / "good" / src) as ckpt:
         reference = streaming_logits(ckpt, cfg, TOKENS)
     theirs = _hf_logits(tmp_path / "hf")

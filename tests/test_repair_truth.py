@@ -270,3 +270,21 @@ def test_init_optimizer_state_says_what_it_replaces(tmp_path: Path, capsys: pyte
     out = capsys.readouterr().out
     assert "1 dropped" in out and "dropped train_state_00000.json: training state replaced by --init-optimizer-state" \
         in out, out
+
+
+def test_the_advised_repair_states_the_head_size_it_assumes(tmp_path: Path) -> None:
+    """The advice names --head-dim where the permutation needs it, so following it runs (and shows it)."""
+    import shlex
+
+    from ckptcheck.engine import Options, plan, run
+
+    src = FIXTURES / "broken" / "hf_names.pth"
+    the_plan = plan(src, str(LINGUA), Options())
+    try:
+        advice = next(r.repair for r in run(the_plan) if r.repair and r.repair.startswith("ckptcheck repair"))
+    finally:
+        the_plan.close()
+    assert "--head-dim 8" in advice and "check it against the training run" in advice, advice
+    command = shlex.split(advice.split("  (")[0])
+    command[3] = str(tmp_path / "out.pth")
+    assert main(command[1:]) == 0

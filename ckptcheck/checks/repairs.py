@@ -41,7 +41,28 @@ def command(session: Session, *extra: str) -> str:
         parts += ["--target", session.options.target]
     if session.options.dtype:
         parts += ["--dtype", session.options.dtype]
+    head_dim = unconfirmed_head_dim(session, to)
+    if head_dim is not None:
+        parts += ["--head-dim", str(head_dim)]
     return shlex.join([*parts, *extra])
+
+
+def unconfirmed_head_dim(session: Session, to: str | None) -> int | None:
+    """The config's head_dim when the repair permutes q/k rows and nothing in the checkpoint confirms the
+    split: the command then states it (--head-dim), for the user to check against the training run."""
+    from ..convert.heads import confirm_head_split
+    from ..errors import InputError
+    from ..naming import HF, SCHEMES
+
+    cfg = session.config
+    target = HF if to == "hf" else SCHEMES[session.suite.naming] if session.suite.naming else session.spec.scheme
+    if cfg is None or target.is_custom or session.mapping.scheme.rotary == target.rotary:
+        return None
+    try:
+        confirm_head_split(session.manifest, cfg, Path(session.ckpt_arg), None)
+    except InputError:
+        return cfg.head_dim
+    return None
 
 
 def naming(session: Session, scheme: Scheme) -> str:
@@ -51,6 +72,11 @@ def naming(session: Session, scheme: Scheme) -> str:
     if found.name != scheme.name:
         what.append(f"renames the keys to {scheme.title} naming"
                     + (" and permutes wq/wk rows" if found.rotary != scheme.rotary else ""))
+    to = session.suite.repair[session.suite.repair.index("--to") + 1] if "--to" in session.suite.repair else None
+    head_dim = unconfirmed_head_dim(session, to)
+    if head_dim is not None:
+        what.append(f"--head-dim {head_dim} states the head size nothing in the checkpoint shows: check it against "
+                    "the training run's config first")
     if session.mapping.wrappers:
         what.append("strips " + ", ".join(repr(w) for w in session.mapping.wrappers))
     return f"{command(session, *session.suite.repair)}  ({'; '.join(what)})"
