@@ -288,3 +288,14 @@ def test_the_advised_repair_states_the_head_size_it_assumes(tmp_path: Path) -> N
     command = shlex.split(advice.split("  (")[0])
     command[3] = str(tmp_path / "out.pth")
     assert main(command[1:]) == 0
+
+
+@pytest.mark.parametrize(("scale", "dropped"), [(1.0, True), (2.0, False)])
+def test_freqs_cis_is_dropped_only_when_the_config_gives_it(scale: float, dropped: bool, tmp_path: Path) -> None:
+    state = torch.load(GOOD / "consolidated.pth", weights_only=True)
+    angles = torch.outer(torch.arange(64).float(), _freqs(10000.0) * scale)
+    state["freqs_cis"] = torch.polar(torch.ones_like(angles), angles)  # Meta's complex [seq, head_dim / 2]
+    torch.save(state, tmp_path / "in.pth")
+    dst = tmp_path / "out.safetensors"
+    assert main(["convert", str(tmp_path / "in.pth"), str(dst), "--model-config", str(LINGUA)]) == (0 if dropped else 2)
+    assert dst.exists() == dropped
