@@ -2,10 +2,13 @@
 
 A field passes only when the checkpoint shows its value.  The weights show dim, layers, vocabulary,
 FFN width and tying; they fix n_heads × head_dim but not the split, so head counts pass only when a
-witness states head_dim (see ``corroborate``); norm_eps and rope_theta only when a config saved with the
-checkpoint (or, for theta, a rotary frequency buffer) agrees.  Otherwise the check skips as not
-verifiable, naming what conversions will assume.  Every failure's repair is a config edit that, applied
-literally, makes its check pass (or the honest skip): tests/test_config_advice.py.
+witness states head_dim (see ``corroborate``); norm_eps and rope_theta only when a saved config that
+states them (or, for theta, a rotary frequency buffer) agrees.  Otherwise the check skips as not
+verifiable, naming what conversions will assume; so does n_layers when the top layer is partial.  Every
+failure's repair is a config edit that, applied literally, makes its check pass (or the honest skip):
+tests/test_config_advice.py; where no edit of this schema can (a Meta head size other than dim / n_heads,
+tying), the repair says so.  A target whose framework cannot state a feature the model needs (suites'
+cannot_express: Meta's head_dim, lingua's and Meta's biases) fails config[FEATURE].
 """
 from __future__ import annotations
 
