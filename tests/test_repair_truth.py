@@ -299,3 +299,18 @@ def test_freqs_cis_is_dropped_only_when_the_config_gives_it(scale: float, droppe
     dst = tmp_path / "out.safetensors"
     assert main(["convert", str(tmp_path / "in.pth"), str(dst), "--model-config", str(LINGUA)]) == (0 if dropped else 2)
     assert dst.exists() == dropped
+
+
+def test_the_advised_repair_for_a_weights_only_target_says_so_and_runs(tmp_path: Path) -> None:
+    """A lingua step folder for Meta's reference code: the advice leaves the training state behind
+    explicitly (--weights-only), and following it runs."""
+    import shlex
+
+    from ckptcheck.engine import Options
+    from ckptcheck.matrix import compatibility_matrix
+
+    rows = {r.target: r for r in compatibility_matrix(GOOD / "dcp", None, Options())}
+    command = shlex.split(rows["meta"].repair)
+    assert "--weights-only" in command, command
+    command[3] = str(tmp_path / "out.pth")
+    assert main(command[1:]) == 0

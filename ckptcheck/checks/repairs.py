@@ -44,7 +44,22 @@ def command(session: Session, *extra: str) -> str:
     head_dim = unconfirmed_head_dim(session, to)
     if head_dim is not None:
         parts += ["--head-dim", str(head_dim)]
+    if to is not None and not holds_training_state(session, to):  # the target loads weights only
+        parts += ["--weights-only"]
     return shlex.join([*parts, *extra])
+
+
+def holds_training_state(session: Session, to: str) -> bool:
+    """Whether a ``to`` output can hold all of this checkpoint's training state (else the repair refuses
+    without --weights-only)."""
+    from ..convert.api import refuse_lost_state, train_state_files
+    from ..errors import InputError
+
+    try:
+        refuse_lost_state(session.manifest, train_state_files(session.manifest), to, Path(session.ckpt_arg))
+    except InputError:
+        return False
+    return True
 
 
 def unconfirmed_head_dim(session: Session, to: str | None) -> int | None:
