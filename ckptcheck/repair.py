@@ -76,6 +76,7 @@ class RepairOutcome:
             "conversion": None if self.conversion is None else self.conversion.to_json(),
             "failed_before": [r.id for r in self.before if r.status in (Status.FAIL, Status.UNSAFE)],
             "failed_after": [r.id for r in self.after if r.status in (Status.FAIL, Status.UNSAFE)],
+            "not_verifiable_after": [r.id for r in self.after if r.status is Status.SKIP],
             "repaired": self.repaired,
         }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,18 @@ def test_a_confirmed_split_converts_and_skips_are_not_counted_as_passes(tmp_path
     # the written config.json is the only witness of the split it states: those checks cannot pass
     assert "not verifiable" in line and "config[n_heads]" in line, line
     assert not line.split(": ", 1)[1].startswith(tuple(f"{n} of {n} " for n in range(200))), line
+
+
+def test_a_repair_reports_what_it_could_not_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dst = tmp_path / "out.pth"
+    assert main(["repair", str(FIXTURES / "broken" / "ddp_prefix.pth"), str(dst), "--model-config", str(LINGUA)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("re-checked"))
+    passed, total, skipped = map(int, re.search(r"(\d+) of (\d+) checks pass, (\d+) not verifiable", line).groups())
+    assert passed + skipped == total and "config[n_heads]" in line, line
+    assert main(["repair", str(FIXTURES / "broken" / "ddp_prefix.pth"), str(dst), "--model-config", str(LINGUA),
+                 "--force", "--format", "json"]) == 0
+    assert "config[n_heads]" in json.loads(capsys.readouterr().out)["not_verifiable_after"]
 
 
 def test_a_conversion_that_does_not_permute_needs_no_confirmation(tmp_path: Path) -> None:
