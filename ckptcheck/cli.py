@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write fresh AdamW state (step 0, zero moments) so that a resume target can start")
     rep.add_argument("--drop", action="append", default=[], metavar="KEY",
                      help="leave this tensor out (repeatable); without it a repair drops only provably redundant "
-                     "tensors (bit-identical tied copies, rotary buffers) and refuses other extras")
+                     "tensors (tied copies holding exactly the embedding's values, rotary buffers the config "
+                     "gives) and refuses other extras; never a tensor the config needs")
     rep.add_argument("--weights-only", action="store_true",
                      help="leave the optimizer, scheduler and data-loader state behind (refused otherwise where "
                           "the output format cannot hold it)")
