@@ -274,6 +274,7 @@ def safe_loads(
     """
     if len(data) > MAX_PICKLE_BYTES:
         raise InputError(path, member, f"pickle of {len(data)} bytes exceeds the {MAX_PICKLE_BYTES} byte limit")
+    _check_expansion(data, path=path, member=member)
     stream = io.BytesIO(data)
     obj = _load(_Unpickler(stream, path=path, member=member, allowed=allowed, persistent_load=persistent_load,
                            size=len(data), refused=refused), path, member)
@@ -365,6 +366,57 @@ def _check_expanded_size(obj: Any, size: int) -> None:
         open_.add(key)
         todo.append((o, True))
         todo += ((c, False) for c in _children(o))
+
+
+# Opcodes that add to the object below them on the stack rather than make a new one.
+_MUTATORS = frozenset(("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"))
+
+
+def _check_expansion(data: bytes, *, path: str, member: str) -> None:
+    """``_check_expanded_size`` before loading, on the opcodes alone: loading itself hashes dict keys and set
+    elements, and a tuple's hash walks every path through it (sixty nested ``(t, t)`` never finish).  Each
+    stack value is a cell holding its expanded size; the memo and DUP share cells, so a reference counts
+    the whole object again."""
+    limit = 2 * len(data) + (1 << 16)
+    values: list[list[int]] = []
+    marks: list[int] = []
+    memo: dict[int, list[int]] = {}
+    try:
+        for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
+            name = op.name
+            if name == "MARK":
+                marks.append(len(values))
+                continue
+            if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[len(memo) if name == "MEMOIZE" else int(arg)] = values[-1]
+                continue
+            if name in ("GET", "BINGET", "LONG_BINGET", "DUP"):
+                values.append(values[-1] if name == "DUP" else memo[int(arg)])
+            elif name == "POP" and len(values) == (marks[-1] if marks else 0):
+                marks.pop()  # POP with nothing above a MARK pops the mark, as the unpickler does
+            else:
+                before = op.stack_before
+                popped: list[list[int]] = []
+                if pickletools.markobject in before:
+                    start = marks.pop()
+                    popped, values[start:] = values[start:], []
+                    before = before[:before.index(pickletools.markobject)]
+                for _ in before:
+                    popped.append(values.pop())
+                if name == "STOP":
+                    return
+                own = len(arg) // 64 if isinstance(arg, (str, bytes)) else 0
+                if name in _MUTATORS:
+                    cell = popped.pop()  # the object below the items
+                    cell[0] += sum(c[0] for c in popped)
+                    values.append(cell)
+                else:
+                    values += ([1 + own + sum(c[0] for c in popped)] for _ in op.stack_after)
+            if values and values[-1][0] > limit:
+                raise InputError(path, member, f"shared references in the pickle expand to more than {limit} "
+                                 "objects, far more than its bytes hold")
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError):
+        return  # malformed: the unpickler reports it in its own words
 
 
 def _children(o: Any) -> tuple[Any, ...]:

@@ -1,5 +1,6 @@
 """A few KB of pickle cannot cost gigabytes through shared references: forty nested {"a": d, "b": d} are
-2**40 paths to walk, and a ``str()`` or path join of such a list is as large.  Old code walked every path
+2**40 paths to walk, a ``str()`` or path join of such a list is as large, and hashing a tuple DAG (a dict
+key) never ends.  Old code walked every path
 (dag: 2 KB -> 3.2 GB) and called ``str()`` on whatever torch.device or a DCP PosixPath was handed.  Each
 case runs as the user runs it, in a process whose address space is capped, and must end with one line."""
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .hostile import GOOD, LINGUA, Payload, dcp_copy, edit_metadata
+from .hostile import GOOD, LINGUA, Payload, dcp_copy, edit_metadata, torch_zip
 
 ADDRESS_SPACE = 2 << 30  # a good fixture is checked in well under this; old code needed more than 2 GB
 HANG_GUARD_S = 300  # only so that a regression fails instead of hanging the suite
@@ -51,12 +52,20 @@ def _meta_path_join(tmp: Path) -> Path:
     return edit_metadata(dcp_copy(tmp), change)
 
 
+# (1,), then sixty times DUP and TUPLE2: t = (t, t), 2**60 paths in 125 bytes (no writer can make it: its
+# own hash of the key would never end).
+_TUPLE_DAG = b"K\x01\x85" + b"2\x86" * 60
+
 CASES = {
     "dict_dag_beside_the_model": (lambda t: _save(t, {**_model(), "extra": _dag(1)}), "shared references"),
     "dict_dag_of_tensors": (lambda t: _save(t, {"model": _dag(torch.zeros(1))}), "shared references"),
     "device_of_a_nested_list": (lambda t: _save(t, {**_model(), "dev": Payload(torch.device, _nested_list())}),
-                                "torch.device"),
-    "dcp_path_of_a_nested_list": (_meta_path_join, "path part is not a string"),
+                                "shared references"),
+    "dcp_path_of_a_nested_list": (_meta_path_join, "shared references"),
+    # loading hashes a dict key or set element: a tuple's hash follows every path (never ends)
+    "tuple_dag_as_dict_key": (lambda t: torch_zip(t, b"\x80\x02}" + _TUPLE_DAG + b"K\x01s."), "shared references"),
+    "tuple_dag_in_a_set": (lambda t: torch_zip(t, b"\x80\x02c__builtin__\nset\n]" + _TUPLE_DAG + b"a\x85R."),
+                           "shared references"),
 }
 
 
