@@ -274,7 +274,7 @@ def safe_loads(
     """
     if len(data) > MAX_PICKLE_BYTES:
         raise InputError(path, member, f"pickle of {len(data)} bytes exceeds the {MAX_PICKLE_BYTES} byte limit")
-    _check_expansion(data, path=path, member=member)
+    _check_expansion(io.BytesIO(data), len(data), path=path, member=member)
     stream = io.BytesIO(data)
     obj = _load(_Unpickler(stream, path=path, member=member, allowed=allowed, persistent_load=persistent_load,
                            size=len(data), refused=refused), path, member)
@@ -303,6 +303,9 @@ def safe_load_stream(
     """Unpickle one pickle from an open binary file, leaving it positioned right after it (the legacy
     torch format stacks several pickles and then raw storage bytes in one file).  ``size``: the bytes
     left in the file, which bound what the pickle may allocate."""
+    start = f.tell()
+    _check_expansion(f, size, path=path, member=member)
+    f.seek(start)
     return _load(_Unpickler(f, path=path, member=member, allowed=allowed, persistent_load=persistent_load,
                             size=size, refused=refused), path, member)
 
@@ -372,17 +375,17 @@ def _check_expanded_size(obj: Any, size: int) -> None:
 _MUTATORS = frozenset(("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"))
 
 
-def _check_expansion(data: bytes, *, path: str, member: str) -> None:
+def _check_expansion(stream: Any, size: int, *, path: str, member: str) -> None:
     """``_check_expanded_size`` before loading, on the opcodes alone: loading itself hashes dict keys and set
     elements, and a tuple's hash walks every path through it (sixty nested ``(t, t)`` never finish).  Each
     stack value is a cell holding its expanded size; the memo and DUP share cells, so a reference counts
-    the whole object again."""
-    limit = 2 * len(data) + (1 << 16)
+    the whole object again.  ``size``: the pickle's bytes, or those left in the file it is read from."""
+    limit = 2 * size + (1 << 16)
     values: list[list[int]] = []
     marks: list[int] = []
     memo: dict[int, list[int]] = {}
     try:
-        for op, arg, _pos in pickletools.genops(io.BytesIO(data)):
+        for op, arg, _pos in pickletools.genops(stream):
             name = op.name
             if name == "MARK":
                 marks.append(len(values))

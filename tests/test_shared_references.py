@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from .hostile import GOOD, LINGUA, Payload, dcp_copy, edit_metadata, torch_zip
+from .hostile import (
+    GOOD, LEGACY_INFO, LEGACY_MAGIC, LEGACY_PROTOCOL, LINGUA, Payload, dcp_copy, edit_metadata, legacy, torch_zip,
+)
 
 ADDRESS_SPACE = 2 << 30  # a good fixture is checked in well under this; old code needed more than 2 GB
 HANG_GUARD_S = 300  # only so that a regression fails instead of hanging the suite
@@ -64,6 +66,9 @@ CASES = {
     "dcp_path_of_a_nested_list": (_meta_path_join, "shared references"),
     # loading hashes a dict key or set element: a tuple's hash follows every path (never ends)
     "tuple_dag_as_dict_key": (lambda t: torch_zip(t, b"\x80\x02}" + _TUPLE_DAG + b"K\x01s."), "shared references"),
+    "tuple_dag_in_a_legacy_file": (lambda t: legacy(t, [LEGACY_MAGIC, LEGACY_PROTOCOL, LEGACY_INFO,
+                                                         b"\x80\x02}" + _TUPLE_DAG + b"K\x01s."]),
+                                   "shared references"),
     "tuple_dag_in_a_set": (lambda t: torch_zip(t, b"\x80\x02c__builtin__\nset\n]" + _TUPLE_DAG + b"a\x85R."),
                            "shared references"),
 }
