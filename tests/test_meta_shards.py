@@ -68,3 +68,25 @@ def test_converting_refuses_and_writes_nothing(tmp_path: Path, command: list[str
 def test_diff_does_not_call_them_equal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["diff", str(_differing_copies(tmp_path)), str(MP)]) == 2
     assert KEY in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_rope_freqs_copies_that_differ_fail_replicas_not_the_run(tmp_path: Path, differ: bool,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """rope.freqs witnesses rope_theta; copies that differ witness no one theta, so the config check skips
+    saying why and the replicas check fails, instead of the run stopping with exit 2."""
+    folder = Path(shutil.copytree(MP, tmp_path / "mp"))
+    freqs = 1.0 / 10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8)
+    for name in ("consolidated.00.pth", "consolidated.01.pth"):
+        shard = torch.load(folder / name, weights_only=True)
+        shard["rope.freqs"] = freqs * 1.5 if differ and name.endswith("01.pth") else freqs.clone()
+        torch.save(shard, folder / name)
+    assert main(["check", str(folder), "--format", "json"]) == (1 if differ else 0)
+    import json
+
+    results = {r["id"]: r for r in json.loads(capsys.readouterr().out)["checks"]}
+    failed = [i for i, r in results.items() if r["status"] == "fail"]
+    assert failed == (["replicas[rope.freqs]"] if differ else []), failed
+    theta = results["config[rope_theta]"]
+    assert theta["status"] == ("skip" if differ else "pass"), theta
+    assert ("consolidated.01.pth" in theta["message"]) is differ

@@ -23,6 +23,7 @@ from ..configs import ffn_hidden
 from ..infer import Inferred, ffn_params, infer_dims
 from . import repairs
 from .model import Check, Verdict
+from .shards import differing_copies
 
 if TYPE_CHECKING:
     from ..configs import ModelConfig
@@ -78,7 +79,8 @@ class Facts:
     # For a tied config with a separate output.weight: whether it is a bit-identical copy of the embeddings
     # (True), differs (False), or was not read (None, --metadata-only).
     tied_copy: Callable[[], bool | None] = lambda: None
-    # The values of a rotary frequency buffer the checkpoint keeps (None: none, or --metadata-only).
+    # The values of a rotary frequency buffer the checkpoint keeps (None: none, or --metadata-only; a str:
+    # why its values witness nothing).
     frequencies: Callable[[], Any] = lambda: None
 
 
@@ -94,7 +96,7 @@ def plan_config(session: Session) -> list[Check]:
     buffer = next((w.frequencies for w in witnesses if w.frequencies), None) if values else None
     facts = Facts(cfg, inferred, tuple(witnesses), _tensor(inferred, "q_rows", "wq"), _tensor(inferred, "kv_rows", "wk"),
                   (lambda: _is_copy(session)) if copy_read else (lambda: None),
-                  (lambda: session.checkpoint.load(buffer)) if buffer else (lambda: None))
+                  (lambda: _frequencies(session, buffer)) if buffer else (lambda: None))
     reads = {"tie_embeddings": copy_read, "rope_theta": buffer is not None}
 
     def make(name: str):
@@ -143,6 +145,16 @@ def _is_copy(session: Session) -> bool:
     return out is not None and emb is not None and bit_identical(session.checkpoint, out, emb)
 
 
+def _frequencies(session: Session, key: str) -> Any:
+    """The rotary buffer's values, or why they witness nothing: Meta shards whose copies differ hold no one
+    value (the replicas check fails them; reading them as one would stop the run)."""
+    differ = differing_copies(session, key)
+    if differ:
+        return (f"the copies of {key} differ between shards ({', '.join(differ)} vs consolidated.00.pth), "
+                "so they witness no one theta (see the replicas check)")
+    return session.checkpoint.load(key)
+
+
 def _tensor(inferred: Inferred, dim: str, fallback: str) -> str:
     """The tensor a dimension was read from ("layers.0.attention.wq.weight")."""
     return inferred.evidence.get(dim, fallback).split(" [")[0]
@@ -179,6 +191,8 @@ def _unshown(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str 
         return Verdict.ok(f"{field} = {configured}, as {saved[0].source} says", expected=configured,
                           obtained=configured), None
     stored = facts.frequencies() if name == "rope_theta" else None
+    if isinstance(stored, str):
+        return Verdict.skip(f"{field} = {configured} cannot be verified: {stored}"), None
     if stored is not None:
         return _theta_from_frequencies(facts, field, stored)
     return Verdict.skip(f"{field} = {configured} cannot be verified: the weights do not show it and no witness "
