@@ -98,6 +98,22 @@ def test_dtype_cast_reports_precision_loss(tmp_path: Path) -> None:
     assert widened.precision == {}  # widening loses nothing, and is not measured
 
 
+def test_precision_note_names_the_tensor_whose_nan_payload_changed(tmp_path: Path) -> None:
+    """A NaN has no absolute error: a rewritten payload is named as such, in the tensor that holds it, not
+    reported as "largest absolute error 0" in whichever tensor came first."""
+    payload = torch.tensor([0x7FC00123], dtype=torch.int32).view(torch.float32)  # survives no bf16 cast
+    torch.save({"a": torch.tensor([0.5, 2.0]), "b": torch.cat([torch.ones(2), payload])}, tmp_path / "f.pth")
+    report = convert(tmp_path / "f.pth", tmp_path / "b.pth", dtype="bf16")
+    assert {k: (v["changed"], v["nan_payloads_changed"]) for k, v in report.precision.items()} == {
+        "a": (0, 0), "b": (1, 1)}
+    line = next(x for x in report.lines() if x.startswith("  precision"))
+    assert line == "  precision: the cast changed 1 of 5 values; 1 NaN payload(s) rewritten (in b)", line
+    torch.save({"a": torch.tensor([0.5, 1.0 + 2**-12]), "b": torch.cat([torch.ones(2), payload])}, tmp_path / "g.pth")
+    line = next(x for x in convert(tmp_path / "g.pth", tmp_path / "c.pth", dtype="bf16").lines() if x.startswith("  precision"))
+    assert line == ("  precision: the cast changed 2 of 5 values; largest absolute error 0.000244 (in a); "
+                    "1 NaN payload(s) rewritten (in b)"), line
+
+
 def test_hf_naming_and_layout(tiny_cfg, tiny_state, tmp_path: Path) -> None:
     src = Path(__file__).parent.parent / "fixtures" / "good" / "consolidated.pth"
     report = convert(src, tmp_path / "hf", to="hf", config=LINGUA, head_dim=8)

@@ -69,11 +69,7 @@ class ConversionReport:
         for key, why in self.dropped:
             out.append(f"  dropped {key}: {why}")
         if self.precision:
-            worst = max(self.precision.items(), key=lambda kv: kv[1]["max_abs_error"])
-            changed = sum(v["changed"] for v in self.precision.values())
-            total = sum(v["elements"] for v in self.precision.values())
-            out.append(f"  precision: the cast changed {changed} of {total} values; largest absolute error "
-                       f"{worst[1]['max_abs_error']:.3g} (in {worst[0]})")
+            out.append(self._precision_line())
         if self.config_written:
             out.append(f"  config: {self.config_written}")
         if self.recheck is not None:
@@ -87,6 +83,22 @@ class ConversionReport:
             out.append("  NOTE: optimizer state was INITIALISED, not carried over: AdamW at step 0 with zero moments "
                        "for every parameter. Training that resumes from this restarts its optimizer.")
         return out
+
+
+    def _precision_line(self) -> str:
+        """How many values the cast changed, naming the tensor with the largest error, and apart the tensors
+        whose NaN payloads it rewrote (a NaN has no absolute error)."""
+        stats = self.precision.values()
+        changed, total = sum(v["changed"] for v in stats), sum(v["elements"] for v in stats)
+        parts = [f"the cast changed {changed} of {total} values"]
+        worst = max(self.precision.items(), key=lambda kv: kv[1]["max_abs_error"])
+        if worst[1]["max_abs_error"] > 0:
+            parts.append(f"largest absolute error {worst[1]['max_abs_error']:.3g} (in {worst[0]})")
+        nans = {k: int(v["nan_payloads_changed"]) for k, v in self.precision.items() if v["nan_payloads_changed"]}
+        if nans:
+            shown = ", ".join(list(nans)[:3]) + (" ..." if len(nans) > 3 else "")
+            parts.append(f"{sum(nans.values())} NaN payload(s) rewritten (in {shown})")
+        return "  precision: " + "; ".join(parts)
 
 
 def tally(passed: int, total: int, skipped: list[str]) -> str:
@@ -200,7 +212,8 @@ def convert(
         except BaseException:
             staging.abort()
             raise
-    precision = {k: {"max_abs_error": v.max_abs, "changed": v.changed, "elements": v.count}
+    precision = {k: {"max_abs_error": v.max_abs, "changed": v.changed, "elements": v.count,
+                     "nan_payloads_changed": v.nan_payloads}
                  for k, v in chunks.cast_stats.items()}
     return ConversionReport(
         recheck=_recheck(dst_p, written_config) if recheck and written_config else None,

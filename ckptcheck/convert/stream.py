@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .. import dtypes
+from ..bits import bit_view
 from ..errors import InputError
 from ..layouts import half_to_interleaved, interleaved_to_half
 from .plan import TensorMove
@@ -38,11 +39,14 @@ def row_ranges(move: TensorMove, chunk_bytes: int | None = None) -> Iterator[tup
 
 @dataclass
 class CastStats:
-    """Worst precision lost by a narrowing cast, over every chunk of one tensor."""
+    """Worst precision lost by a narrowing cast, over every chunk of one tensor.  A value counts as changed
+    when its bits do not survive the round trip; a NaN has no absolute error, so a NaN whose payload the
+    cast rewrote is counted apart rather than as an error of 0."""
 
     max_abs: float = 0.0
     changed: int = 0
     count: int = 0
+    nan_payloads: int = 0
 
 
 @dataclass
@@ -116,7 +120,9 @@ class ChunkSource:
             back = cast.to(t.dtype)
             diff = (back.double() - t.double()).abs().nan_to_num(0)
             stats.max_abs = max(stats.max_abs, float(diff.max()))
-            stats.changed += int((back != t).sum())
+            differ = bit_view(back) != bit_view(t)
+            stats.changed += int(differ.sum())
+            stats.nan_payloads += int((differ & t.reshape(-1).isnan()).sum())
             stats.count += t.numel()
         return cast
 
