@@ -146,3 +146,42 @@ def test_shard_split_and_merge_round_trip(tiny_state, tmp_path: Path) -> None:
         convert(folder, tmp_path / f"merged{shards}.pth")
         merged = torch.load(tmp_path / f"merged{shards}.pth", weights_only=True)
         assert all(torch.equal(merged[k], v) for k, v in tiny_state.items())
+
+
+@pytest.mark.parametrize("nesting", [None, "model"])
+def test_dcp_into_dcp_keeps_the_source_nesting_and_rechecks_it(nesting: str | None, tiny_cfg, tiny_state,
+                                                                tmp_path: Path) -> None:
+    """A torchtitan 0.5+ step folder (model keys at the top level) stays flat, a lingua one nested; the
+    re-check judges the output by the framework whose layout the source has, so a changed layout fails."""
+    import torch.distributed.checkpoint as dcp
+
+    from ckptcheck.cli import main
+    from ckptcheck.naming import META, TITAN
+    from ckptcheck.synth import in_scheme
+
+    state = in_scheme(tiny_state, TITAN if nesting is None else META, tiny_cfg)
+    dcp.save({nesting: state} if nesting else state, checkpoint_id=str(tmp_path / "step-1"), no_dist=True)
+    report = convert(tmp_path / "step-1", tmp_path / "out", to="dcp", config=LINGUA)
+    target = "torchtitan" if nesting is None else "lingua_init"
+    assert report.nesting == nesting
+    assert report.recheck is not None and report.recheck["target"] == target and not report.recheck["failed"]
+    with open_checkpoint(tmp_path / "out") as ckpt:
+        assert ckpt.manifest.nesting == nesting
+    assert main(["check", str(tmp_path / "out"), "--model-config", str(LINGUA), "--target", target,
+                 "--metadata-only"]) == 0
+
+
+def test_recheck_fails_an_output_whose_layout_is_not_the_sources(tiny_cfg, tiny_state, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Were a flat torchtitan step folder written nested, the re-check says so (it once judged naming only)."""
+    import torch.distributed.checkpoint as dcp
+
+    from ckptcheck.convert import api
+    from ckptcheck.naming import TITAN
+    from ckptcheck.synth import in_scheme
+
+    dcp.save(in_scheme(tiny_state, TITAN, tiny_cfg), checkpoint_id=str(tmp_path / "step-1"), no_dist=True)
+    layout = api._target_layout
+    monkeypatch.setattr(api, "_target_layout", lambda *a: (layout(*a)[0], "model"))
+    report = convert(tmp_path / "step-1", tmp_path / "out", to="dcp", config=LINGUA)
+    assert report.recheck is not None and [f["id"] for f in report.recheck["failed"]] == ["layout[torchtitan]"]

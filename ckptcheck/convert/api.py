@@ -45,7 +45,8 @@ class ConversionReport:
     precision: dict[str, dict[str, float]] = field(default_factory=dict)
     optimizer_initialised: bool = False
     # The output re-checked as written, with the config written beside it (metadata only: the values were
-    # verified against the input): {"config": path, "total": n, "failed": [{"id", "message"}], "skipped": [...]}.
+    # verified against the input): {"config": path, "target": suite, "total": n, "failed": [{"id", "message"}],
+    # "skipped": [...]}.
     recheck: dict[str, Any] | None = None
 
     @property
@@ -76,7 +77,7 @@ class ConversionReport:
             failed = self.recheck["failed"]
             skipped = self.recheck["skipped"]
             passed = self.recheck["total"] - len(failed) - len(skipped)
-            out.append(f"  re-checked with {self.recheck['config']}: "
+            out.append(f"  re-checked with {self.recheck['config']} (target {self.recheck['target']}): "
                        + tally(passed, self.recheck["total"], [f["id"] for f in skipped]))
             out += [f"  FAIL {f['id']}: {f['message']}" for f in failed]
         if self.optimizer_initialised:
@@ -164,7 +165,7 @@ def convert(
     cast = dtypes.canonical(dtype) if dtype else None
     started = time.perf_counter()
     with open_checkpoint(src_p) as source:
-        dst_scheme, nesting = _target_layout(fmt, naming)
+        dst_scheme, nesting = _target_layout(fmt, naming, source.manifest)
         aliases = {"torch": "keep", "dcp": "copy"}.get(fmt, "drop")
         plan = build_plan(source.manifest, naming=dst_scheme, dtype=cast, config=cfg, drop=drop, aliases=aliases)
         refuse_unrecomputable(source, [k for k, why in plan.dropped if why == RECOMPUTED], cfg)
@@ -216,7 +217,8 @@ def convert(
                      "nan_payloads_changed": v.nan_payloads}
                  for k, v in chunks.cast_stats.items()}
     return ConversionReport(
-        recheck=_recheck(dst_p, written_config) if recheck and written_config else None,
+        recheck=(_recheck(dst_p, written_config, recheck_target(source.manifest, fmt, naming, plan.dst_scheme.name))
+                 if recheck and written_config else None),
         src=str(src_p), dst=str(dst_p), to=fmt, naming=plan.dst_scheme.name, nesting=nesting,
         summary=plan.summary(),
         bytes_written=plan.total_bytes, bytes_verified=verified, seconds=time.perf_counter() - started,
@@ -225,16 +227,20 @@ def convert(
     )
 
 
-def _target_layout(fmt: str, naming: str | None) -> tuple[Scheme | None, str | None]:
+def _target_layout(fmt: str, naming: str | None, source: Manifest) -> tuple[Scheme | None, str | None]:
     """The output's key scheme (None: keep the source's) and model nesting.
 
-    ``--to dcp`` writes lingua's layout (model keys under "model") unless torchtitan naming is asked
-    for; ``--naming lingua`` nests a torch file the same way, like lingua's consolidated.pth.
+    DCP into DCP keeps the source's nesting (a torchtitan step folder stays flat, a lingua one nested)
+    unless ``--naming`` asks for another layout.  Otherwise ``--to dcp`` writes lingua's layout (model
+    keys under "model") unless torchtitan naming is asked for; ``--naming lingua`` nests a torch file the
+    same way, like lingua's consolidated.pth.
     """
     scheme = scheme_named(naming) if naming else (HF if fmt == "hf" else None)
     if fmt == "hf" and scheme is not HF:
         raise InputError(None, "--naming", "--to hf writes Hugging Face names; drop --naming or pass --naming hf")
-    if fmt == "dcp":
+    if fmt == "dcp" and naming is None and source.format == "dcp":
+        nesting = source.nesting
+    elif fmt == "dcp":
         nesting = None if naming in ("titan", "hf") else "model"
     elif fmt == "torch":
         nesting = "model" if naming == "lingua" else None
@@ -271,18 +277,35 @@ def _write_config(fmt: str, staged: Path, dst: Path, cfg: ModelConfig | None, pl
     return str(dst / "params.json")
 
 
-def _recheck(dst: Path, config: str) -> dict[str, Any]:
+def recheck_target(source: Manifest, fmt: str, naming: str | None, written_naming: str) -> str:
+    """The target the re-check judges the output by.  Where the output keeps the source's layout (the same
+    format, no --naming), it is the framework whose layout the source has (a torchtitan step folder: the
+    torchtitan target), so a layout the conversion changed fails; else the generic ``init`` target.  Targets
+    that resume training are left to ``check``: the re-check reads the weights' metadata only."""
+    from ..suite import available, load_suite
+
+    if naming is not None or fmt != source.format:
+        return "init"
+    for name in available():
+        suite = load_suite(name)
+        if (suite.formats and source.format in suite.formats and suite.nesting == source.nesting
+                and suite.naming in (None, written_naming) and "resume" not in suite.categories):
+            return name
+    return "init"
+
+
+def _recheck(dst: Path, config: str, target: str) -> dict[str, Any]:
     """The checks on the output as written, with the config written beside it."""
     from ..engine import Options, plan, run
 
-    the_plan = plan(dst, config, Options(metadata_only=True))
+    the_plan = plan(dst, config, Options(target=target, metadata_only=True))
     try:
         results = run(the_plan)
     finally:
         the_plan.close()
     failed = [{"id": r.id, "message": r.message} for r in results if r.status.value in ("fail", "unsafe")]
     skipped = [{"id": r.id, "message": r.message} for r in results if r.status.value == "skip"]
-    return {"config": config, "total": len(results), "failed": failed, "skipped": skipped}
+    return {"config": config, "target": target, "total": len(results), "failed": failed, "skipped": skipped}
 
 
 def written_dtype(plan: ConversionPlan) -> str:
