@@ -20,7 +20,7 @@ EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_BUG = 0, 1, 2, 3
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own exit status is 2 as well; keep one line
-        self.exit(EXIT_INPUT, f"ckptcheck: error: {message} (see ckptcheck {self.prog.split()[-1]} --help)\n")
+        self.exit(EXIT_INPUT, f"ckptcheck: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

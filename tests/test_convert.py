@@ -185,3 +185,14 @@ def test_recheck_fails_an_output_whose_layout_is_not_the_sources(tiny_cfg, tiny_
     monkeypatch.setattr(api, "_target_layout", lambda *a: (layout(*a)[0], "model"))
     report = convert(tmp_path / "step-1", tmp_path / "out", to="dcp", config=LINGUA)
     assert report.recheck is not None and [f["id"] for f in report.recheck["failed"]] == ["layout[torchtitan]"]
+
+
+@pytest.mark.parametrize(("argv", "hint"), [(["--bogus"], "(see ckptcheck --help)"),
+                                            (["convert", "only-src"], "(see ckptcheck convert --help)")])
+def test_usage_errors_point_at_the_right_help(argv: list[str], hint: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from ckptcheck.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and err.rstrip().endswith(hint), err
