@@ -196,3 +196,13 @@ def test_usage_errors_point_at_the_right_help(argv: list[str], hint: str, capsys
         main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and err.rstrip().endswith(hint), err
+
+
+@pytest.mark.parametrize("wrapper", ["model", "state_dict"])
+def test_torch_into_torch_keeps_the_source_nesting(wrapper: str, tmp_path: Path) -> None:
+    """A cast of a nested torch file stays nested under the same key, unless --naming asks for a layout."""
+    state = torch.load(Path(__file__).parent.parent / "fixtures" / "good" / "consolidated.pth", weights_only=True)
+    torch.save({wrapper: state}, tmp_path / "n.pth")
+    assert convert(tmp_path / "n.pth", tmp_path / "b.pth", dtype="bf16").nesting == wrapper
+    assert set(torch.load(tmp_path / "b.pth", weights_only=True)) == {wrapper}
+    assert convert(tmp_path / "n.pth", tmp_path / "m.pth", naming="meta").nesting is None

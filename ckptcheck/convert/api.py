@@ -26,6 +26,8 @@ from .verify import verify_output
 from .writers import DcpWriter, SafetensorsWriter, TorchZipWriter
 
 OUTPUT_FORMATS = ("torch", "safetensors", "dcp", "hf")
+# Output formats that can hold a model nesting ({"model": {...}}): converting within one keeps the source's.
+_NESTING_FORMATS = ("torch", "dcp")
 _SUFFIX_FORMAT = {".pth": "torch", ".pt": "torch", ".bin": "torch", ".safetensors": "safetensors"}
 
 
@@ -230,15 +232,15 @@ def convert(
 def _target_layout(fmt: str, naming: str | None, source: Manifest) -> tuple[Scheme | None, str | None]:
     """The output's key scheme (None: keep the source's) and model nesting.
 
-    DCP into DCP keeps the source's nesting (a torchtitan step folder stays flat, a lingua one nested)
-    unless ``--naming`` asks for another layout.  Otherwise ``--to dcp`` writes lingua's layout (model
-    keys under "model") unless torchtitan naming is asked for; ``--naming lingua`` nests a torch file the
-    same way, like lingua's consolidated.pth.
+    A torch file into a torch file, or DCP into DCP, keeps the source's nesting (a torchtitan step folder
+    stays flat, a lingua one nested) unless ``--naming`` asks for another layout.  Otherwise ``--to dcp``
+    writes lingua's layout (model keys under "model") unless torchtitan naming is asked for; ``--naming
+    lingua`` nests a torch file the same way, like lingua's consolidated.pth.
     """
     scheme = scheme_named(naming) if naming else (HF if fmt == "hf" else None)
     if fmt == "hf" and scheme is not HF:
         raise InputError(None, "--naming", "--to hf writes Hugging Face names; drop --naming or pass --naming hf")
-    if fmt == "dcp" and naming is None and source.format == "dcp":
+    if naming is None and fmt in _NESTING_FORMATS and source.format == fmt:
         nesting = source.nesting
     elif fmt == "dcp":
         nesting = None if naming in ("titan", "hf") else "model"
