@@ -418,8 +418,18 @@ def _check_expansion(stream: Any, size: int, *, path: str, member: str) -> None:
             if values and values[-1][0] > limit:
                 raise InputError(path, member, f"shared references in the pickle expand to more than {limit} "
                                  "objects, far more than its bytes hold")
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError):
-        return  # malformed: the unpickler reports it in its own words
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError) as exc:
+        # Never fall through to the unpickler: what follows was never checked.  Where pickletools refuses an
+        # argument the C unpickler may parse it (``I0x10``: int(s, 0)) and run on: code is not ruled out.
+        if isinstance(exc, ValueError) and not any(m in str(exc) for m in _BOTH_REFUSE):
+            raise UnsafeInputError(path, member, f"pickle cannot be proven free of code (its opcodes cannot be "
+                                   f"followed: {_short(exc)}); found without loading it",
+                                   "unparseable pickle") from None
+        raise InputError(path, member, f"malformed pickle: its opcodes cannot be followed ({_short(exc)})") from None
+
+
+# pickletools errors the real unpickler meets at the same byte too: the data ends, or the opcode is unknown.
+_BOTH_REFUSE = ("not enough data", "remain", "exhausted", "no newline", "unknown", "byte count")
 
 
 def _children(o: Any) -> tuple[Any, ...]:
@@ -493,6 +503,22 @@ def looks_like_pickle(head: bytes) -> bool:
 
 # What pickle.dumps writes first, by protocol: PROTO (2+), or a protocol 0/1 value or container opcode.
 _FIRST_OPCODES = frozenset(bytes([c]) for c in b"\x80(}])cNIJKLMFGSTUVX\x88\x89")
+
+
+def torch_would_unpickle(head: bytes) -> bool:
+    """Whether torch.load would run the unpickler on a file that starts with ``head`` and is no zip
+    archive: it unpickles whatever is not one, and the unpickler gets past the first opcode when that
+    opcode needs nothing on the stack or in the memo.  No further parsing: ``pickletools`` and the real
+    unpickler read some arguments differently (``I0x10``), so only the first byte is trusted."""
+    return head[:1] in _START_OPCODES
+
+
+# Opcodes that need nothing below them (the memo ones need a value or an entry; NEXT_BUFFER a buffer).
+_START_OPCODES = frozenset(
+    op.code.encode("latin-1") for op in pickletools.opcodes
+    if not op.stack_before and op.name not in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET",
+                                               "NEXT_BUFFER")
+)
 
 
 def _scan_all(data: bytes, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any], how: str) -> None:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ..errors import InputError
-from ..safe_pickle import looks_like_pickle
+from ..safe_pickle import torch_would_unpickle
 from ..files import open_binary
 from .base import Checkpoint
 from .dcp import METADATA_NAME, DcpCheckpoint
@@ -37,18 +37,21 @@ def _sniff(path: Path) -> str:
     """'torch', 'safetensors', 'legacy' or a description of what else the file is."""
     with open_binary(path) as f:
         head = f.read(64)
+        size = os.fstat(f.fileno()).st_size
     if not head:
         return "an empty file"
     if head.startswith(ZIP_MAGIC):
         return "torch"
     if head[:1] == b"\x80" and _LEGACY_MAGIC in head[:32]:  # pickle_protocol=4 and 5 frame it
         return "legacy"
-    if len(head) >= 9 and head[8:9] == b"{":
+    # A header that cannot fit the file is a safetensors error, unless torch.load would unpickle the bytes.
+    fits = int.from_bytes(head[:8], "little") <= size - 8
+    if len(head) >= 9 and head[8:9] == b"{" and (fits or not torch_would_unpickle(head)):
         return "safetensors"
     for magic, name in _MAGIC_NAMES.items():
         if head.startswith(magic):
             return name
-    if looks_like_pickle(head):  # any protocol: torch.load unpickles what is not a zip archive
+    if torch_would_unpickle(head):  # torch.load unpickles what is not a zip archive (torch._is_zipfile)
         return "a bare pickle (not a torch.save zip archive)"
     return f"unrecognised data (first bytes {head[:8].hex()})"
 
