@@ -429,7 +429,7 @@ def _check_expansion(stream: Any, size: int, *, path: str, member: str) -> None:
 
 
 # pickletools errors the real unpickler meets at the same byte too: the data ends, or the opcode is unknown.
-_BOTH_REFUSE = ("not enough data", "remain", "exhausted", "no newline", "unknown", "byte count")
+_BOTH_REFUSE = ("not enough data", "remain", "exhausted", "no newline", "unknown", "byte count", "quote")
 
 
 def _children(o: Any) -> tuple[Any, ...]:
@@ -475,14 +475,25 @@ class _Unprovable(Exception):
     """The opcodes cannot be followed far enough to name every global the pickle would import."""
 
 
-def scan_globals(data: bytes, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any]) -> None:
+class _Malformed(_Unprovable):
+    """The real unpickler fails at the same opcode (the data ends, an unknown opcode, a stack underflow, a
+    memo miss): every global before it was checked, and nothing after it ever runs."""
+
+
+def scan_globals(data: bytes, *, path: str, member: str, allowed: Mapping[tuple[str, str], Any],
+                 malformed_is_harmless: bool = False) -> None:
     """Follow a pickle's opcodes on a simulated stack (nothing is built or imported) and refuse any global
-    outside ``allowed`` and ``INERT_DATA``, in every pickle the bytes hold.  A pickle whose globals cannot be named (malformed
-    opcodes, a STACK_GLOBAL on values that are not known strings) cannot be proven free of code: unsafe."""
+    outside ``allowed`` and ``INERT_DATA``, in every pickle the bytes hold.  A pickle whose globals cannot
+    be named (malformed opcodes, a STACK_GLOBAL on values that are not known strings) cannot be proven free
+    of code: unsafe.
+    ``malformed_is_harmless``: ``data`` is all the unpickler would read, so bytes it fails on at once are
+    merely not a pickle (a text file whose first letter is an opcode), not unsafe."""
     how = "found without loading it"
     try:
         _scan_all(data, path=path, member=member, allowed=allowed, how=how)
     except _Unprovable as exc:
+        if malformed_is_harmless and isinstance(exc, _Malformed):
+            return
         raise UnsafeInputError(path, member, f"pickle cannot be proven free of code ({exc}); {how}",
                                "unparseable pickle") from None
 
@@ -549,7 +560,7 @@ class _Stack:
 
     def pop(self) -> Any:
         if len(self.values) <= (self.marks[-1] if self.marks else 0):
-            raise _Unprovable("stack underflow")
+            raise _Malformed("stack underflow")
         return self.values.pop()
 
     def top(self) -> Any:
@@ -559,7 +570,7 @@ class _Stack:
 
     def pop_mark(self) -> None:
         if not self.marks:
-            raise _Unprovable("no MARK to pop to")
+            raise _Malformed("no MARK to pop to")
         del self.values[self.marks.pop():]
 
     def apply(self, op: pickletools.OpcodeInfo) -> None:
@@ -610,7 +621,7 @@ def _scan_one(stream: io.BytesIO, *, path: str, member: str, allowed: Mapping[tu
                 memo[len(memo) if name == "MEMOIZE" else int(arg)] = stack.top()
             elif name in ("GET", "BINGET", "LONG_BINGET"):
                 if int(arg) not in memo:
-                    raise _Unprovable(f"memo {arg} read before it is written, at byte {pos}")
+                    raise _Malformed(f"memo {arg} read before it is written, at byte {pos}")
                 stack.push(memo[int(arg)])
             elif name == "DUP":
                 stack.push(stack.top())
@@ -622,7 +633,8 @@ def _scan_one(stream: io.BytesIO, *, path: str, member: str, allowed: Mapping[tu
             else:
                 stack.apply(op)
     except (ValueError, IndexError, KeyError, TypeError, OverflowError) as exc:  # genops on malformed bytes
-        raise _Unprovable(_short(exc)) from None
+        both = isinstance(exc, ValueError) and any(m in str(exc) for m in _BOTH_REFUSE)
+        raise (_Malformed if both else _Unprovable)(_short(exc)) from None
     raise _Unprovable("no STOP opcode")
 
 

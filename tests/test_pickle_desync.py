@@ -115,3 +115,13 @@ def test_a_file_that_fails_to_read_is_one_line(tmp_path: Path, how: str) -> None
         proc = _run(tmp_path, how, "/proc/self/mem")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "cannot be read" in lines[0], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("text", [b"Some notes about the run\n", b"Nope\n", b"(unfinished"])
+def test_text_whose_first_letter_is_an_opcode_is_not_a_checkpoint(tmp_path: Path, text: bytes) -> None:
+    """The unpickler fails on these bytes before any global: bad input (exit 2), not unsafe."""
+    path = tmp_path / "notes.pt"
+    path.write_bytes(text)
+    proc = _run(tmp_path, "check", str(path), "--model-config", str(LINGUA))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "not a checkpoint" in lines[0], proc.stderr[-2000:]

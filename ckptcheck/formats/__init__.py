@@ -87,8 +87,10 @@ def _refuse_unsafe_pickle(p: Path) -> None:
     from .torchzip import MAX_DATA_PKL
 
     with open_binary(p) as f:
-        data = f.read(MAX_DATA_PKL)
-    scan_globals(data, path=str(p), member="pickle", allowed=TORCH_ALLOWLIST)
+        data = f.read(MAX_DATA_PKL + 1)
+    whole = len(data) <= MAX_DATA_PKL  # then where the scan meets bad bytes, so does the unpickler
+    scan_globals(data[:MAX_DATA_PKL], path=str(p), member="pickle", allowed=TORCH_ALLOWLIST,
+                 malformed_is_harmless=whole)
 
 
 def _detect_folder(p: Path) -> tuple[str, Path]:
