@@ -125,3 +125,14 @@ def test_text_whose_first_letter_is_an_opcode_is_not_a_checkpoint(tmp_path: Path
     proc = _run(tmp_path, "check", str(path), "--model-config", str(LINGUA))
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "not a checkpoint" in lines[0], proc.stderr[-2000:]
+
+
+def test_a_payload_behind_an_image_signature_is_unsafe(tmp_path: Path) -> None:
+    """"GIF8" starts with BINFLOAT: torch.load reads the signature as a float and runs what follows."""
+    sentinel = tmp_path / "SENT"
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"GIF89a\x01\x00\x01" + _system(sentinel))
+    assert _torch_unpickles(path)
+    proc = _run(tmp_path, "check", str(path), "--model-config", str(LINGUA))
+    assert not sentinel.exists(), "a payload ran"
+    assert proc.returncode == 1 and "UNSAFE" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -50,6 +50,8 @@ def _sniff(path: Path) -> str:
         return "safetensors"
     for magic, name in _MAGIC_NAMES.items():
         if head.startswith(magic):
+            if torch_would_unpickle(head):  # "GIF8", "GGUF": torch.load would still unpickle them
+                _refuse_unsafe_pickle(path)
             return name
     if torch_would_unpickle(head):  # torch.load unpickles what is not a zip archive (torch._is_zipfile)
         return "a bare pickle (not a torch.save zip archive)"
