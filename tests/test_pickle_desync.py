@@ -136,3 +136,15 @@ def test_a_payload_behind_an_image_signature_is_unsafe(tmp_path: Path) -> None:
     proc = _run(tmp_path, "check", str(path), "--model-config", str(LINGUA))
     assert not sentinel.exists(), "a payload ran"
     assert proc.returncode == 1 and "UNSAFE" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_a_pickle_with_a_brace_at_byte_8_is_not_taken_for_safetensors(tmp_path: Path) -> None:
+    """A '{' at byte 8 made any file "safetensors"; its header length (the first 8 bytes, here far larger
+    than the file) rules that out, and torch.load would unpickle it."""
+    sentinel = tmp_path / "SENT"
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"\x80\x02X\x05\x00\x00\x00ab{cd0" + _system(sentinel))
+    assert _torch_unpickles(path)
+    proc = _run(tmp_path, "check", str(path), "--model-config", str(LINGUA))
+    assert not sentinel.exists(), "a payload ran"
+    assert proc.returncode == 1 and "UNSAFE" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
