@@ -143,7 +143,8 @@ def test_a_pickle_with_a_brace_at_byte_8_is_not_taken_for_safetensors(tmp_path: 
     than the file) rules that out, and torch.load would unpickle it."""
     sentinel = tmp_path / "SENT"
     path = tmp_path / "model.pt"
-    path.write_bytes(b"\x80\x02X\x05\x00\x00\x00ab{cd0" + _system(sentinel))
+    path.write_bytes(b"\x80\x02X\x04\x00\x00\x00a{cd0" + _system(sentinel))
+    assert path.read_bytes()[8:9] == b"{"
     assert _torch_unpickles(path)
     proc = _run(tmp_path, "check", str(path), "--model-config", str(LINGUA))
     assert not sentinel.exists(), "a payload ran"
