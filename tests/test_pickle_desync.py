@@ -149,3 +149,10 @@ def test_a_pickle_with_a_brace_at_byte_8_is_not_taken_for_safetensors(tmp_path: 
     proc = _run(tmp_path, "check", str(path), "--model-config", str(LINGUA))
     assert not sentinel.exists(), "a payload ran"
     assert proc.returncode == 1 and "UNSAFE" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_a_path_too_long_to_look_at_is_one_line(tmp_path: Path) -> None:
+    """stat() itself fails (ENAMETOOLONG): the path is bad input, not an internal error."""
+    proc = _run(tmp_path, "check", "a" * 5000)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "too long" in lines[0], proc.stderr[-300:]

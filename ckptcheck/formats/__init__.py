@@ -59,8 +59,15 @@ def _sniff(path: Path) -> str:
 
 
 def detect_format(path: str | os.PathLike[str]) -> tuple[str, Path]:
-    """The format name and the path its reader opens (a folder may hold the real file)."""
-    p = Path(path)
+    """The format name and the path its reader opens (a folder may hold the real file).  Looking at the
+    path can fail too (a name too long, a folder that cannot be listed): one line, not a traceback."""
+    try:
+        return _detect(Path(path))
+    except OSError as exc:
+        raise InputError(Path(path), None, exc.strerror or str(exc)) from None
+
+
+def _detect(p: Path) -> tuple[str, Path]:
     if not p.exists():
         raise InputError(p, None, "no such file or folder")
     if p.is_dir():
