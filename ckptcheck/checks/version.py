@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..formats.torch_pickle import refused_in
-from ..safe_pickle import is_inert_data
 from .model import Check, Verdict
 
 if TYPE_CHECKING:
@@ -68,16 +67,15 @@ _UNRESTRICTED_LOADER = {"dcp": "dcp.load unpickles bytes entries with weights_on
 def _weights_only(refused: list[str], fmt: str):
     """torch.load(weights_only=True), torch's default since 2.6, refuses a pickle naming a global outside
     its allowlist: ``argparse.Namespace`` for the training args, numpy scalars for a logged loss.  That is
-    no attack (globals that can act are ``safety`` findings); ckptcheck kept each as an inert record."""
+    no attack: only globals in ``safe_pickle.INERT_DATA`` get here (any other is a ``safety`` finding), and
+    ckptcheck kept each as an inert record."""
     def evaluate() -> Verdict:
-        unknown = [g for g in refused if not is_inert_data(*g.rsplit(".", 1))]
-        caution = f" (ckptcheck does not know {', '.join(unknown)} as plain data: check what it is)" if unknown else ""
         if fmt in _UNRESTRICTED_LOADER:
-            return Verdict.ok(f"pickle globals {', '.join(refused)}{caution}: {_UNRESTRICTED_LOADER[fmt]} and "
+            return Verdict.ok(f"pickle globals {', '.join(refused)}: {_UNRESTRICTED_LOADER[fmt]} and "
                               "reads them; torch.load(weights_only=True) would refuse them; ckptcheck kept them "
                               "unexecuted", obtained=", ".join(refused))
         return Verdict.fail(
-            f"torch.load(weights_only=True) refuses the pickle globals {', '.join(refused)}{caution}; "
+            f"torch.load(weights_only=True) refuses the pickle globals {', '.join(refused)}; "
             "ckptcheck kept them unexecuted",
             expected="tensors and torch's safe globals only", obtained=", ".join(refused),
             repair=f"in the loading code, before torch.load: torch.serialization.add_safe_globals([{', '.join(refused)}]); "
