@@ -113,14 +113,16 @@ def _compare(ca, a_key: str, source_b: ChunkSource, move, name: str, atol: float
             bad = ~torch.isclose(x, y, rtol=rtol, atol=atol, equal_nan=True)
         if not bool(bad.any()):
             continue
-        delta = (x - y).abs().nan_to_num(nan=math.inf)
+        # Two NaNs with different payload bits differ bitwise but by no amount: not an infinite difference.
+        delta = (x - y).abs().nan_to_num(nan=math.inf).masked_fill(x.isnan() & y.isnan(), 0.0)
         worst = max(worst, float(delta[bad].max()))
         if first is None:
             flat = int(bad.nonzero()[0, 0]) + start * (info.numel // max(1, info.shape[0]) if info.shape else 1)
             first = unravel(flat, info.shape)
     if first is None:
         return KeyDiff(name, "equal")
-    return KeyDiff(name, "different", f"max abs difference {worst:.6g} at first index {first}", worst, first)
+    what = f"max abs difference {worst:.6g}" if worst else "only NaN payload bits differ"
+    return KeyDiff(name, "different", f"{what} at first index {first}", worst, first)
 
 
 def _forward(ca, cb, cfg: ModelConfig, n: int, seed: int, atol: float, rtol: float) -> ForwardDiff:

@@ -65,3 +65,16 @@ def test_layouts_differ_without_a_config_is_an_input_error(tmp_path: Path, capsy
     shutil.copy(GOOD / "hf" / "model.safetensors", tmp_path / "hf" / "model.safetensors")
     assert main(["diff", str(tmp_path / "a.pth"), str(tmp_path / "hf")]) == 2
     assert "pass --model-config" in capsys.readouterr().err
+
+
+def test_nan_payload_bits_differ_by_no_amount(tmp_path: Path) -> None:
+    """Two NaNs with different payload bits differ bitwise (different) but by nothing, never 'inf'."""
+    a = torch.zeros(4, 4)
+    b = a.clone()
+    a.view(torch.int32)[1, 1] = 0x7FC00001
+    b.view(torch.int32)[1, 1] = 0x7FC00002
+    torch.save({"w": a}, tmp_path / "a.pth")
+    torch.save({"w": b}, tmp_path / "b.pth")
+    (key,) = diff(tmp_path / "a.pth", tmp_path / "b.pth").keys
+    assert key.status == "different" and key.max_abs == 0
+    assert "only NaN payload bits differ at first index [1, 1]" in key.detail
