@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checks.model import CATEGORIES, CheckResult, Status
-from .checks.repairs import command
+from .checks.repairs import UNREPAIRABLE, command
 from .engine import Options, plan
 from .suite import available, load_suite
 
@@ -50,7 +50,10 @@ def compatibility_matrix(ckpt: str | os.PathLike[str], config: str | os.PathLike
                 results.append(done[check.id])
             failed = [r for r in results if r.status in (Status.FAIL, Status.UNSAFE)]
             repair = None
-            if any(r.repair and r.repair.startswith("ckptcheck repair") for r in failed) and the_plan.session:
+            blocked = [UNREPAIRABLE[r.category] for r in failed if r.category in UNREPAIRABLE]
+            if blocked:
+                repair = f"no conversion repairs this: {blocked[0]}"
+            elif any(r.repair and r.repair.startswith("ckptcheck repair") for r in failed) and the_plan.session:
                 # Shared checks carry another target's command: build this target's own.
                 repair = command(the_plan.session, *suite.repair)
             elif failed:

@@ -18,7 +18,7 @@ from typing import Any
 
 from .checks.model import CheckResult, Status
 from .convert.api import ConversionReport, convert, infer_output_format, refuse_lost_state, train_state_files
-from .checks.repairs import cast_loss
+from .checks.repairs import UNREPAIRABLE, cast_loss
 from .convert.heads import confirm_head_split
 from .engine import Options, Plan, Session, plan, run
 from .errors import InputError
@@ -26,13 +26,6 @@ from .errors import InputError
 # The output format a repair writes by default, from the input's format.
 DEFAULT_OUTPUT = {"torch": "torch", "torch-legacy": "torch", "meta-shards": "torch", "safetensors": "safetensors",
                   "safetensors-sharded": "hf", "hf-bin-sharded": "hf", "dcp": "dcp"}
-REFUSED = {
-    "safety": "the input is unsafe to load",
-    "config": "the config and the weights describe different models",
-    "key_present": "tensors are missing and cannot be made up",
-    "shape": "tensors have shapes the config does not allow",
-    "finite": "weights hold NaN or Inf; restore them from an earlier checkpoint",
-}
 # Failures --init-optimizer-state repairs (by replacing the optimizer state altogether).
 OPTIMIZER_CATEGORIES = ("resume", "optimizer_state", "optimizer_groups", "optimizer_step")
 # Failures no conversion can repair, which do not stop the others from being repaired.
@@ -99,7 +92,7 @@ def plan_repair(the_plan: Plan, results: list[CheckResult], dst: str | os.PathLi
     _plan_extras(rp, [r for r in failed if r.category == "unexpected_key"], named)
     if session is not None and _drop_restores_tie(session, rp):
         failed = [r for r in failed if (r.category, r.key) != ("config", "tie_embeddings")]
-    for category, why in REFUSED.items():
+    for category, why in UNREPAIRABLE.items():
         if any(r.category == category for r in failed):
             rp.refusals.append(f"{why}: {_ids(failed, category)}")
     optimizer_fails = [r for r in failed if r.category in OPTIMIZER_CATEGORIES]

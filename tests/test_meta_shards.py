@@ -59,9 +59,14 @@ def test_converting_refuses_and_writes_nothing(tmp_path: Path, command: list[str
                                                capsys: pytest.CaptureFixture[str]) -> None:
     src = _differing_copies(tmp_path)
     dst = tmp_path / ("out.safetensors" if "safetensors" in command else "out.pth")
-    assert main([a.format(src=src, dst=dst) for a in command]) == 2
-    err = capsys.readouterr().err
-    assert KEY in err and "consolidated.01.pth" in err, err
+    if command[0] == "repair":  # the plan refuses before converting: a failed check, exit 1
+        assert main([a.format(src=src, dst=dst) for a in command]) == 1
+        out = capsys.readouterr().out
+        assert f"replicas[{KEY}]" in out and "no conversion picks one" in out, out
+    else:  # the reader refuses to merge: bad input, exit 2
+        assert main([a.format(src=src, dst=dst) for a in command]) == 2
+        err = capsys.readouterr().err
+        assert KEY in err and "consolidated.01.pth" in err, err
     assert not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["mp"]
 
 
@@ -90,3 +95,15 @@ def test_rope_freqs_copies_that_differ_fail_replicas_not_the_run(tmp_path: Path,
     theta = results["config[rope_theta]"]
     assert theta["status"] == ("skip" if differ else "pass"), theta
     assert ("consolidated.01.pth" in theta["message"]) is differ
+
+
+def test_matrix_offers_no_repair_that_would_refuse(tmp_path: Path) -> None:
+    from ckptcheck.engine import Options
+    from ckptcheck.matrix import compatibility_matrix
+
+    src = _differing_copies(tmp_path)
+    rows = compatibility_matrix(src, None, Options())
+    for row in rows:
+        assert row.cells["replicas"] == "fail"
+        assert row.repair is not None and not row.repair.startswith("ckptcheck repair"), row.repair
+        assert "no conversion picks one" in row.repair

@@ -17,6 +17,18 @@ if TYPE_CHECKING:
     from ..naming import Scheme
 
 
+# Failures no conversion can repair: ``ckptcheck repair`` refuses (writes nothing) while any of them fails,
+# and reports and the matrix say so instead of offering a command.
+UNREPAIRABLE = {
+    "safety": "the input is unsafe to load",
+    "config": "the config and the weights describe different models",
+    "key_present": "tensors are missing and cannot be made up",
+    "shape": "tensors have shapes the config does not allow",
+    "finite": "weights hold NaN or Inf; restore them from an earlier checkpoint",
+    "replicas": "model-parallel shards hold different copies of a replicated tensor; no conversion picks one",
+}
+
+
 def repaired_path(ckpt: str) -> str:
     """Where a repair writes by default: beside the input, marked as repaired."""
     p = Path(ckpt)

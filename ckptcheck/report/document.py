@@ -32,9 +32,9 @@ class ReportData:
     @property
     def blocking(self) -> list[str]:
         """Failed checks that ckptcheck repair refuses to work around (it writes nothing while they fail)."""
-        from ..repair import REFUSED
+        from ..checks.repairs import UNREPAIRABLE
 
-        return [r.id for r in self.failures if r.category in REFUSED]
+        return [r.id for r in self.failures if r.category in UNREPAIRABLE]
 
     @property
     def repairs(self) -> list[str]:
