@@ -15,12 +15,6 @@ if TYPE_CHECKING:
 CHUNK_BYTES = 64 << 20  # compared a chunk of rows at a time: memory stays near two chunks
 
 
-def bit_identical(ckpt: Checkpoint, a: str, b: str) -> bool:
-    """Whether stored tensors ``a`` and ``b`` have the same dtype, shape and bits (streamed)."""
-    x, y = ckpt.manifest.tensors[a], ckpt.manifest.tensors[b]
-    return x.dtype == y.dtype and redundant_copy(ckpt, a, b)
-
-
 def redundant_copy(ckpt: Checkpoint, copy: str, primary: str) -> bool:
     """Whether dropping ``copy`` loses nothing: same shape and, element by element, exactly ``primary``'s
     values (bit for bit, NaN payloads and the sign of zero included).  A copy in another dtype counts only

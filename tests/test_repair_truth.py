@@ -327,3 +327,19 @@ def test_the_advised_repair_for_a_weights_only_target_says_so_and_runs(tmp_path:
     assert "--weights-only" in command, command
     command[3] = str(tmp_path / "out.pth")
     assert main(command[1:]) == 0
+
+
+def test_the_tie_check_judges_a_copy_by_its_values_like_repair_does(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """An fp32 copy holding exactly the bf16 embedding's values is a tie saved as a copy (config[tie_embeddings]
+    passes); one that differs in a single value is not (fails)."""
+    tied_config = str(CONFIGS / "lingua_tied_params.json")
+    assert main(["check", str(_tied(tmp_path)), "--model-config", tied_config, "--format", "json"]) in (0, 1)
+    results = {r["id"]: r for r in json.loads(capsys.readouterr().out)["checks"]}
+    assert results["config[tie_embeddings]"]["status"] == "pass", results["config[tie_embeddings]"]
+    state = torch.load(GOOD / "consolidated.pth", weights_only=True)
+    copy = state["tok_embeddings.weight"].float()
+    copy[0, 0] += copy[0, 0].abs() * 2**-12 + 2**-30
+    assert main(["check", str(_tied(tmp_path, copy)), "--model-config", tied_config, "--format", "json"]) == 1
+    results = {r["id"]: r for r in json.loads(capsys.readouterr().out)["checks"]}
+    assert results["config[tie_embeddings]"]["status"] == "fail", results["config[tie_embeddings]"]

@@ -139,10 +139,12 @@ def _expressible(session: Session, facts: Facts, framework: str, name: str) -> C
 
 
 def _is_copy(session: Session) -> bool:
-    from ..tying import bit_identical
+    """Whether a separate output.weight holds exactly the embedding's values (the same test a repair uses
+    to drop it: bit-identical, or another dtype that round-trips to the embedding's bits)."""
+    from ..tying import redundant_copy
 
     out, emb = (session.mapping.stored_for(k) for k in ("output.weight", "tok_embeddings.weight"))
-    return out is not None and emb is not None and bit_identical(session.checkpoint, out, emb)
+    return out is not None and emb is not None and redundant_copy(session.checkpoint, out, emb)
 
 
 def _frequencies(session: Session, key: str) -> Any:
