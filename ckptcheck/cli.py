@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     trip.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
                       help="auto: NCCL with one process per GPU when there are enough GPUs, else gloo on CPU")
     trip.add_argument("--timeout", type=float, default=600.0, help="seconds each world size may take")
+    _head_dim_option(trip)
     trip.add_argument("--format", choices=("text", "json"), default="text")
     trip.add_argument("--debug", action="store_true", help="show tracebacks")
     trip.set_defaults(func=cmd_roundtrip)
@@ -212,7 +213,7 @@ def cmd_roundtrip(args: argparse.Namespace) -> int:
 
     result = roundtrip(args.ckpt, config=args.model_config, world_size=args.world_size, reshard_to=args.reshard,
                        optimizer=args.optimizer, factory=args.model_factory, timeout=args.timeout,
-                       backend=args.backend, dcp=args.dcp)
+                       backend=args.backend, dcp=args.dcp, head_dim=args.head_dim)
     if args.format == "json":
         print(json.dumps(result.to_json(), indent=2))
     else:

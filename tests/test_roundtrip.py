@@ -282,3 +282,19 @@ def test_an_unknown_optimizer_entry_is_left_behind_unless_the_trip_loads_the_opt
     assert main(["roundtrip", str(src), "--world-size", "1", "--optimizer"]) == 2
     err = capsys.readouterr().err
     assert "argparse.Namespace" in err and "without --optimizer" in err and "--weights-only" not in err, err
+
+
+def test_head_dim_confirms_the_split_a_round_trip_permutes_with(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """HF names under an outside config: converting for the ranks permutes q/k on a split nothing in the
+    checkpoint confirms, so the trip refuses (one line naming --head-dim) until the user confirms it."""
+    from ckptcheck.cli import main
+
+    src = tmp_path / "model.safetensors"
+    shutil.copy(GOOD / "hf" / "model.safetensors", src)
+    args = ["roundtrip", str(src), "--model-config", str(CONFIGS / "hf_config.json"), "--world-size", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass --head-dim 8" in err[0], err
+    assert main([*args, "--head-dim", "8"]) == 0
+    assert "ok    world size 1: 21 shards compared bit for bit" in capsys.readouterr().out

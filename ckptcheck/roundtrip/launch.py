@@ -260,7 +260,8 @@ def check_inputs(*paths: str | Path) -> None:
 
 def roundtrip(ckpt: str | Path, *, config: str | Path | None, world_size: int = 2, reshard_to: int | None = None,
               optimizer: bool = False, factory: str | None = None, workdir: str | Path | None = None,
-              timeout: float = 600.0, backend: str = "auto", dcp: str | Path | None = None) -> RoundtripResult:
+              timeout: float = 600.0, backend: str = "auto", dcp: str | Path | None = None,
+              head_dim: int | None = None) -> RoundtripResult:
     """Convert ``ckpt`` to DCP (unless it already is one, or ``dcp`` names one made elsewhere, say by a
     training run), load it under FSDP2 at ``world_size``, compare every shard with ``ckpt``, and with
     ``reshard_to`` save it from that world and load it again at the other."""
@@ -288,7 +289,7 @@ def roundtrip(ckpt: str | Path, *, config: str | Path | None, world_size: int = 
                 # The training state goes along only when the ranks load it.
                 try:
                     convert(ckpt, dcp_dir, to="dcp", naming="lingua" if factory is None else None,
-                            config=config_path, verify=False, weights_only=not optimizer)
+                            config=config_path, verify=False, weights_only=not optimizer, head_dim=head_dim)
                 except InputError as exc:
                     raise InputError(exc.path, exc.item, exc.cause.replace(
                         "(--weights-only)", "(run the round trip without --optimizer)")) from None
