@@ -40,6 +40,17 @@ class InputError(CkptError):
     """Unreadable or invalid input: a checkpoint, a config or a command-line value."""
 
 
+class StandInError(InputError):
+    """A value kept unexecuted (an inert stand-in for a global torch's weights_only loader refuses) was about
+    to be written out.  ``remedy`` is the caller's way out, so each command can name its own flag."""
+
+    def __init__(self, path: str | Path | None, item: str | None, global_name: str,
+                 remedy: str = "leave it behind (--weights-only) or re-save the checkpoint without it") -> None:
+        self.global_name = global_name
+        super().__init__(path, item, f"holds {global_name}, kept unexecuted, which cannot be written to the "
+                                     f"output: {remedy}")
+
+
 class UnsafeInputError(CkptError):
     """The input tried to reach code outside the allowlist (a pickle global, a path escaping its folder)."""
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from .errors import InputError, UnsafeInputError
+from .errors import InputError, StandInError, UnsafeInputError
 
 # The only globals outside a reader's allowlist a pickle may name: classes known to be inert data that
 # torch's weights_only loader still refuses, so safe to pass to ``torch.serialization.add_safe_globals``.
@@ -454,8 +454,7 @@ def refuse_stand_ins(obj: Any, *, path: str | None, item: str | None) -> None:
     """Before writing values read from a checkpoint: an ``Unknown`` stand-in is not the object it names."""
     for o in _parts(obj):
         if isinstance(o, Unknown):
-            raise InputError(path, item, f"holds {o.global_name}, kept unexecuted, which cannot be written "
-                             "to the output: leave it behind (--weights-only) or re-save the checkpoint without it")
+            raise StandInError(path, item, o.global_name)
 
 
 def _parts(obj: Any) -> Iterator[Any]:

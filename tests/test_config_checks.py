@@ -35,8 +35,8 @@ def _config(path: Path, params: dict) -> Path:
     return path
 
 
-def _results(ckpt: Path, config: Path | None) -> dict[str, CheckResult]:
-    the_plan = plan(ckpt, config, Options())
+def _results(ckpt: Path, config: Path | None, target: str = "init") -> dict[str, CheckResult]:
+    the_plan = plan(ckpt, config, Options(target=target))
     try:
         return {r.id: r for r in run(the_plan)}
     finally:
@@ -236,23 +236,15 @@ def test_a_config_written_by_transformers_5_witnesses_rope_theta(tmp_path: Path)
 NARROW = {"model": {**TRUE["model"], "head_dim": 4}}
 
 
-def _results_for(ckpt: Path, config: Path, target: str) -> dict[str, CheckResult]:
-    the_plan = plan(ckpt, config, Options(target=target))
-    try:
-        return {r.id: r for r in run(the_plan)}
-    finally:
-        the_plan.close()
-
-
 def test_the_meta_target_fails_a_head_size_meta_cannot_state(tmp_path: Path) -> None:
     ckpt = _model(tmp_path / "ckpt", NARROW)
     meta = _config(tmp_path / "cfg" / "params.json", NARROW["model"])  # a Meta-schema params.json with head_dim
-    r = _results_for(ckpt, meta, "meta")["config[head_dim]"]
+    r = _results(ckpt, meta, "meta")["config[head_dim]"]
     assert r.status is Status.FAIL and "no head_dim field" in r.message and "16 rows, not dim = 32" in r.message
     lingua = _config(tmp_path / "lingua" / "params.json", NARROW)
-    assert "config[head_dim]" not in _results_for(ckpt, lingua, "lingua_init")  # lingua states head_dim
+    assert "config[head_dim]" not in _results(ckpt, lingua, "lingua_init")  # lingua states head_dim
     plain = _model(tmp_path / "plain", TRUE)
-    assert _results_for(plain, _config(tmp_path / "m2" / "params.json", TRUE["model"]), "meta")[
+    assert _results(plain, _config(tmp_path / "m2" / "params.json", TRUE["model"]), "meta")[
         "config[head_dim]"].status is Status.PASS
 
 
@@ -272,11 +264,11 @@ def test_lingua_and_meta_targets_fail_biases(tmp_path: Path) -> None:
     ckpt = _model(tmp_path / "ckpt", BIASED)
     config = _config(tmp_path / "cfg" / "params.json", BIASED)
     for target in ("lingua_init", "lingua_resume", "meta"):
-        results = _results_for(ckpt, config, target)
+        results = _results(ckpt, config, target)
         for flag in ("attention_bias", "mlp_bias"):
             r = results[f"config[{flag}]"]
             assert r.status is Status.FAIL and "such tensors (layers.0." in r.message, (target, r.message)
-    assert "config[attention_bias]" not in _results_for(ckpt, config, "hf")
+    assert "config[attention_bias]" not in _results(ckpt, config, "hf")
 
 
 def test_a_partial_top_layer_gets_no_n_layers_advice(tmp_path: Path) -> None:

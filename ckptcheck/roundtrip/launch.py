@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import InputError, StandInError
 from . import tether
 from .reaper import PATIENCE_S, TRIP_ENV, kill_all_with_env
 
@@ -290,9 +290,10 @@ def roundtrip(ckpt: str | Path, *, config: str | Path | None, world_size: int = 
                 try:
                     convert(ckpt, dcp_dir, to="dcp", naming="lingua" if factory is None else None,
                             config=config_path, verify=False, weights_only=not optimizer, head_dim=head_dim)
-                except InputError as exc:
-                    raise InputError(exc.path, exc.item, exc.cause.replace(
-                        "(--weights-only)", "(run the round trip without --optimizer)")) from None
+                except StandInError as exc:  # the trip's own way to leave it behind
+                    raise StandInError(exc.path, exc.item, exc.global_name,
+                                       "run the round trip without --optimizer, or re-save the checkpoint "
+                                       "without it") from None
         else:
             dcp_dir = Path(target)
         check_inputs(ckpt, *(() if converted else (dcp_dir,)))
