@@ -6,14 +6,14 @@ remembers which field of its own file each dimension came from, so a mismatch ca
 
 from __future__ import annotations
 
-import json
-import os
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import dtypes
+from . import bounded_json, dtypes
+from .bounded_json import reject_duplicate_keys  # noqa: F401  (formats.safetensors_files imports it here)
 from .errors import InputError
 from .files import open_binary
 
@@ -108,35 +108,18 @@ def find_config(path: str | Path) -> Path:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open_binary(path) as f:  # a FIFO or device is refused, not read forever
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_CONFIG_BYTES:
-                raise InputError(path, None, f"{size} bytes is too large for a config (limit {MAX_CONFIG_BYTES})")
-            text = f.read().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InputError(path, None, f"not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise InputError(path, None, exc.strerror or str(exc)) from None
-    try:
-        data = json.loads(text, object_pairs_hook=reject_duplicate_keys)
-    except json.JSONDecodeError as exc:
-        raise InputError(path, f"line {exc.lineno} column {exc.colno}", f"invalid JSON: {exc.msg}") from None
-    except ValueError as exc:
-        raise InputError(path, None, str(exc)) from None
+    """A JSON object file (config, index), bounded in size, nesting and digits (``bounded_json``)."""
+    with open_binary(path) as f:  # a FIFO or device is refused, not read forever
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_CONFIG_BYTES:
+            raise InputError(path, None, f"{size} bytes is too large for a config (limit {MAX_CONFIG_BYTES})")
+        raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise InputError(path, None, f"grew past {MAX_CONFIG_BYTES} bytes while being read (limit for a config)")
+    data = bounded_json.loads(raw, path)
     if not isinstance(data, dict):
         raise InputError(path, None, f"expected a JSON object, found {type(data).__name__}")
     return data
-
-
-def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json object_pairs_hook: JSON parsers keep the last of duplicate keys silently; refuse them."""
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
 
 
 def load_config(path: str | Path) -> ModelConfig:

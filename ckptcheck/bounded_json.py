@@ -1,0 +1,87 @@
+"""The one JSON loader for every input JSON (params.json, config.json, safetensors headers, index files).
+
+Python's ``json`` recurses once per nesting level (a file nested ~1,000 deep raises ``RecursionError``),
+turns any run of digits into an int (an integer over 4,300 digits raises inside the error path, and smaller
+huge ones make every later size computation slow), and keeps the last of duplicate keys silently.  Here the
+nesting depth is measured on the text before parsing, integers are refused by their digit count before
+conversion, duplicate keys are refused, and every refusal is one ``InputError(path, item, cause)``.
+
+NaN, Infinity and -Infinity are accepted and returned as floats, as Python's own ``json`` (and so
+transformers and the training code) reads them, and so is a float literal too large to be finite ("1e400" is
+inf in every JSON reader that uses doubles).  Whoever reads a number therefore checks it is finite where it
+matters; the config readers do, naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+# Real configs and headers nest fewer than 10 levels.
+MAX_DEPTH = 64
+# No dimension, offset or count in a checkpoint needs more digits (2**128 has 39).
+MAX_INT_DIGITS = 40
+# Longest key quoted in a duplicate-key message.
+_KEY_QUOTE = 60
+
+# A JSON string literal (unrolled, linear on any input) and what is left once strings are gone.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DELTA = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+class _Refused(ValueError):
+    """Raised inside the parser's hooks; becomes the InputError once the parser has unwound."""
+
+
+def loads(data: bytes | str, path: str | Path, item: str | None = None) -> Any:
+    """``data`` parsed as JSON, or ``InputError(path, item, cause)`` for text that is not UTF-8, not JSON,
+    nested deeper than ``MAX_DEPTH``, holding an integer over ``MAX_INT_DIGITS`` digits or a duplicate key.
+    ``item`` names what the JSON is inside ``path`` (e.g. "header"), or None when it is the whole file."""
+    if isinstance(data, bytes):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(path, item, f"not UTF-8 text (byte {exc.start})") from None
+    else:
+        text = data
+    depth = nesting_depth(text)
+    if depth > MAX_DEPTH:
+        raise InputError(path, item, f"JSON nested {depth} levels deep (limit {MAX_DEPTH})")
+    try:
+        return json.loads(text, object_pairs_hook=reject_duplicate_keys, parse_int=_parse_int)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise InputError(path, f"{item}, {where}" if item else where, f"invalid JSON: {exc.msg}") from None
+    except _Refused as exc:
+        raise InputError(path, item, str(exc)) from None
+
+
+def nesting_depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in ``text``, brackets inside strings not counted; linear
+    time and no recursion, so it can be asked before parsing."""
+    skeleton = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    return max(accumulate(map(_DELTA.__getitem__, skeleton)), default=0)
+
+
+def _parse_int(digits: str) -> int:
+    count = len(digits) - digits.startswith("-")
+    if count > MAX_INT_DIGITS:
+        raise _Refused(f"an integer of {count} digits (limit {MAX_INT_DIGITS})")
+    return int(digits)
+
+
+def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: JSON parsers keep the last of duplicate keys silently; refuse them."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            shown = k if len(k) <= _KEY_QUOTE else k[:_KEY_QUOTE] + "..."
+            raise _Refused(f"duplicate key {shown!r}")
+        out[k] = v
+    return out
