@@ -7,7 +7,11 @@ import os
 import stat
 from typing import Any, BinaryIO
 
-from .errors import InputError
+from .errors import InputError, UnsafeInputError
+
+# Hugging Face hub caches keep a checkpoint's files as symlinks <cache>/<repo>/snapshots/<rev>/x -> ../../blobs/<hash>:
+# the folders that name such a repo, whose blobs folder a snapshot's files may point into.
+HUB_REPO_PREFIXES = ("models--",)
 
 # What a path that is no regular file is, for the one-line refusal (reading a FIFO or a device blocks
 # forever or never ends).
@@ -51,9 +55,35 @@ class _InputFile(io.BufferedReader):
         return self._guard(super().seek, offset, whence)
 
 
-def open_binary(path: str | os.PathLike[str]) -> BinaryIO:
-    """``path`` opened for reading, refused unless it is a regular file.  O_NONBLOCK makes opening a FIFO
-    with no writer return at once instead of waiting for one."""
+def check_inside(path: str | os.PathLike[str], inside: str | os.PathLike[str]) -> None:
+    """Refuse ``path`` (a file a checkpoint folder names) as unsafe when, symlinks followed, it lies outside
+    the folder ``inside``: a shard linked to /dev/zero or to a file elsewhere is not the checkpoint's.  A hub
+    cache snapshot's links into its own repo's blobs folder are the one way out that is allowed."""
+    real = os.path.realpath(path)
+    root = os.path.realpath(inside)
+    if _within(real, root) or any(_within(real, blobs) for blobs in _hub_blobs(root)):
+        return
+    raise UnsafeInputError(path, None, f"leads to {real}, outside the checkpoint folder {root}: refused",
+                           culprit=real)
+
+
+def _within(real: str, root: str) -> bool:
+    return os.path.commonpath((real, root)) == root
+
+
+def _hub_blobs(root: str) -> list[str]:
+    """The blobs folder of the hub cache repo whose snapshot holds ``root`` (none outside a hub cache)."""
+    parts = root.split(os.sep)
+    return [os.sep.join([*parts[:i + 1], "blobs"]) for i in range(1, len(parts) - 2)
+            if parts[i].startswith(HUB_REPO_PREFIXES) and parts[i + 1] == "snapshots"]
+
+
+def open_binary(path: str | os.PathLike[str], inside: str | os.PathLike[str] | None = None) -> BinaryIO:
+    """``path`` opened for reading, refused unless it is a regular file, and (given ``inside``, the
+    checkpoint folder that names it) unless it lies in that folder (``check_inside``).  O_NONBLOCK makes
+    opening a FIFO with no writer return at once instead of waiting for one."""
+    if inside is not None:
+        check_inside(path, inside)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:

@@ -70,7 +70,7 @@ class MetaShardsCheckpoint(Checkpoint):
         self._shards: list[TorchFileCheckpoint] = []
         try:
             for p in files:
-                self._shards.append(TorchFileCheckpoint(p))
+                self._shards.append(TorchFileCheckpoint(p, self.folder))
             tensors, self._dims, facts = self._merge()
             self._copies: dict[str, tuple[str, ...]] = {}
         except BaseException:

@@ -35,11 +35,11 @@ class Entry:
 
 
 class SafetensorsFile:
-    """One safetensors file's validated header."""
+    """One safetensors file's validated header; ``inside``: the checkpoint folder that names it (a shard)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, inside: str | os.PathLike[str] | None = None) -> None:
         self.path = path
-        with open_binary(path) as f:
+        with open_binary(path, inside) as f:
             size = os.fstat(f.fileno()).st_size
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -113,9 +113,10 @@ def _entry(path: str, key: str, value: Any, data_start: int) -> Entry:
 class SafetensorsCheckpoint(Checkpoint):
     format_name = "safetensors"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], inside: str | os.PathLike[str] | None = None) -> None:
         self.path = str(path)
-        self.file = SafetensorsFile(self.path)
+        self._inside = inside
+        self.file = SafetensorsFile(self.path, inside)
         self._handle: BinaryIO | None = None
         tensors = {k: e.info for k, e in self.file.entries.items()}
         facts = {f"safetensors metadata {k}": v for k, v in sorted(self.file.metadata.items())[:20]}
@@ -141,7 +142,7 @@ class SafetensorsCheckpoint(Checkpoint):
     def _read(self, entry: Entry, offset: int, nbytes: int, shape: tuple[int, ...],
               out: torch.Tensor | None = None) -> torch.Tensor:
         if self._handle is None:
-            self._handle = open_binary(self.path)
+            self._handle = open_binary(self.path, self._inside)
         buf = read_exact(self._handle, entry.start + offset, nbytes, path=self.path, item=entry.info.key, out=out)
         return bytes_to_tensor(buf, entry.info.dtype, shape)
 

@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 
 
 class ShardedCheckpoint(Checkpoint):
-    def __init__(self, index_path: str | os.PathLike[str], open_shard: Callable[[str], Checkpoint],
+    def __init__(self, index_path: str | os.PathLike[str], open_shard: Callable[[str, Path], Checkpoint],
                  format_name: str) -> None:
+        """``open_shard(path, inside)``: a shard's reader, refusing a file that leaves the folder ``inside``."""
         index = Path(index_path)
         self.path = str(index)
         data = read_json(index)
@@ -35,9 +36,9 @@ class ShardedCheckpoint(Checkpoint):
                     raise InputError(index, f"weight_map[{key}]", "is not a file name")
                 shard = shard_path(index, key, name)
                 if shard not in self._shards:
-                    if not os.path.isfile(shard):
+                    if not os.path.lexists(shard):
                         raise InputError(index, f"weight_map[{key}]", f"names {name}, which does not exist")
-                    self._shards[shard] = open_shard(shard)
+                    self._shards[shard] = open_shard(shard, index.parent)
                 if key not in self._shards[shard].manifest.tensors:
                     raise InputError(shard, key, f"listed in {index.name} but absent from this shard")
                 self._owner[key] = self._shards[shard]

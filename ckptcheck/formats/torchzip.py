@@ -282,9 +282,10 @@ class TorchFileCheckpoint(PickledCheckpoint):
 
     format_name = "torch"
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], inside: str | os.PathLike[str] | None = None) -> None:
+        """``inside``: the checkpoint folder that names this file (a shard), which it must not leave."""
         self.path = str(path)
-        self._f = open_binary(self.path)
+        self._f = open_binary(self.path, inside)
         try:
             self.archive = TorchArchive(self._f, path=self.path)
             self._index(self.archive.obj, f"{self.archive.prefix}data.pkl", dict(self.archive.facts))
