@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 METADATA_NAME = ".metadata"
 MAX_METADATA = 512 << 20
+MAX_RELATIVE_PATH = 4096
 MAX_CHUNKS_FOR_OVERLAP_CHECK = 512  # pairwise for odd layouts; above it, coverage by element count only
 
 
@@ -77,12 +78,22 @@ class _TensorProperties(_Record):
 
 class _MetadataIndex(_Record):
     def __hash__(self) -> int:
-        return hash((self.__dict__.get("fqn"), _as_tuple(self.__dict__.get("offset"))))
+        return hash(_index_key(self))
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, _MetadataIndex) and hash(self) == hash(other) and (
-            self.__dict__.get("fqn"), _as_tuple(self.__dict__.get("offset"))
-        ) == (other.__dict__.get("fqn"), _as_tuple(other.__dict__.get("offset")))
+        return isinstance(other, _MetadataIndex) and _index_key(self) == _index_key(other)
+
+
+def _index_key(index: _MetadataIndex) -> tuple[Any, ...]:
+    """What a MetadataIndex is looked up by: (fqn, offsets).  A malformed one (offsets a string, a list of
+    lists) is a key of its own, equal to no other, so unpickling goes on and ``read_metadata`` names it."""
+    key = (index.__dict__.get("fqn"), index.__dict__.get("offset"))
+    try:
+        key = (key[0], _as_tuple(key[1]))
+        hash(key)
+    except (ValueError, TypeError):
+        return ("malformed", id(index))
+    return key
 
 
 def _as_tuple(value: Any) -> tuple[int, ...] | None:
@@ -178,20 +189,25 @@ def read_metadata(folder: Path) -> tuple[dict[str, Item], dict[str, str]]:
     planner = meta.__dict__.get("planner_data") or {}
     if not isinstance(sdm, dict) or not isinstance(storage, dict):
         raise InputError(where, None, "Metadata lacks state_dict_metadata or storage_data")
+    if not isinstance(planner, dict):
+        raise InputError(where, "planner_data", f"is a {type(planner).__name__}, not a dict of key paths")
     by_index: dict[tuple[str, tuple[int, ...] | None], Any] = {}
     for index, info in storage.items():
         if not isinstance(index, _MetadataIndex) or not isinstance(info, _StorageInfo) \
                 or not isinstance(index.__dict__.get("fqn"), str):
             raise InputError(where, "storage_data", "entries are not MetadataIndex -> _StorageInfo")
-        by_index[(index.__dict__.get("fqn"), _as_tuple(index.__dict__.get("offset")))] = info
+        fqn, offset = _index_key(index)
+        if fqn == "malformed" or not (offset is None or all(is_index(o) for o in offset)):
+            shown = type(index.__dict__.get("offset")).__name__
+            raise InputError(where, f"storage_data[{index.__dict__['fqn'][:200]}]",
+                             f"MetadataIndex offset (a {shown}) is not a tuple of non-negative 64-bit integers")
+        by_index[(fqn, offset)] = info
     file_sizes: dict[str, int] = {}
     items: dict[str, Item] = {}
     for fqn, entry in sdm.items():
         if not isinstance(fqn, str):
             raise InputError(where, repr(fqn), "state_dict_metadata key is not a string")
-        path = planner.get(fqn) if isinstance(planner, dict) else None
-        known = isinstance(path, (tuple, list)) and path and all(isinstance(p, str) or is_index(p) for p in path)
-        path = tuple(str(p) for p in path) if known else _guess_path(fqn)
+        path = _planner_path(where, fqn, planner.get(fqn))
         if isinstance(entry, _BytesStorage):
             info = by_index.get((fqn, None))
             chunk = _chunk(folder, where, fqn, (), (), info, file_sizes) if info is not None else None
@@ -200,6 +216,7 @@ def read_metadata(folder: Path) -> tuple[dict[str, Item], dict[str, str]]:
             items[fqn] = _tensor_item(folder, where, fqn, path, entry, by_index, file_sizes)
         else:
             raise InputError(where, fqn, f"unknown storage metadata type {type(entry).__name__}")
+    _check_distinct(where, items)
     version = _version(where, meta.__dict__.get("version"))
     # Before torch 2.4 DCP kept lists (param_groups) whole and recorded no version (pytorch #133923).
     whole_lists = any(it.info is None and it.path[-1] in ("param_groups",) for it in items.values())
@@ -210,6 +227,20 @@ def read_metadata(folder: Path) -> tuple[dict[str, Item], dict[str, str]]:
     return dict(sorted(items.items())), facts
 
 
+def _check_distinct(where: str, items: dict[str, Item]) -> None:
+    """Each key has its own place in the state dict and its own bytes in the storage files: DCP's writer
+    never shares either, and torch would silently load one entry's data (or value) as another's."""
+    paths: dict[tuple[str, ...], str] = {}
+    for item in items.values():
+        other = paths.setdefault(item.path, item.fqn)
+        if other != item.fqn:
+            raise InputError(where, item.fqn, f"planner_data gives it the path of {other}")
+    spans = sorted((c.file, c.start, c.length, item.fqn) for item in items.values() for c in item.chunks if c.length)
+    for (file, start, length, fqn), (file2, start2, _, fqn2) in zip(spans, spans[1:]):
+        if file == file2 and start + length > start2:
+            raise InputError(where, fqn2, f"its storage bytes {start2}.. in {file} overlap those of {fqn}")
+
+
 def _version(where: str, version: Any) -> str | None:
     """DCP's metadata version: absent (before torch 2.4) or dotted numbers such as "1.0.0"."""
     if version is None:
@@ -218,6 +249,17 @@ def _version(where: str, version: Any) -> str | None:
         shown = repr(version)[:40] if isinstance(version, str) else f"a {type(version).__name__}"
         raise InputError(where, "version", f"metadata version {shown} is not a dotted version number such as 1.0.0")
     return version
+
+
+def _planner_path(where: str, fqn: str, path: Any) -> tuple[str, ...]:
+    """The key's path in the saved state dict (``planner_data``, written by flatten_state_dict): names and
+    list indices.  Absent, it is guessed from the dotted key; present, it must be such a path."""
+    if path is None:
+        return _guess_path(fqn)
+    if not isinstance(path, (tuple, list)) or not path or not all(isinstance(p, str) or is_index(p) for p in path):
+        shown = f"a {type(path).__name__}" + (" of that shape" if isinstance(path, (tuple, list)) else "")
+        raise InputError(where, fqn, f"planner_data path is {shown}, not a sequence of names and indices")
+    return tuple(str(p) for p in path)
 
 
 def _guess_path(fqn: str) -> tuple[str, ...]:
@@ -245,8 +287,11 @@ def _tensor_item(folder: Path, where: str, fqn: str, path: tuple[str, ...], entr
     size = entry.__dict__.get("size")
     if not isinstance(size, tuple) or len(size) > MAX_RANK or not all(is_index(s) for s in size):
         raise InputError(where, fqn, "tensor size is not a tuple of non-negative 64-bit integers")
+    listed = entry.__dict__.get("chunks")
+    if not isinstance(listed, (list, tuple)):
+        raise InputError(where, fqn, f"chunks is a {type(listed).__name__}, not a list of ChunkStorageMetadata")
     chunks: list[Chunk] = []
-    for i, raw in enumerate(entry.__dict__.get("chunks") or ()):
+    for i, raw in enumerate(listed):
         if not isinstance(raw, _Chunk):
             raise InputError(where, fqn, f"chunk {i} is not a ChunkStorageMetadata")
         try:
@@ -279,16 +324,23 @@ def _chunk(folder: Path, where: str, fqn: str, offsets: tuple[int, ...], sizes: 
         raise InputError(where, fqn, "storage entry without a file name")
     parts = Path(rel).parts
     if Path(rel).is_absolute() or ".." in parts or "\\" in rel:
-        raise UnsafeInputError(where, fqn, f"storage path {rel!r} points outside the checkpoint folder", culprit=rel)
+        raise UnsafeInputError(where, fqn, f"storage path {rel[:200]!r} points outside the checkpoint folder",
+                               culprit=rel[:200])
+    if len(rel) > MAX_RELATIVE_PATH or any(ord(c) < 32 for c in rel) or rel.endswith("/") or \
+            any(p in ("", ".") for p in rel.split("/")):
+        raise InputError(where, fqn, f"storage path {rel[:200]!r} is not a file name inside the folder "
+                         "(control characters, empty or '.' parts, or too long)")
     if not all(is_index(v) for v in (start, length)):
         raise InputError(where, fqn, "storage offset/length are not non-negative integers")
-    if info.__dict__.get("transform_descriptors"):
-        raise InputError(where, fqn, f"storage transforms {info.__dict__['transform_descriptors']} are not supported")
+    transforms = info.__dict__.get("transform_descriptors")
+    if transforms:
+        shown = repr(transforms)[:80] if isinstance(transforms, (str, list, tuple)) else f"a {type(transforms).__name__}"
+        raise InputError(where, fqn, f"storage transforms {shown} are not supported")
     if rel not in file_sizes:
-        try:
-            file_sizes[rel] = (folder / rel).stat().st_size
-        except OSError:
-            raise InputError(folder / rel, None, f"storage file for {fqn} is missing") from None
+        if not (folder / rel).exists():
+            raise InputError(folder / rel, None, f"storage file for {fqn} is missing")
+        with open_binary(folder / rel) as f:  # regular files only: a FIFO or device is refused here
+            file_sizes[rel] = os.fstat(f.fileno()).st_size
     if start + length > file_sizes[rel]:
         raise InputError(
             folder / rel, fqn, f"bytes {start}..{start + length} lie past the end of the {file_sizes[rel]} byte file",
