@@ -212,3 +212,46 @@ def test_dcp_planner_path_given_to_two_keys_is_one_line(tmp_path, capsys) -> Non
     code, _, err = check(folder, capsys)
     assert code == 2
     assert_one_line(err, str(folder / ".metadata"), "planner_data gives it the path of")
+
+
+# --- convert and diff: chunking bounded by bytes, not rows -------------------------------------------------
+
+@pytest.fixture()
+def no_endless_reads(monkeypatch):
+    """Counts row reads of torch files and stops the run (exit 3, not a hang) far beyond what a 0.1 MB
+    checkpoint needs: a loop over rows of a zero-byte [2**62, 0] tensor makes 2**36 of them."""
+    from ckptcheck.formats.torchzip import PickledCheckpoint
+
+    real, calls = PickledCheckpoint.read_rows, []
+
+    def counted(self, key, start, stop, out=None):
+        calls.append(key)
+        assert len(calls) < 10_000, f"reads {key} row by row"
+        return real(self, key, start, stop, out)
+
+    monkeypatch.setattr(PickledCheckpoint, "read_rows", counted)
+    return calls
+
+
+def _with_empty(tmp_path: Path, name: str) -> Path:
+    state = torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True)
+    state["extra.empty"] = torch.empty(2**62, 0)
+    torch.save(state, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("args", [("out.safetensors",), ("out.pth", "--dtype", "bf16")], ids=["safetensors", "cast"])
+def test_convert_of_a_zero_byte_tensor_with_2_62_rows_ends(args, tmp_path, capsys, no_endless_reads) -> None:
+    src = _with_empty(tmp_path, "in.pth")
+    dst = tmp_path / args[0]
+    code = main(["convert", str(src), str(dst), *args[1:], "--model-config", LINGUA])
+    out, err = capsys.readouterr()
+    assert code == 0, (out, err)
+    assert "verified" in out and dst.exists()
+
+
+def test_diff_of_a_zero_byte_tensor_with_2_62_rows_ends(tmp_path, capsys, no_endless_reads) -> None:
+    a, b = _with_empty(tmp_path, "a.pth"), _with_empty(tmp_path, "b.pth")
+    code = main(["diff", str(a), str(b), "--model-config", LINGUA])
+    out, err = capsys.readouterr()
+    assert code == 0, (out, err)

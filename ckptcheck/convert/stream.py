@@ -27,7 +27,7 @@ def row_ranges(move: TensorMove, chunk_bytes: int | None = None) -> Iterator[tup
     if not move.shape:
         yield 0, 1
         return
-    step = max(1, chunk_bytes // max(1, move.row_bytes))
+    step = row_step(move.rows, move.row_bytes, chunk_bytes)
     if move.permute is not None:
         head_dim = move.permute[1]
         step = max(head_dim, step - step % head_dim)
@@ -35,6 +35,12 @@ def row_ranges(move: TensorMove, chunk_bytes: int | None = None) -> Iterator[tup
         yield start, min(move.rows, start + step)
     if move.rows == 0:
         yield 0, 0
+
+
+def row_step(rows: int, row_bytes: int, chunk_bytes: int) -> int:
+    """Rows per chunk: as many as fit in ``chunk_bytes``, bounded by bytes, not rows; all of them when a row
+    holds no bytes (a [2**62, 0] tensor is one empty chunk, not 2**36 of them)."""
+    return max(1, chunk_bytes // row_bytes) if row_bytes else max(1, rows)
 
 
 @dataclass
@@ -155,7 +161,7 @@ def lossy_cast(checkpoint: Checkpoint, keys: list[str], dtype: str) -> str | Non
         if info.dtype not in dtypes.FLOATING or info.dtype == dtype:
             continue
         rows = info.shape[0] if info.shape else 1
-        step = max(1, CHUNK_BYTES // max(1, info.nbytes // max(1, rows)))
+        step = row_step(rows, info.nbytes // rows if rows else 0, CHUNK_BYTES)
         for start in range(0, rows, step):
             t = checkpoint.read_rows(key, start, min(rows, start + step)) if info.shape else checkpoint.load(key)
             try:
