@@ -5,6 +5,7 @@ drives anything, and a Meta shard set is numbered in ASCII digits with no shard 
 from __future__ import annotations
 
 import os
+import struct
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from .writers import FIXTURES
 HANG_GUARD_S = 120
 SHARDED = FIXTURES / "good" / "hf_sharded"
 MP = FIXTURES / "good" / "meta_mp"
+CONFIG = FIXTURES / "configs" / "lingua_params.json"
 SECOND = {"sharded": "model-00002-of-00002.safetensors", "meta": "consolidated.01.pth"}
 SOURCE = {"sharded": SHARDED, "meta": MP}
 
@@ -103,3 +105,81 @@ def test_hub_cache_link_into_another_repos_blobs_is_unsafe(tmp_path: Path) -> No
     (snapshot / SECOND["sharded"]).unlink()
     (snapshot / SECOND["sharded"]).symlink_to("../../../models--other--repo/blobs/x")
     assert main(["check", str(snapshot)]) == 1
+
+
+def _header_file(tmp: Path, header: bytes, data: bytes = b"") -> Path:
+    path = tmp / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+def _entry(dtype: str = '"F32"', shape: str = "[1]", offsets: str = "[0, 4]") -> bytes:
+    return f'{{"a": {{"dtype": {dtype}, "shape": {shape}, "data_offsets": {offsets}}}}}'.encode()
+
+
+# name: (header, data, the cause in the one line)
+HEADERS = {
+    "nested_1000_deep": (b'{"a": ' + b"[" * 1000 + b"]" * 1000 + b"}", b"", "JSON nested 1001 levels deep (limit 64)"),
+    "dtype_a_list": (_entry(dtype='["F32"]'), b"\0" * 4, "a: unknown dtype ['F32']"),
+    "dtype_an_object": (_entry(dtype='{"F32": 1}'), b"\0" * 4, "a: unknown dtype {'F32': 1}"),
+    "integer_of_5000_digits": (_entry(shape=f"[{'9' * 5000}]"), b"\0" * 4, "an integer of 5000 digits (limit 40)"),
+    "shape_product_of_7800_digits": (_entry(shape="[" + ", ".join(["9" * 39] * 200) + "]"), b"\0" * 4,
+                                     "is not a list of non-negative integers whose product fits torch's int64 sizes"),
+    "offsets_strings": (_entry(offsets='["0", "4"]'), b"\0" * 4,
+                        "a: data_offsets ['0', '4'] are not [begin, end] with 0 <= begin <= end <= 4"),
+    "offsets_floats": (_entry(offsets="[0.0, 4.0]"), b"\0" * 4, "a: data_offsets [0.0, 4.0] are not [begin, end]"),
+    "offsets_negative": (_entry(offsets="[-4, 0]"), b"\0" * 4, "a: data_offsets [-4, 0] are not [begin, end]"),
+    "offsets_huge": (_entry(offsets=f"[0, {2**64}]"), b"\0" * 4,
+                     f"a: data_offsets [0, {2**64}] are not [begin, end] with 0 <= begin <= end <= 4"),
+    "offsets_past_the_file": (_entry(shape="[2]", offsets="[0, 8]"), b"\0" * 4,
+                              "a: data_offsets [0, 8] are not [begin, end] with 0 <= begin <= end <= 4"),
+    "shape_not_a_list": (_entry(shape="4"), b"\0" * 4, "a: shape 4 is not a list of non-negative integers"),
+    "shape_floats": (_entry(shape="[1.0]"), b"\0" * 4, "a: shape [1.0] is not a list of non-negative integers"),
+    "shape_bools": (_entry(shape="[true]"), b"\0" * 4, "a: shape [True] is not a list of non-negative integers"),
+    "shape_negative": (_entry(shape="[-1, -4]"), b"\0" * 4, "a: shape [-1, -4] is not a list of non-negative"),
+    "size_cannot_fit_the_file": (_entry(shape=f"[{2**20}, {2**20}]"), b"\0" * 4,
+                                 f"a: spans 4 bytes but shape [{2**20}, {2**20}] of float32 needs more bytes than "
+                                 "the file holds"),
+    "zero_elements_dim_2_63": (_entry(shape=f"[0, {2**63}]", offsets="[0, 0]"), b"",
+                               f"a: shape [0, {2**63}] is not a list of non-negative integers whose product "
+                               "fits torch's int64 sizes"),
+    "zero_elements_numel_overflow": (_entry(shape=f"[{2**62}, 4, 0]", offsets="[0, 0]"), b"",
+                                     "fits torch's int64 sizes"),
+}
+
+# The reference reader, in a process of its own with a memory limit: it must refuse every header above too.
+_ORACLE = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+from safetensors.torch import load_file
+for path in sys.argv[1:]:
+    try:
+        load_file(path)
+    except Exception:
+        continue
+    print(path)
+"""
+
+
+@pytest.fixture(scope="module")
+def loaded_by_safetensors(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The header cases the safetensors library loads (one process for all of them)."""
+    folder = tmp_path_factory.mktemp("oracle")
+    paths = []
+    for case, (header, data, _) in HEADERS.items():
+        (folder / case).mkdir()
+        paths.append(str(_header_file(folder / case, header, data)))
+    proc = subprocess.run([sys.executable, "-c", _ORACLE, *paths], capture_output=True, text=True,
+                          timeout=HANG_GUARD_S, check=True)
+    return [Path(p).parent.name for p in proc.stdout.split()]
+
+
+@pytest.mark.parametrize("case", HEADERS)
+def test_invalid_safetensors_header_is_one_line_not_a_crash(tmp_path: Path, case: str, loaded_by_safetensors: list[str],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    header, data, cause = HEADERS[case]
+    path = _header_file(tmp_path, header, data)
+    assert main(["check", str(path), "--model-config", str(CONFIG)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path}: " in err and cause in err, err
+    assert case not in loaded_by_safetensors

@@ -7,14 +7,12 @@ and key (duplicate keys included, which JSON parsers accept silently).
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from ..configs import reject_duplicate_keys
+from ..bounded_json import loads
 from ..dtypes import SAFETENSORS_DTYPE, itemsize
 from ..errors import InputError
 from ..manifest import Manifest, TensorInfo, natural_key
@@ -25,6 +23,8 @@ if TYPE_CHECKING:
     import torch
 
 MAX_HEADER = 100_000_000  # the reference implementation's limit
+MAX_INT64 = 2**63 - 1  # torch's sizes and strides
+SHOW_CHARS = 60  # of a header value quoted in a message
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +50,7 @@ class SafetensorsFile:
             if 8 + n > size:
                 raise InputError(path, "header", f"declares a {n} byte header but the file has {size - 8} bytes after it")
             raw = f.read(n)
-        try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicate_keys)
-        except UnicodeDecodeError:
-            raise InputError(path, "header", "is not valid UTF-8") from None
-        except json.JSONDecodeError as exc:
-            raise InputError(path, "header", f"is not valid JSON ({exc.msg} at {exc.pos})") from None
-        except ValueError as exc:
-            raise InputError(path, "header", str(exc)) from None
+        header = loads(raw, path, "header")
         if not isinstance(header, dict):
             raise InputError(path, "header", "is not a JSON object")
         meta = header.pop("__metadata__", None)
@@ -70,7 +63,7 @@ class SafetensorsFile:
         data_len = size - data_start
         entries: list[Entry] = []
         for key, value in header.items():
-            entries.append(_entry(path, key, value, data_start))
+            entries.append(_entry(path, key, value, data_start, data_len))
         ordered = sorted(entries, key=lambda e: (e.start, e.start + e.nbytes))
         cursor = data_start
         for e in ordered:
@@ -86,28 +79,64 @@ class SafetensorsFile:
         self.entries = {e.info.key: e for e in sorted(entries, key=lambda e: natural_key(e.info.key))}
 
 
-def _entry(path: str, key: str, value: Any, data_start: int) -> Entry:
+def _entry(path: str, key: str, value: Any, data_start: int, data_len: int) -> Entry:
+    """One header entry, every field checked for type and bound (the data it declares must fit the
+    ``data_len`` bytes after the header) before any size is computed from it."""
     if not isinstance(value, dict):
         raise InputError(path, key, "header entry is not an object")
-    dtype = SAFETENSORS_DTYPE.get(value.get("dtype"))  # type: ignore[arg-type]
+    name = value.get("dtype")
+    dtype = SAFETENSORS_DTYPE.get(name) if isinstance(name, str) else None
     if dtype is None:
-        raise InputError(path, key, f"unknown dtype {value.get('dtype')!r}")
+        raise InputError(path, key, f"unknown dtype {_show(name)}")
     shape = value.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-        raise InputError(path, key, f"shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape) or not _fits_int64(shape):
+        raise InputError(path, key, f"shape {_show(shape)} is not a list of non-negative integers whose product "
+                                    "fits torch's int64 sizes")
     offsets = value.get("data_offsets")
     if (
-        not isinstance(offsets, list) or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
-        or offsets[1] < offsets[0]
+        not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_len
     ):
-        raise InputError(path, key, f"data_offsets {offsets!r} are not [begin, end] with begin <= end")
-    nbytes = math.prod(shape) * itemsize(dtype)
-    if offsets[1] - offsets[0] != nbytes:
+        raise InputError(path, key, f"data_offsets {_show(offsets)} are not [begin, end] with "
+                                    f"0 <= begin <= end <= {data_len}, the bytes after the header")
+    numel = _numel_up_to(shape, data_len)
+    nbytes = None if numel is None else numel * itemsize(dtype)
+    if nbytes != offsets[1] - offsets[0]:
+        needs = "more bytes than the file holds" if nbytes is None else f"{nbytes}"
         raise InputError(
-            path, key, f"spans {offsets[1] - offsets[0]} bytes but shape {shape} of {dtype} needs {nbytes}",
+            path, key, f"spans {offsets[1] - offsets[0]} bytes but shape {_show(shape)} of {dtype} needs {needs}",
         )
     return Entry(TensorInfo(key, tuple(shape), dtype), data_start + offsets[0], nbytes)
+
+
+def _numel_up_to(shape: list[int], limit: int) -> int | None:
+    """The element count of ``shape``, or None once it passes ``limit`` (never a product of huge numbers)."""
+    if 0 in shape:
+        return 0
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel > limit:
+            return None
+    return numel
+
+
+def _fits_int64(shape: list[int]) -> bool:
+    """Whether torch accepts ``shape``: every dimension an int64, and the element count, multiplied left to
+    right, never past 2**64 on the way nor past 2**63 at the end (torch's own numel check, which refuses
+    [2**62, 4, 0] although it has no elements)."""
+    product = 1
+    for d in shape:
+        product *= d
+        if d > MAX_INT64 or product >= 2**64:
+            return False
+    return product <= MAX_INT64
+
+
+def _show(value: Any) -> str:
+    """A header value for a message, cut short: the header is input and may hold anything."""
+    text = repr(value)
+    return text if len(text) <= SHOW_CHARS else f"{text[:SHOW_CHARS]}..."
 
 
 class SafetensorsCheckpoint(Checkpoint):

@@ -47,7 +47,7 @@ class ShardedCheckpoint(Checkpoint):
             raise
         facts = {"shards": str(len(self._shards))}
         meta = data.get("metadata")
-        if isinstance(meta, dict) and meta.get("total_size") is not None:
+        if isinstance(meta, dict) and type(meta.get("total_size")) is int:  # anything else is not quoted
             facts["index total_size"] = str(meta["total_size"])
         for shard in self._shards.values():
             facts.update(shard.manifest.facts)
