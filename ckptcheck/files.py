@@ -13,10 +13,11 @@ from .errors import InputError, UnsafeInputError
 # the folders that name such a repo, whose blobs folder a snapshot's files may point into.
 HUB_REPO_PREFIXES = ("models--",)
 
-# What a path that is no regular file is, for the one-line refusal (reading a FIFO or a device blocks
-# forever or never ends).
-_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+# What a path that is no regular file is, and why reading it is refused, for the one-line refusal.
+_FOREVER = " (reading it could block forever)"
+_KINDS = ((stat.S_ISFIFO, "a FIFO", _FOREVER), (stat.S_ISCHR, "a character device", _FOREVER),
+          (stat.S_ISBLK, "a block device", _FOREVER), (stat.S_ISSOCK, "a socket", _FOREVER),
+          (stat.S_ISDIR, "a folder", ""))
 
 
 class _InputFile(io.BufferedReader):
@@ -91,8 +92,8 @@ def open_binary(path: str | os.PathLike[str], inside: str | os.PathLike[str] | N
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-            raise InputError(path, None, f"is {kind}, not a regular file: refused (reading it could block forever)")
+            kind, why = next(((name, why) for test, name, why in _KINDS if test(mode)), ("something else", ""))
+            raise InputError(path, None, f"is {kind}, not a regular file: refused{why}")
         os.set_blocking(fd, True)
         return _InputFile(fd, path)
     except BaseException:

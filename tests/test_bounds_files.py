@@ -4,6 +4,7 @@ drives anything, and a Meta shard set is numbered in ASCII digits with no shard 
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import shutil
@@ -183,3 +184,40 @@ def test_invalid_safetensors_header_is_one_line_not_a_crash(tmp_path: Path, case
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{path}: " in err and cause in err, err
     assert case not in loaded_by_safetensors
+
+
+def _index_with(tmp: Path, edit) -> Path:
+    """A copy of the good sharded checkpoint whose index text is ``edit(index as a dict)``."""
+    folder = Path(shutil.copytree(SHARDED, tmp / "sharded"))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(edit(json.loads(index.read_text())))
+    return folder
+
+
+def _first_named(name: str):
+    def edit(index: dict) -> str:
+        first = next(iter(index["weight_map"]))
+        return json.dumps({**index, "weight_map": {**index["weight_map"], first: name}})
+    return edit
+
+
+# name: (how the index text is made, the cause in the one line)
+INDEXES = {
+    "nested_1000_deep": (lambda i: '{"weight_map": ' + "[" * 1000 + "]" * 1000 + "}",
+                         "model.safetensors.index.json: JSON nested 1001 levels deep (limit 64)"),
+    "integer_of_5000_digits": (lambda i: json.dumps({**i, "metadata": {"total_size": 0}}).replace(
+        '"total_size": 0', '"total_size": ' + "9" * 5000), "an integer of 5000 digits (limit 40)"),
+    "name_with_a_nul": (_first_named("a\0b"), "weight_map[lm_head.weight]: names 'a\\x00b', which does not exist"),
+    "name_of_a_folder": (_first_named("sub"), "sharded/sub: is a folder, not a regular file: refused\n"),
+}
+
+
+@pytest.mark.parametrize("case", INDEXES)
+def test_invalid_index_json_is_one_line_not_a_crash(tmp_path: Path, case: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    edit, cause = INDEXES[case]
+    folder = _index_with(tmp_path, edit)
+    (folder / "sub").mkdir()
+    assert main(["check", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{folder}" in err and cause in err, err

@@ -37,7 +37,7 @@ class ShardedCheckpoint(Checkpoint):
                 shard = shard_path(index, key, name)
                 if shard not in self._shards:
                     if not os.path.lexists(shard):
-                        raise InputError(index, f"weight_map[{key}]", f"names {name}, which does not exist")
+                        raise InputError(index, f"weight_map[{key}]", f"names {name!r}, which does not exist")
                     self._shards[shard] = open_shard(shard, index.parent)
                 if key not in self._shards[shard].manifest.tensors:
                     raise InputError(shard, key, f"listed in {index.name} but absent from this shard")
