@@ -182,7 +182,7 @@ class Harness:
         folder.mkdir()
         try:
             materialize(case, folder)
-            argv = [a.replace("{case}", str(folder)).replace("{out}", str(folder / "converted.safetensors"))
+            argv = [a.replace("{case}", str(folder)).replace("{out}", str(folder / "converted"))
                     for a in case.argv]
             answer = self.runner.ask({"folder": str(folder), "argv": argv}, SECONDS)
             stderr = (folder / "stderr").read_text(errors="replace") if (folder / "stderr").exists() else ""

@@ -90,7 +90,7 @@ def command(kind: str, ckpt: str, extra: tuple[str, ...] = ()) -> tuple[str, ...
     if kind == "check-meta":
         return ("check", path, "--metadata-only", *extra)
     if kind == "convert":
-        return ("convert", path, "{out}", "--to", "safetensors", *extra)
+        return ("convert", path, "{out}", "--to", "safetensors", "--weights-only")
     if kind == "diff":
         return ("diff", path, "{case}/reference.safetensors")
     raise ValueError(kind)
@@ -456,7 +456,7 @@ def dcp_cases(draw: st.DrawFn) -> Case:
                                  "storage-offset", "storage-length", "version", "drop-storage", "drop-item",
                                  "extra-chunk", "planner-data", "bytes-pickle", "data-flip"]))
     must_refuse = ""
-    target = draw(st.sampled_from(["resume", "resume", "init-meta"]))
+    target = draw(st.sampled_from(["resume", "resume", "check-meta", "convert"]))
     if kind == "chunk-offsets":
         value = draw(SIZES)
         entry.chunks[0] = dataclasses.replace(entry.chunks[0], offsets=value)
@@ -525,13 +525,13 @@ def dcp_cases(draw: st.DrawFn) -> Case:
         flipped[at] ^= draw(st.integers(1, 255))
         distcp = bytes(flipped)
         detail = f"byte {at} flipped inside {key}'s data"
-        target = "resume"
+        target = draw(st.sampled_from(["resume", "convert"]))
         must_refuse = "a byte of a tensor's data flipped under its zip record's CRC-32"
     files = (("dcp/.metadata", pickle.dumps(md)), ("dcp/__0_0.distcp", distcp),
              *((f"dcp/{n}", b) for n, b in base.extras))
-    extra = ("--target", "resume") if target == "resume" else ("--metadata-only",)
+    argv = command("check", "dcp", ("--target", "resume")) if target == "resume" else command(target, "dcp")
     label = kind if kind.startswith("bytes-entry") else "data.flip" if kind == "data-flip" else f"metadata.{kind}"
-    return Case("dcp", label, detail, files, ("check", "{case}/dcp", *extra), (), must_refuse)
+    return Case("dcp", label, detail, files, argv, (), must_refuse)
 
 
 # --- Meta model-parallel shard folders ------------------------------------------------------------------
