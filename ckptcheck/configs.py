@@ -21,6 +21,18 @@ MAX_CONFIG_BYTES = 16 << 20
 CONFIG_NAMES = ("params.json", "config.json")
 HF_LLAMA_TYPES = ("llama", "mistral")
 
+# The largest value of each number a config sets, by canonical name: far above every published model (so only a
+# corrupt or hostile config reaches one), and low enough that nothing computed from it is slow or large (the
+# rotary table is head_dim / 2 wide).  Every such number must also be positive and finite, and the integers
+# JSON integers (4096, not 4096.0, 1e308 or true).  n_layers is bounded by the weights rather than here: the
+# spec lists no more layers than the checkpoint holds (``spec.spec_from_config``), so a config asking for far
+# more layers than the weights have is a config[n_layers] failure, found in time linear in the checkpoint.
+LIMITS: dict[str, int | float] = {
+    "dim": 1 << 20, "n_layers": 1 << 31, "n_heads": 1 << 16, "n_kv_heads": 1 << 16, "head_dim": 1 << 16,
+    "vocab_size": 1 << 31, "ffn_dim": 1 << 24, "multiple_of": 1 << 24, "max_seq_len": 1 << 31,
+    "ffn_dim_multiplier": 1e3, "norm_eps": 1.0, "rope_theta": 1e30, "rope_scaling": 1e30,
+}
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
@@ -43,17 +55,21 @@ class ModelConfig:
     mlp_bias: bool = False
     # HF rotary scaling (rope_type and its parameters, without rope_theta), or None for plain RoPE.
     rope_scaling: dict[str, Any] | None = None
+    # The context length the config states (lingua max_seqlen, Meta max_seq_len, HF max_position_embeddings).
+    max_seq_len: int | None = None
     # canonical dimension name -> how this file spells it, for messages ("dim" -> "hidden_size").
     fields: dict[str, str] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
+        """Also what the loaders derive (Meta's FFN width, head_dim = dim / n_heads) stays within ``LIMITS``."""
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                self._bad(name, f"must be a positive integer, got {value!r}")
-        if self.vocab_size is not None and (not isinstance(self.vocab_size, int) or self.vocab_size <= 0):
-            self._bad("vocab_size", f"must be a positive integer, got {self.vocab_size!r}")
+            if (value is not None or name not in ("vocab_size", "max_seq_len")) and (why := count_error(name, value)):
+                self._bad(name, why)
+        for name in ("norm_eps", "rope_theta"):
+            if why := number_error(name, getattr(self, name)):
+                self._bad(name, why)
         if self.n_heads % self.n_kv_heads:
             self._bad("n_kv_heads", f"{self.n_kv_heads} does not divide n_heads={self.n_heads}")
 
@@ -84,6 +100,34 @@ class ModelConfig:
             "vocab_size": self.vocab_size, "ffn_dim": self.ffn_dim, "tie_embeddings": self.tie_embeddings,
             "dtype": self.dtype,
         }
+
+
+def count_error(name: str, value: Any) -> str | None:
+    """Why ``value`` is no valid integer ``name`` (a positive JSON integer up to ``LIMITS[name]``), or None."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"must be an integer, got {_shown(value)}"
+    if value <= 0:
+        return f"must be a positive integer, got {value}"
+    if value > LIMITS[name]:
+        return f"{value} is over {LIMITS[name]}, more than any model has"
+    return None
+
+
+def number_error(name: str, value: Any) -> str | None:
+    """Why ``value`` is no valid number ``name`` (positive, finite, up to ``LIMITS[name]``), or None."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return f"must be a number, got {_shown(value)}"
+    if not math.isfinite(value) or value <= 0:
+        return f"must be a positive finite number, got {value}"
+    if value > LIMITS[name]:
+        return f"{value} is over {LIMITS[name]:g}, more than any model has"
+    return None
+
+
+def _shown(value: Any) -> str:
+    """A JSON value for a message, cut short: a wrong type can be a whole nested document."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -148,21 +192,25 @@ class _Fields:
     def _err(self, name: str, why: str) -> InputError:
         return InputError(self.path, f"field {self.prefix}{name}", why)
 
-    def int(self, name: str, default: Any = ...) -> Any:
-        value = self.data.get(name, default)
-        if value is ...:
-            raise self._err(name, "missing")
-        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise self._err(name, f"must be an integer, got {value!r}")
+    def count(self, name: str, canonical: str, default: Any = ...) -> Any:
+        """The integer field ``name`` (``canonical`` names its limit), or ``default`` when absent or null."""
+        value = self.data.get(name)
+        if value is None:
+            if default is ...:
+                raise self._err(name, "missing")
+            return default
+        if why := count_error(canonical, value):
+            raise self._err(name, why)
+        return value
 
-    def float(self, name: str, default: Any = None) -> Any:
-        value = self.data.get(name, default)
-        if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
-            return None if value is None else float(value)
-        raise self._err(name, f"must be a number, got {value!r}")
+    def number(self, name: str, canonical: str, default: Any = None) -> Any:
+        """The number field ``name`` as a float, or ``default`` when absent or null."""
+        value = self.data.get(name)
+        if value is None:
+            return default
+        if why := number_error(canonical, value):
+            raise self._err(name, why)
+        return float(value)
 
     def bool(self, name: str, default: bool) -> bool:
         value = self.data.get(name, default)
@@ -171,56 +219,50 @@ class _Fields:
         raise self._err(name, f"must be true or false, got {value!r}")
 
 
-def _positive(f: _Fields, name: str, value: Any) -> int:
-    if not isinstance(value, int) or value <= 0:
-        raise f._err(name, f"must be a positive integer, got {value!r}")
-    return value
-
-
 def _heads(f: _Fields, dim: int, dim_field: str, heads_field: str, kv_field: str) -> tuple[int, int, int]:
     """(n_heads, n_kv_heads, head_dim): KV heads default to the heads, head_dim to dim / heads."""
-    n_heads = _positive(f, heads_field, f.int(heads_field))
-    n_kv = f.int(kv_field, None)
-    n_kv = n_heads if n_kv is None else _positive(f, kv_field, n_kv)
-    head_dim = f.int("head_dim", None)
+    n_heads = f.count(heads_field, "n_heads")
+    n_kv = f.count(kv_field, "n_kv_heads", n_heads)
+    head_dim = f.count("head_dim", "head_dim", None)
     if head_dim is None:
         if dim % n_heads:
             raise f._err(heads_field, f"{n_heads} does not divide {dim_field}={dim} and no head_dim is given")
         head_dim = dim // n_heads
-    return n_heads, n_kv, _positive(f, "head_dim", head_dim)
+    return n_heads, n_kv, head_dim
 
 
 def _from_meta_like(path: Path, model: dict[str, Any], *, schema: str, raw: dict[str, Any]) -> ModelConfig:
     prefix = "model." if schema == "lingua" else ""
     f = _Fields(path, model, prefix)
-    dim = _positive(f, "dim", f.int("dim"))
+    dim = f.count("dim", "dim")
     n_heads, n_kv, head_dim = _heads(f, dim, "dim", "n_heads", "n_kv_heads")
-    vocab = f.int("vocab_size", None)
-    if vocab is not None and vocab < 0:
-        vocab = None  # Meta's -1: set from the tokenizer at load time
-    multiple_of = _positive(f, "multiple_of", f.int("multiple_of", 256))
-    multiplier = f.float("ffn_dim_multiplier", None)
-    if multiplier is not None and multiplier <= 0:
-        raise f._err("ffn_dim_multiplier", f"must be positive, got {multiplier}")
+    # Meta's -1: set from the tokenizer at load time.
+    stated_vocab = model.get("vocab_size")
+    tokenizer_vocab = type(stated_vocab) is int and stated_vocab == META_TOKENIZER_VOCAB
+    vocab = None if tokenizer_vocab else f.count("vocab_size", "vocab_size", None)
+    multiple_of = f.count("multiple_of", "multiple_of", 256)
+    multiplier = f.number("ffn_dim_multiplier", "ffn_dim_multiplier")
     ffn_dim = ffn_hidden(dim, multiple_of, multiplier)
+    seq_field = "max_seqlen" if "max_seqlen" in model else "max_seq_len"
     # Neither schema states a storage dtype: Meta's has none, and lingua's distributed.model_dtype is the
     # mixed-precision compute dtype (lingua keeps fp32 master weights), not what the checkpoint holds.
     return ModelConfig(
         source=str(path), schema=schema, dim=dim,
-        n_layers=_positive(f, "n_layers", f.int("n_layers")),
+        n_layers=f.count("n_layers", "n_layers"),
         n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim, vocab_size=vocab, ffn_dim=ffn_dim,
         tie_embeddings=f.bool("weight_tying", False) if schema == "lingua" else False,
-        norm_eps=f.float("norm_eps", 1e-5) or 1e-5,
-        rope_theta=f.float("rope_theta", 10000.0) or 10000.0,
+        norm_eps=f.number("norm_eps", "norm_eps", 1e-5),
+        rope_theta=f.number("rope_theta", "rope_theta", 10000.0),
         attention_bias=f.bool("attention_bias", False), mlp_bias=f.bool("mlp_bias", False),
-        rope_scaling=dict(LLAMA3_ROPE_SCALING) if model.get("use_scaled_rope") else None,
+        rope_scaling=dict(LLAMA3_ROPE_SCALING) if f.bool("use_scaled_rope", False) else None,
+        max_seq_len=f.count(seq_field, "max_seq_len", None),
         fields={
             "dim": prefix + "dim", "n_layers": prefix + "n_layers", "n_heads": prefix + "n_heads",
             "n_kv_heads": prefix + "n_kv_heads", "head_dim": prefix + "head_dim",
             "vocab_size": prefix + "vocab_size",
             "ffn_dim": f"{prefix}ffn_dim_multiplier/{prefix}multiple_of",
             "tie_embeddings": prefix + "weight_tying", "norm_eps": prefix + "norm_eps",
-            "rope_theta": prefix + "rope_theta",
+            "rope_theta": prefix + "rope_theta", "max_seq_len": prefix + seq_field,
         },
         raw=raw,
     )
@@ -235,7 +277,7 @@ def _from_hf(path: Path, data: dict[str, Any]) -> ModelConfig:
             f"{model_type!r} is not a Llama-family architecture ({', '.join(HF_LLAMA_TYPES)}); "
             "describe other models with --model-factory",
         )
-    dim = _positive(f, "hidden_size", f.int("hidden_size"))
+    dim = f.count("hidden_size", "dim")
     n_heads, n_kv, head_dim = _heads(f, dim, "hidden_size", "num_attention_heads", "num_key_value_heads")
     dtype_name = data.get("torch_dtype", data.get("dtype"))
     rope_field, rope_theta, scaling = _hf_rope(f, data)
@@ -247,25 +289,28 @@ def _from_hf(path: Path, data: dict[str, Any]) -> ModelConfig:
             raise f._err("torch_dtype", f"unknown dtype {dtype_name!r}") from None
     return ModelConfig(
         source=str(path), schema="hf", dim=dim,
-        n_layers=_positive(f, "num_hidden_layers", f.int("num_hidden_layers")),
+        n_layers=f.count("num_hidden_layers", "n_layers"),
         n_heads=n_heads, n_kv_heads=n_kv, head_dim=head_dim,
-        vocab_size=_positive(f, "vocab_size", f.int("vocab_size")),
-        ffn_dim=_positive(f, "intermediate_size", f.int("intermediate_size")),
+        vocab_size=f.count("vocab_size", "vocab_size"),
+        ffn_dim=f.count("intermediate_size", "ffn_dim"),
         tie_embeddings=f.bool("tie_word_embeddings", False),
         dtype=dtype,
-        norm_eps=f.float("rms_norm_eps", 1e-6) or 1e-6,
+        norm_eps=f.number("rms_norm_eps", "norm_eps", 1e-6),
+        max_seq_len=f.count("max_position_embeddings", "max_seq_len", None),
         rope_theta=rope_theta, rope_scaling=scaling,
         attention_bias=f.bool("attention_bias", False), mlp_bias=f.bool("mlp_bias", False),
         fields={
             "dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
             "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
             "ffn_dim": "intermediate_size", "tie_embeddings": "tie_word_embeddings", "norm_eps": "rms_norm_eps",
-            "rope_theta": rope_field,
+            "rope_theta": rope_field, "max_seq_len": "max_position_embeddings",
         },
         raw=data,
     )
 
 
+# Meta's vocab_size that leaves the vocabulary to the tokenizer.
+META_TOKENIZER_VOCAB = -1
 # transformers' default RoPE needs no parameters besides theta.
 HF_PLAIN_ROPE = "default"
 
@@ -280,12 +325,25 @@ def _hf_rope(f: _Fields, data: dict[str, Any]) -> tuple[str, float, dict[str, An
         raise f._err(name, f"must be an object, got {params!r}")
     sub = _Fields(f.path, params, name + ".")
     theta_field = name + ".rope_theta" if params.get("rope_theta") is not None else "rope_theta"
-    theta = (sub.float("rope_theta") if theta_field != "rope_theta" else f.float("rope_theta")) or 10000.0
-    if theta <= 0:
-        raise f._err(theta_field, f"must be positive, got {theta}")
+    theta = (sub if theta_field != "rope_theta" else f).number(theta_field.split(".")[-1], "rope_theta", 10000.0)
     kind = params.get("rope_type", params.get("type", HF_PLAIN_ROPE))
+    if not isinstance(kind, str):
+        raise sub._err("rope_type", f"must be a string, got {_shown(kind)}")
+    for key, value in params.items():
+        _scaling_value(sub, key, value)
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")} | {"rope_type": kind}
     return theta_field, theta, (None if kind == HF_PLAIN_ROPE else scaling)
+
+
+def _scaling_value(f: _Fields, key: str, value: Any) -> None:
+    """A rotary scaling parameter (factor, low_freq_factor, original_max_position_embeddings, LongRoPE's
+    factor lists, ...) is a positive finite number, a list of them, a flag, a name or null."""
+    numbers = value if isinstance(value, list) else [value]
+    for number in numbers:
+        if number is None or isinstance(number, (bool, str)) and not isinstance(value, list):
+            continue
+        if why := number_error("rope_scaling", number):
+            raise f._err(key, why)
 
 
 def to_lingua_params(cfg: ModelConfig, vocab_size: int | None = None) -> dict[str, Any]:
@@ -318,8 +376,8 @@ def _meta_model_fields(cfg: ModelConfig, vocab_size: int | None) -> dict[str, An
 def _hf_positions_as_meta(cfg: ModelConfig) -> dict[str, Any]:
     """max_position_embeddings and rope_scaling as lingua/Meta spell them."""
     out: dict[str, Any] = {}
-    if isinstance(cfg.raw.get("max_position_embeddings"), int):
-        out["max_seqlen"] = cfg.raw["max_position_embeddings"]
+    if cfg.max_seq_len is not None:
+        out["max_seqlen"] = cfg.max_seq_len
     return out | scaling_as_meta(cfg)
 
 
@@ -352,19 +410,17 @@ def to_hf_config(cfg: ModelConfig, dtype: str, vocab_size: int | None = None) ->
         if "dtype" in data:
             data["dtype"] = dtype
         return data
-    model = cfg.raw.get("model", cfg.raw) if isinstance(cfg.raw.get("model"), dict) else cfg.raw
     vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab_size
     if vocab is None:
         raise InputError(cfg.source, "field vocab_size", "is left to the tokenizer and no embedding gives it: "
                          "a config.json needs a vocab_size")
-    max_positions = model.get("max_seqlen", model.get("max_seq_len"))
     data: dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
         "vocab_size": vocab, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
         "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu", "attention_bias": cfg.attention_bias,
-        "mlp_bias": cfg.mlp_bias, "max_position_embeddings": int(max_positions or 8192),
+        "mlp_bias": cfg.mlp_bias, "max_position_embeddings": cfg.max_seq_len or 8192,
         "torch_dtype": dtype,
     }
     if cfg.rope_scaling is not None:

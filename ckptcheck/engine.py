@@ -180,7 +180,7 @@ def open_session(ckpt: str | os.PathLike[str], config: str | os.PathLike[str] | 
         if options.model_factory:
             spec = spec_from_factory(options.model_factory, cfg)
         elif cfg is not None:
-            spec = spec_from_config(cfg)
+            spec = spec_from_config(cfg, len(checkpoint.manifest.tensors))
         else:
             raise InputError(ckpt, None, "no model config: pass --model-config (params.json or config.json) or "
                              "--model-factory")

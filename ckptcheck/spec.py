@@ -54,7 +54,11 @@ def biases(canonical_keys: Iterable[str]) -> dict[str, list[str]]:
     return out
 
 
-def spec_from_config(cfg: ModelConfig) -> ModelSpec:
+def spec_from_config(cfg: ModelConfig, tensors_held: int | None = None) -> ModelSpec:
+    """The tensors the config's model has.  ``tensors_held``, the number of tensors in the checkpoint under
+    test, bounds the layers listed: a checkpoint of T tensors holds at most T layers, so the spec lists no
+    more than T (every layer a real mismatch leaves out is still listed) and its size is linear in the
+    checkpoint, whatever n_layers says; the config check reports the n_layers the weights do not have."""
     shapes = {
         "tok_embeddings.weight": (cfg.vocab_size, cfg.dim),
         "layers.{i}.attention.wq.weight": (cfg.n_heads * cfg.head_dim, cfg.dim),
@@ -85,7 +89,8 @@ def spec_from_config(cfg: ModelConfig) -> ModelSpec:
         tensors[key] = ExpectedTensor(key, shape)
 
     add("tok_embeddings.weight", shapes["tok_embeddings.weight"])
-    for layer in range(cfg.n_layers):
+    listed = cfg.n_layers if tensors_held is None else min(cfg.n_layers, max(tensors_held, 1))
+    for layer in range(listed):
         for template, shape in shapes.items():
             if template.startswith("layers."):
                 add(template.replace("{i}", str(layer)), shape)
