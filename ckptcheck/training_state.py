@@ -103,6 +103,29 @@ def _groups(ckpt: Checkpoint, section: str) -> tuple[dict[str, int] | None, str]
     return membership, "one entry per parameter"
 
 
+def group_hyperparameters(ckpt: Checkpoint, section: str) -> list[tuple[str, str, Any]]:
+    """(group, name, value) for every hyperparameter of every param group (lr, betas, eps...), whichever
+    form the groups take: one whole list (DCP before torch 2.4), a list of groups, or one entry per
+    parameter (torchtitan).  A tensor value (a capturable optimizer's lr) is read as its number."""
+    m = ckpt.manifest
+    found: list[tuple[str, str, Any]] = []
+    for key, raw in m.extra_paths.items():
+        path = optimizer_path(raw)
+        if len(path) < 2 or path[0] != section or path[1] != "param_groups":
+            continue
+        if len(path) == 2:
+            groups = ckpt.load_value(key)
+            for i, group in enumerate(groups if isinstance(groups, list) else []):
+                for name, value in group.items() if isinstance(group, dict) else ():
+                    if name != "params":
+                        found.append((str(i), str(name), value))
+        elif len(path) == 4 and path[3] != "params":
+            info = m.extra_tensors.get(key)
+            value = ckpt.load(key) if info is not None else ckpt.load_value(key)
+            found.append((path[2], path[3], value.item() if info is not None and info.numel == 1 else value))
+    return found
+
+
 @dataclass
 class TrainState:
     """What besides the optimizer a resume needs, and where it was found."""

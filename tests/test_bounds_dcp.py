@@ -7,8 +7,14 @@ classes, and goes through the CLI as a user would run it."""
 
 from __future__ import annotations
 
+import io
 import pickle
 import shutil
+import struct
+import subprocess
+import sys
+import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -255,3 +261,202 @@ def test_diff_of_a_zero_byte_tensor_with_2_62_rows_ends(tmp_path, capsys, no_end
     code = main(["diff", str(a), str(b), "--model-config", LINGUA])
     out, err = capsys.readouterr()
     assert code == 0, (out, err)
+
+
+# --- integrity: a record's CRC-32 on every read path -------------------------------------------------------
+
+def flip_in_record(path: Path, start: int = 0, length: int | None = None, at: int = 100) -> None:
+    """Flip one bit inside the tensor data of the torch.save blob at ``start`` of ``path`` (a whole .pth, or
+    one DCP chunk): the zip structure and the record's stored CRC-32 stay as written."""
+    data = bytearray(path.read_bytes())
+    blob = bytes(data[start:start + length] if length else data)
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        rec = next(i for i in z.infolist() if "/data/" in i.filename)
+    names, extra = struct.unpack("<HH", blob[rec.header_offset + 26:rec.header_offset + 30])
+    data[start + rec.header_offset + 30 + names + extra + at] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def flipped_dcp(tmp: Path, fqn: str = WQ) -> Path:
+    folder = dcp_copy(tmp)
+    info = _storage(pickle.loads((folder / ".metadata").read_bytes()), fqn)
+    flip_in_record(folder / info.relative_path, info.offset, info.length)
+    return folder
+
+
+@pytest.mark.parametrize("args", [(), ("--target", "resume")], ids=["init", "resume"])
+def test_dcp_flipped_byte_in_tensor_data_is_refused(args, tmp_path, capsys) -> None:
+    """torch's own dcp.load reads the flipped value silently; the chunk's record carries a CRC-32 that says so."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = flipped_dcp(tmp_path)
+    good = torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True)["layers.0.attention.wq.weight"]
+    state = {"model": {"layers.0.attention.wq.weight": torch.zeros(32, 32)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(state, checkpoint_id=str(folder))  # our own fixture: trusted
+    assert not torch.equal(state["model"]["layers.0.attention.wq.weight"], good)
+    code, _, err = check(folder, capsys, *args)
+    assert code == 2
+    assert_one_line(err, "__0_0.distcp", WQ, "chunk at [0, 0]", "bad CRC-32")
+
+
+def test_dcp_flipped_byte_in_optimizer_state_is_refused_under_resume(tmp_path, capsys) -> None:
+    fqn = "optim.state.layers.0.attention.wq.weight.exp_avg"
+    folder = flipped_dcp(tmp_path, fqn)
+    code, _, err = check(folder, capsys, "--target", "resume")
+    assert code == 2
+    assert_one_line(err, "__0_0.distcp", fqn, "bad CRC-32")
+
+
+@pytest.mark.parametrize("source", ["dcp", "pth"])
+def test_convert_reads_rows_with_the_crc_check(source, tmp_path, capsys) -> None:
+    """convert reads a chunk of rows at a time: before, only whole-tensor reads checked the CRC, and the
+    corrupted value was converted (and 'verified' against the same corrupted read)."""
+    if source == "dcp":
+        src = flipped_dcp(tmp_path)
+    else:
+        src = Path(shutil.copy(FIXTURES / "good" / "consolidated.pth", tmp_path / "in.pth"))
+        with zipfile.ZipFile(src) as z:
+            pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        assert pkl  # the first record is some tensor's: which one the message names is checked below
+        flip_in_record(src)
+    dst = tmp_path / "out.safetensors"
+    code = main(["convert", str(src), str(dst), "--weights-only", "--model-config", LINGUA])
+    _, err = capsys.readouterr()
+    assert code == 2 and not dst.exists()
+    assert_one_line(err, str(src), "bad CRC-32")
+
+
+def test_the_ranks_reader_checks_the_crc(tmp_path) -> None:
+    """The round trip's storage reader (what each rank loads through) refuses the flipped chunk."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from ckptcheck.roundtrip.storage import SafeLoadPlanner, open_dcp
+
+    folder = flipped_dcp(tmp_path)
+    _, reader = open_dcp(folder)
+    state = {"model": {"layers.0.attention.wq.weight": torch.zeros(32, 32)}}
+    with pytest.raises(CheckpointException, match=r"attention\.wq\.weight: chunk at \[0, 0\]: bad CRC-32"):
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(folder, allow_partial_load=True))
+
+
+# --- optimizer state values --------------------------------------------------------------------------------
+
+LINGUA_PTH = FIXTURES / "good" / "lingua_consolidated" / "consolidated.pth"
+WQ_PARAM = "layers.0.attention.wq.weight"
+
+
+def _optim(tmp: Path, change: Callable[[dict], None], fmt: str = "pth") -> Path:
+    """The lingua fixture (model + AdamW state) re-saved by torch with one optimizer value changed."""
+    state = torch.load(LINGUA_PTH, weights_only=True)
+    change(state["optim"])
+    if fmt == "pth":
+        torch.save(state, tmp / "consolidated.pth")
+        return tmp / "consolidated.pth"
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=str(tmp / "dcp"))
+    return tmp / "dcp"
+
+
+def _group(name: str, value: object) -> Callable[[dict], None]:
+    return lambda optim: optim["param_groups"][0].__setitem__(name, value)
+
+
+def _moment(name: str, index: int, value: float) -> Callable[[dict], None]:
+    return lambda optim: optim["state"][WQ_PARAM][name].view(-1).__setitem__(index, value)
+
+
+def _step_of(value: object) -> Callable[[dict], None]:
+    return lambda optim: optim["state"][WQ_PARAM].__setitem__("step", torch.tensor(value))
+
+
+def test_resume_passes_on_the_good_lingua_checkpoint(tmp_path, capsys) -> None:
+    """The baseline of the cases below: only the scheduler and data-loader state (never saved here) fail."""
+    code, out, err = check(_optim(tmp_path, lambda optim: None), capsys, "--target", "resume")
+    assert code == 1 and "FAIL   optimizer" not in out and "FAIL   train_state[scheduler]" in out, out + err
+
+
+@pytest.mark.parametrize("fmt", ["pth", "dcp"])
+@pytest.mark.parametrize(("name", "value", "shown"), [
+    ("lr", float("nan"), "lr is nan, not a finite number >= 0"),
+    ("lr", float("inf"), "lr is inf"),
+    ("lr", -1e-3, "lr is -0.001"),
+    ("lr", "0.1", "lr is '0.1'"),
+    ("betas", (0.9, 1.0), "betas is (0.9, 1.0), not two numbers in [0, 1)"),
+    ("betas", (-0.1, 0.95), "betas is (-0.1, 0.95)"),
+    ("eps", 0.0, "eps is 0.0, not a finite number > 0"),
+    ("eps", float("nan"), "eps is nan"),
+    ("weight_decay", -0.1, "weight_decay is -0.1"),
+], ids=["lr-nan", "lr-inf", "lr-negative", "lr-string", "beta-one", "beta-negative", "eps-zero", "eps-nan",
+        "weight-decay-negative"])
+def test_nan_learning_rate_in_optimizer_state_fails(fmt, name, value, shown, tmp_path, capsys) -> None:
+    code, out, _ = check(_optim(tmp_path, _group(name, value), fmt), capsys, "--target", "resume")
+    assert code == 1
+    assert "FAIL   optimizer_groups[all]" in out and f"optim.param_groups: group 0 {shown}" in out, out
+
+
+@pytest.mark.parametrize(("value", "shown"), [(float("nan"), "nan"), (-1.0, "-1.0"), (1.5, "1.5")],
+                         ids=["nan", "negative", "fraction"])
+def test_optimizer_step_that_is_not_a_count_fails(value, shown, tmp_path, capsys) -> None:
+    code, out, _ = check(_optim(tmp_path, _step_of(value)), capsys, "--target", "resume")
+    assert code == 1
+    assert "FAIL   optimizer_step[all]" in out, out
+    assert f"{WQ_PARAM}: optimizer step is {shown}, not a whole number >= 0" in out, out
+
+
+@pytest.mark.parametrize(("name", "value", "shown"), [
+    ("exp_avg", float("nan"), "exp_avg holds 1 NaN and 0 Inf values (first at flat index 5)"),
+    ("exp_avg_sq", float("inf"), "exp_avg_sq holds 0 NaN and 1 Inf values (first at flat index 5)"),
+    ("exp_avg_sq", -1.0, "exp_avg_sq holds 1 negative values"),
+], ids=["exp_avg-nan", "exp_avg_sq-inf", "exp_avg_sq-negative"])
+def test_nan_in_optimizer_moments_fails(name, value, shown, tmp_path, capsys) -> None:
+    code, out, _ = check(_optim(tmp_path, _moment(name, 5, value)), capsys, "--target", "resume")
+    assert code == 1
+    assert f"FAIL   optimizer_state[{WQ_PARAM}]" in out and f"{WQ_PARAM}: {shown}" in out, out
+
+
+def test_optimizer_moments_are_not_read_under_metadata_only(tmp_path, capsys) -> None:
+    path = _optim(tmp_path, _moment("exp_avg", 5, float("nan")))
+    code, out, _ = check(path, capsys, "--target", "resume", "--metadata-only", "-v")
+    assert f"PASS   optimizer_state[{WQ_PARAM}]" in out and "FAIL   optimizer" not in out, out
+
+
+# --- a DCP bytes entry goes through the pickle allocation bound --------------------------------------------
+
+class _Payload:
+    """Pickles as ``func(*args)``: how a hostile bytes entry asks for an allocation."""
+
+    def __init__(self, func: Callable, *args: object) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+LIMITED_CHECK = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1536 << 20, 1536 << 20))  # far below the 2 GiB the entry asks for
+from ckptcheck.cli import main
+sys.exit(main(["check", sys.argv[1], "--model-config", sys.argv[2], "--target", "resume"]))
+"""
+
+
+def test_dcp_bytes_entry_bytearray_2gb_is_refused_under_resume(tmp_path) -> None:
+    """bytearray(2**31) in a train_state bytes entry: refused before anything is allocated (run under a
+    1.5 GiB address-space limit, so a regression is a failure here, not 2 GiB taken)."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True),
+                  "train_state": _Payload(bytearray, 2**31)}, checkpoint_id=str(folder))
+    proc = subprocess.run([sys.executable, "-c", LIMITED_CHECK, str(folder), LINGUA], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert_one_line(proc.stderr, str(folder / "__0_0.distcp"), "train_state", "more than its bytes can hold")

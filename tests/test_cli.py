@@ -22,7 +22,7 @@ CHECK_FIELDS = {"id", "category", "key", "status", "expected", "obtained", "mess
 def test_check_good_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", GOOD, "--model-config", LINGUA]) == 0
     out = capsys.readouterr().out
-    assert out.rstrip().endswith("PASS: 95 checks, 91 passed, 0 failed, 4 skipped")
+    assert out.rstrip().endswith("PASS: 96 checks, 92 passed, 0 failed, 4 skipped")
     assert "torch, meta naming, 21 tensors" in out
 
 
@@ -32,7 +32,7 @@ def test_check_broken_exits_1_and_names_each_failure(capsys: pytest.CaptureFixtu
     for line in ("FAIL   key_present[layers.0.feed_forward.w3.weight]", "FAIL   dtype[norm.weight]",
                  "FAIL   finite[layers.1.attention.wk.weight]", "expected: bfloat16", "obtained: float32"):
         assert line in out
-    assert out.rstrip().endswith("FAIL: 95 checks, 85 passed, 3 failed, 7 skipped")
+    assert out.rstrip().endswith("FAIL: 96 checks, 86 passed, 3 failed, 7 skipped")
 
 
 def test_json_document_follows_the_schema(capsys: pytest.CaptureFixture[str]) -> None:

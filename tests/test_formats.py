@@ -103,7 +103,7 @@ def test_metadata_reading_imports_no_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "96"
+    assert proc.stdout.strip() == "97"
 
 
 def test_fixtures_are_reproducible(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ def test_markdown_report_tables(reports: dict[str, Path]) -> None:
     rows = {cells[1].strip(): cells[2].strip() for line in text.splitlines()
             if line.startswith("|") and len(cells := line.split("|")) == 4}
     assert rows["format"] == "torch" and rows["dtype mix"] == "bfloat16: 19, float32: 1"
-    assert rows["verdict"].startswith("FAIL: 85 passed, 3 failed")
+    assert rows["verdict"].startswith("FAIL: 86 passed, 3 failed")
     for check_id in FAILED:
         assert f"### FAIL `{check_id}`" in text
     assert REPAIR in text and "refuses to write anything while these fail" in text
@@ -97,7 +97,7 @@ def test_html_report_is_self_contained_and_complete(reports: dict[str, Path]) ->
     summary = {r[0]: r[1] for r in parser.rows if len(r) == 2}
     assert summary["format"] == "torch" and summary["verdict"].startswith("FAIL")
     statuses = [r for r in parser.rows if len(r) == 3 and r[0] in ("pass", "FAIL", "skip")]
-    assert len(statuses) == 95 and sum(r[0] == "FAIL" for r in statuses) == 3
+    assert len(statuses) == 96 and sum(r[0] == "FAIL" for r in statuses) == 3
     for check_id in FAILED:
         assert check_id in text
     assert REPAIR in text
@@ -113,7 +113,7 @@ def test_same_report_with_and_without_xdist(suffix: str, pytester: pytest.Pytest
     assert _run_with_report(pytester, single).ret == 1
     result = _run_with_report(pytester, parallel, "-n", "4")
     assert result.ret == 1
-    result.assert_outcomes(passed=85, failed=3, skipped=7)
+    result.assert_outcomes(passed=86, failed=3, skipped=7)
     assert single.read_text() == parallel.read_text()
     if suffix == "json":
         jsonschema.validate(json.loads(parallel.read_text()), SCHEMA)
@@ -126,7 +126,7 @@ def test_terminal_summary_and_junitxml(pytester: pytest.Pytester, tmp_path: Path
                                  "dtype*19*1*1*0*", f"repair: {REPAIR}*", "*refuses while these fail*"])
     cases = ET.parse(junit).getroot().iter("testcase")
     names = {c.get("name"): c for c in cases}
-    assert len(names) == 95
+    assert len(names) == 96
     assert names["test_dtype[norm.weight]"].find("failure") is not None
     assert names["test_shape[tok_embeddings.weight]"].find("failure") is None
     assert "norm.weight is float32" in names["test_dtype[norm.weight]"].find("failure").get("message")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .integrity import plan_integrity
 from .keys import plan_key_checks, plan_layout, plan_naming
 from .model import Check
 from .optimizer import plan_optimizer, plan_train_state
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from ..engine import Session
 
 PLANNERS = (plan_version, plan_naming, plan_layout, plan_config, plan_key_checks, plan_shape, plan_dtype, plan_finite, plan_replicas,
+            plan_integrity,
             plan_resume,
             plan_optimizer, plan_train_state, plan_roundtrip)
 

@@ -123,11 +123,14 @@ WHY: dict[str, str] = {
     "finite": "one NaN or Inf weight spreads to every activation: the loss is NaN from the first step",
     "replicas": "Meta's model-parallel files each hold a copy of every tensor they do not split, and each rank "
     "loads its own: copies that differ are different models, and a merge into one file would keep one silently",
+    "integrity": "a flipped bit in stored data loads silently (torch checks no CRC on load) and trains from a "
+    "corrupted weight: only a checksum, or a comparison with a reference, can tell",
     "resume": "resuming without optimizer state restarts AdamW's moments from zero: a loss spike and a "
     "different run",
     "optimizer_state": "each parameter resumes with its own AdamW moments; a missing or misshapen one "
-    "fails the load or restarts that parameter's moments from zero",
-    "optimizer_groups": "a parameter in no param group is never updated; one in two is updated twice",
+    "fails the load or restarts that parameter's moments from zero, and a NaN in one makes its updates NaN",
+    "optimizer_groups": "a parameter in no param group is never updated; one in two is updated twice; a NaN or "
+    "negative lr, eps <= 0 or betas outside [0, 1) turn every update into NaN or divergence",
     "optimizer_step": "AdamW's bias correction uses the step: parameters at different steps resume "
     "inconsistently, and a step that disagrees with the train state means mixed-up files",
     "train_state": "without the scheduler the learning rate restarts its warm-up; without the data loader "

@@ -3,8 +3,11 @@ data-loader state.  Planned by the resume suite; each failure names the paramete
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .. import dtypes
 from ..naming import map_keys
 from .model import Check, Verdict
 
@@ -14,7 +17,24 @@ if TYPE_CHECKING:
 
 ADAMW_FIELDS = ("step", "exp_avg", "exp_avg_sq")
 SHAPED_FIELDS = ("exp_avg", "exp_avg_sq", "momentum_buffer", "max_exp_avg_sq")
+SQUARED_FIELDS = ("exp_avg_sq", "max_exp_avg_sq")  # running means of squares: never negative
 NO_OPTIMIZER = "no optimizer state at all (see resume[optimizer])"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What a param group's hyperparameter must be for the optimizer to step sanely: name -> (test, wanted).
+# A NaN lr or eps <= 0 trains nothing but NaN from the first step on; betas outside [0, 1) diverge.
+HYPERPARAMETERS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "eps": (lambda v: _number(v) and v > 0, "a finite number > 0"),
+    "weight_decay": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
+    "betas": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v),
+              "two numbers in [0, 1)"),
+    "momentum": (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+}
 
 
 def _view(session: Session) -> OptimizerView | None:
@@ -39,7 +59,8 @@ def _state_by_canonical(session: Session, view: OptimizerView) -> dict[str, dict
 
 
 def plan_optimizer(session: Session) -> list[Check]:
-    checks = [Check("optimizer_state", session.spec.display(k), _param_state(session, k)) for k in _trainable(session)]
+    checks = [Check("optimizer_state", session.spec.display(k), _param_state(session, k), reads_data=True)
+              for k in _trainable(session)]
     checks.append(Check("optimizer_groups", "all", _groups(session)))
     checks.append(Check("optimizer_step", "all", _step(session), reads_data=True))
     return checks
@@ -72,10 +93,36 @@ def _param_state(session: Session, key: str):
                     expected=_shape(shape), obtained=str(list(fv.tensor.shape)),
                     repair="this optimizer state belongs to another model; "
                     + (_init_repair(session) or "start it afresh"))
-        return Verdict.ok(f"{', '.join(sorted(entries))} present with the parameter's shape",
+        if session.options.metadata_only:
+            return Verdict.ok(f"{', '.join(sorted(entries))} present with the parameter's shape (values not read: "
+                              "--metadata-only)", expected=", ".join(wanted), obtained=", ".join(sorted(entries)))
+        bad = _bad_moment(session, entries)
+        if bad is not None:
+            return Verdict.fail(f"{shown}: {bad}", expected="finite moments, second moments >= 0", obtained=bad,
+                                repair=_init_repair(session))
+        return Verdict.ok(f"{', '.join(sorted(entries))} present with the parameter's shape, values finite",
                           expected=", ".join(wanted), obtained=", ".join(sorted(entries)))
 
     return evaluate
+
+
+def _bad_moment(session: Session, entries: dict[str, Any]) -> str | None:
+    """What is wrong with a parameter's moment values (NaN/Inf anywhere, a negative second moment), or None;
+    each tensor scanned in bounded chunks, one at a time."""
+    from .tensors import _count_nonfinite
+
+    for name in SHAPED_FIELDS:
+        fv = entries.get(name)
+        if fv is None or fv.tensor is None or fv.tensor.dtype not in dtypes.FLOATING:
+            continue
+        counts = _count_nonfinite(session, fv.key, fv.tensor)
+        if counts is not None:
+            return f"{name} holds {counts[0]} NaN and {counts[1]} Inf values (first at flat index {counts[2]})"
+        if name in SQUARED_FIELDS:
+            negative = int((session.checkpoint.load(fv.key) < 0).sum())
+            if negative:
+                return f"{name} holds {negative} negative values (a running mean of squares)"
+    return None
 
 
 def _fits(got: tuple[int, ...], want: tuple[int | None, ...]) -> bool:
@@ -100,6 +147,14 @@ def _groups(session: Session):
         else:
             mapping = map_keys(view.group_membership)
             counts = {c: view.group_membership[s] for s, c in mapping.canonical.items()}
+        from ..training_state import group_hyperparameters
+
+        bad = [f"group {group} {name} is {_shown(value)}, not {HYPERPARAMETERS[name][1]}"
+               for group, name, value in group_hyperparameters(session.checkpoint, view.section)
+               if name in HYPERPARAMETERS and not HYPERPARAMETERS[name][0](value)]
+        if bad:
+            return Verdict.fail(f"{view.section}.param_groups: {'; '.join(bad[:3])}", expected="sane hyperparameters",
+                                obtained=bad[0], repair=_init_repair(session))
         missing = [session.spec.display(k) for k in order if counts.get(k, 0) == 0]
         twice = [session.spec.display(k) for k in order if counts.get(k, 0) > 1]
         if missing or twice:
@@ -115,6 +170,10 @@ def _groups(session: Session):
     return evaluate
 
 
+def _shown(value: Any) -> str:
+    return repr(value)[:60] if isinstance(value, (int, float, str, list, tuple, type(None))) else f"a {type(value).__name__}"
+
+
 def _step(session: Session):
     def evaluate() -> Verdict:
         if session.options.metadata_only:
@@ -128,7 +187,13 @@ def _step(session: Session):
             if fv is None:
                 continue
             value = session.checkpoint.load(fv.key) if fv.tensor is not None else session.checkpoint.load_value(fv.key)
-            steps[name] = float(value.item() if hasattr(value, "item") else value)
+            if fv.tensor is not None and fv.tensor.numel == 1:
+                value = value.item()
+            if not _number(value) or value < 0 or value != int(value):
+                return Verdict.fail(f"{name}: optimizer step is {_shown(value)}, not a whole number >= 0",
+                                    expected="a whole number >= 0", obtained=_shown(value),
+                                    repair=_init_repair(session))
+            steps[name] = float(value)
         if not steps:
             return Verdict.skip("this optimizer keeps no step")
         distinct = sorted(set(steps.values()))

@@ -377,16 +377,20 @@ class DcpCheckpoint(Checkpoint):
         self._items = {layout.names[it.path]: it for it in items.values() if it.info is not None}
         self._bytes_items = {".".join(it.path): it for it in items.values() if it.info is None}
         self._handles: dict[str, BinaryIO] = {}
+        self._archives: dict[tuple[str, int], TorchArchive] = {}  # chunk blobs, parsed and CRC-checked once
         # Every bytes entry is a pickle that dcp.load would unpickle: read each through the allowlist now,
         # so a payload anywhere in the folder makes the checkpoint unsafe, whichever checks run.
         refused: set[str] = set()
         try:
             for key in self._bytes_items:
                 refused.update(self._archive(key).refused)
+            blobs = bool(self._items) and all(self._is_blob(c) for it in self._items.values() for c in it.chunks)
         except BaseException:
             self.close()
             raise
         facts.update(weights_only_facts(refused))
+        if blobs:
+            facts["checksums"] = "a CRC-32 per chunk (each a torch.save record)"
         files = tuple(sorted({str(self.folder / c.file) for it in items.values() for c in it.chunks}))
         self.manifest = Manifest(
             path=self.path, format=self.format_name, tensors=layout.model,
@@ -399,6 +403,12 @@ class DcpCheckpoint(Checkpoint):
         if h is None:
             h = self._handles[rel] = open_binary(self.folder / rel)
         return h
+
+    def _is_blob(self, chunk: Chunk) -> bool:
+        """Whether a chunk is stored as a torch.save blob (DCP's default writer), which keeps a CRC-32."""
+        f = self._handle(chunk.file)
+        f.seek(chunk.start)
+        return f.read(4) == ZIP_MAGIC
 
     def load_value(self, key: str) -> Any:
         """A bytes entry: DCP stores each as a torch.save blob, read here through the allowlist."""
@@ -413,8 +423,11 @@ class DcpCheckpoint(Checkpoint):
         f.seek(chunk.start)
         if f.read(4) != ZIP_MAGIC:
             raise InputError(self.folder / chunk.file, key, "bytes entry is not a torch.save blob")
-        return TorchArchive(f, path=f"{self.folder / chunk.file}@{chunk.start}", base=chunk.start,
-                            length=chunk.length)
+        try:
+            return TorchArchive(f, path=f"{self.folder / chunk.file}@{chunk.start}", base=chunk.start,
+                                length=chunk.length)
+        except InputError as exc:  # name the entry, not only its place in the file
+            raise InputError(self.folder / chunk.file, key, f"bytes entry at {chunk.start}: {exc.cause}") from None
 
     def _item(self, key: str) -> Item:
         item = self._items.get(key)
@@ -465,26 +478,42 @@ class DcpCheckpoint(Checkpoint):
 
     def _read_chunk(self, item: Item, chunk: Chunk, rows: tuple[int, int] | None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-        return read_chunk(self._handle(chunk.file), self.folder / chunk.file, item, chunk, rows, out)
+        return read_chunk(self._handle(chunk.file), self.folder / chunk.file, item, chunk, rows, out, self._archives)
 
     def close(self) -> None:
         for h in self._handles.values():
             h.close()
         self._handles.clear()
+        self._archives.clear()
 
 
 def read_chunk(f: BinaryIO, where: str | os.PathLike[str], item: Item, chunk: Chunk,
-               rows: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """A chunk, or rows of it, from its open data file: a torch.save blob (DCP's default, its record's CRC
-    checked by the archive reader) or raw bytes (safetensors items).  Never unpickles with torch."""
+               rows: tuple[int, int] | None = None, out: torch.Tensor | None = None,
+               archives: dict[tuple[str, int], TorchArchive] | None = None) -> torch.Tensor:
+    """A chunk, or rows of it, from its open data file: a torch.save blob (DCP's default, its record's
+    CRC-32 checked on every read, rows too) or raw bytes (safetensors items, which carry no checksum).
+    ``archives`` keeps each blob's parsed archive across reads, so its CRC is checked once.  Never
+    unpickles with torch; errors name the tensor and the chunk."""
     assert item.info is not None
     where = str(where)
-    f.seek(chunk.start)
-    head = f.read(4)
+    try:
+        return _read_chunk(f, where, item, chunk, rows, out, {} if archives is None else archives)
+    except InputError as exc:
+        raise InputError(where, item.fqn, f"chunk at {list(chunk.offsets)}: {exc.cause}") from None
+
+
+def _read_chunk(f: BinaryIO, where: str, item: Item, chunk: Chunk, rows: tuple[int, int] | None,
+                out: torch.Tensor | None, archives: dict[tuple[str, int], TorchArchive]) -> torch.Tensor:
+    assert item.info is not None
     dtype = item.info.dtype
     shape = (rows[1] - rows[0], *chunk.sizes[1:]) if rows else chunk.sizes
-    if head == ZIP_MAGIC:
-        archive = TorchArchive(f, path=f"{where}@{chunk.start}", base=chunk.start, length=chunk.length)
+    archive = archives.get((chunk.file, chunk.start))
+    if archive is None:
+        f.seek(chunk.start)
+        if f.read(4) == ZIP_MAGIC:
+            archive = archives[(chunk.file, chunk.start)] = TorchArchive(
+                f, path=f"{where}@{chunk.start}", base=chunk.start, length=chunk.length)
+    if archive is not None:
         ref = single_tensor_ref(archive, item.fqn)
         if ref.shape != chunk.sizes or ref.dtype != dtype:
             raise InputError(where, item.fqn, f"chunk holds {ref.dtype}{list(ref.shape)}, metadata says "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
@@ -93,7 +93,7 @@ class SafeFileSystemReader(FileSystemReader):
                         data = read_exact(f, chunk.start, chunk.length, path=str(where), item=item.fqn)
                         planner.load_bytes(req, io.BytesIO(data.numpy().tobytes()))
                         continue
-                    tensor = narrow_tensor_by_index(_tensor_chunk(f, where, item, chunk), req.storage_offsets,
+                    tensor = narrow_tensor_by_index(read_chunk(f, where, item, chunk), req.storage_offsets,
                                                     req.lengths)
                     target = planner.resolve_tensor(req).detach()
                     if target.size() != tensor.size():
@@ -108,15 +108,6 @@ class SafeFileSystemReader(FileSystemReader):
 
 def _index(item: Item, chunk: Chunk) -> MetadataIndex:
     return MetadataIndex(item.fqn) if item.info is None else MetadataIndex(item.fqn, chunk.offsets)
-
-
-def _tensor_chunk(f: BinaryIO, where: Path, item: Item, chunk: Chunk) -> torch.Tensor:
-    """One chunk as the metadata declares it, read by ckptcheck's own chunk reader; errors name the tensor
-    and the chunk, which is what a user can act on."""
-    try:
-        return read_chunk(f, where, item, chunk)
-    except InputError as exc:
-        raise InputError(where, item.fqn, f"chunk at {list(chunk.offsets)}: {exc.cause}") from None
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
