@@ -107,15 +107,19 @@ class Stats:
     largest: tuple[int, str] = (0, "")
     breaks: dict[str, str] = field(default_factory=dict)  # class -> reproducer folder
 
-    def add(self, case: Case, outcome: Outcome, reproducer: str) -> None:
+    def add(self, case: Case, outcome: Outcome) -> str:
+        """Count the outcome; the break's class when it is new here (to save one reproducer per class)."""
         self.inputs += 1
         unsafe = outcome.rc == 1 and "ckptcheck: unsafe:" in outcome.stderr
         self.outcomes["unsafe" if unsafe else str(outcome.rc)] += 1
         label = f"{case.mutation}: {case.detail}"
         self.slowest = max(self.slowest, (outcome.seconds, label))
         self.largest = max(self.largest, (outcome.memory, label))
-        if outcome.symptom:
-            self.breaks.setdefault(f"{case.family} | {case.mutation} | {outcome.symptom}", reproducer)
+        key = f"{case.family} | {case.mutation} | {outcome.symptom}"
+        if not outcome.symptom or key in self.breaks:
+            return ""
+        self.breaks[key] = ""
+        return key
 
     def write(self) -> Path:
         OUT.mkdir(parents=True, exist_ok=True)
