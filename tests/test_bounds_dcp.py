@@ -460,3 +460,43 @@ def test_dcp_bytes_entry_bytearray_2gb_is_refused_under_resume(tmp_path) -> None
                           text=True, timeout=600)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert_one_line(proc.stderr, str(folder / "__0_0.distcp"), "train_state", "more than its bytes can hold")
+
+
+# --- DCP data files: regular files inside the folder ---------------------------------------------------------
+
+@pytest.mark.parametrize("target", ["/dev/zero", "copy-outside"])
+def test_dcp_data_file_linked_outside_the_folder_is_unsafe(target, tmp_path, capsys) -> None:
+    """A .distcp that is a symlink to /dev/zero (reads never end) or to a real data file elsewhere is not
+    this checkpoint's: refused as unsafe before anything is read from it."""
+    folder = dcp_copy(tmp_path)
+    data = folder / "__0_0.distcp"
+    if target == "copy-outside":
+        target = str(shutil.move(data, tmp_path / "elsewhere.distcp"))
+    else:
+        data.unlink()
+    data.symlink_to(target)
+    code, out, err = check(folder, capsys, "--target", "resume")
+    assert code == 1, out + err
+    assert "UNSAFE" in out and "outside the checkpoint folder" in out, out
+
+
+def test_dcp_metadata_linked_outside_the_folder_is_unsafe(tmp_path, capsys) -> None:
+    folder = dcp_copy(tmp_path)
+    meta = folder / ".metadata"
+    moved = shutil.move(meta, tmp_path / "elsewhere.metadata")
+    meta.symlink_to(moved)
+    code, out, err = check(folder, capsys)
+    assert code == 1, out + err
+    assert "UNSAFE" in out and "outside the checkpoint folder" in out, out
+
+
+def test_dcp_fifo_data_file_is_refused_not_waited_on(tmp_path, capsys) -> None:
+    import os
+
+    folder = dcp_copy(tmp_path)
+    data = folder / "__0_0.distcp"
+    data.unlink()
+    os.mkfifo(data)
+    code, _, err = check(folder, capsys)
+    assert code == 2
+    assert_one_line(err, str(data), "FIFO")

@@ -173,7 +173,7 @@ class Item:
 def read_metadata(folder: Path) -> tuple[dict[str, Item], dict[str, str]]:
     """Parse and validate ``.metadata``; returns items by fqn and facts about the checkpoint."""
     meta_path = folder / METADATA_NAME
-    with open_binary(meta_path) as f:
+    with open_binary(meta_path, folder) as f:
         size = os.fstat(f.fileno()).st_size
         if size > MAX_METADATA:
             raise InputError(meta_path, None, f"{size} bytes exceeds the {MAX_METADATA} byte limit")
@@ -339,7 +339,7 @@ def _chunk(folder: Path, where: str, fqn: str, offsets: tuple[int, ...], sizes: 
     if rel not in file_sizes:
         if not (folder / rel).exists():
             raise InputError(folder / rel, None, f"storage file for {fqn} is missing")
-        with open_binary(folder / rel) as f:  # regular files only: a FIFO or device is refused here
+        with open_binary(folder / rel, folder) as f:  # regular files inside the folder only (no FIFO, device, link out)
             file_sizes[rel] = os.fstat(f.fileno()).st_size
     if start + length > file_sizes[rel]:
         raise InputError(
@@ -401,7 +401,7 @@ class DcpCheckpoint(Checkpoint):
     def _handle(self, rel: str) -> BinaryIO:
         h = self._handles.get(rel)
         if h is None:
-            h = self._handles[rel] = open_binary(self.folder / rel)
+            h = self._handles[rel] = open_binary(self.folder / rel, self.folder)
         return h
 
     def _is_blob(self, chunk: Chunk) -> bool:

@@ -30,7 +30,8 @@ from torch.futures import Future
 
 from .. import dtypes
 from ..errors import InputError
-from ..formats.base import open_binary, read_exact
+from ..files import open_binary
+from ..formats.base import read_exact
 from ..formats.dcp import Chunk, Item, read_chunk, read_metadata
 from ..formats.torch_pickle import TensorRef, _Dtype
 from ..safe_pickle import AttrDict
@@ -86,7 +87,7 @@ class SafeFileSystemReader(FileSystemReader):
             by_file.setdefault(self._chunks[req.storage_index][1].file, []).append(req)
         for rel, reqs in by_file.items():
             where = Path(self.path) / rel
-            with open_binary(where) as f:
+            with open_binary(where, self.path) as f:
                 for req in reqs:
                     item, chunk = self._chunks[req.storage_index]
                     if req.type == LoadItemType.BYTE_IO:
