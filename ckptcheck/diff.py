@@ -17,6 +17,9 @@ from .manifest import natural_key
 from .naming import map_keys
 
 
+MAX_TOKENS = 4096  # --forward: memory grows with tokens x vocab and tokens^2
+
+
 @dataclass
 class KeyDiff:
     key: str  # as A names it
@@ -60,6 +63,13 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, config: str | 
          atol: float = 0.0, rtol: float = 0.0, forward: bool = False, tokens: int = 16, seed: int = 0) -> DiffReport:
     """Compare B against A.  Bitwise unless a tolerance is given; q/k compared in A's layout."""
     from .engine import resolve_config_path
+
+    for flag, value in (("--atol", atol), ("--rtol", rtol)):
+        if not (math.isfinite(value) and value >= 0):
+            raise InputError(None, flag, f"{value} is not a tolerance: give a finite number >= 0")
+    if forward and not 1 <= tokens <= MAX_TOKENS:
+        raise InputError(None, "--tokens", f"{tokens} tokens: give 1 to {MAX_TOKENS} (the forward pass holds "
+                         "[tokens, vocab] logits and a [tokens, tokens] attention map)")
 
     config_path = resolve_config_path(a, config) or resolve_config_path(b, None)
     cfg = load_config(config_path) if config_path else None

@@ -500,3 +500,16 @@ def test_dcp_fifo_data_file_is_refused_not_waited_on(tmp_path, capsys) -> None:
     code, _, err = check(folder, capsys)
     assert code == 2
     assert_one_line(err, str(data), "FIFO")
+
+
+@pytest.mark.parametrize(("args", "flag"), [(("--atol", "nan"), "--atol"), (("--atol", "-1"), "--atol"),
+                                            (("--rtol", "inf"), "--rtol"), (("--forward", "--tokens", "0"), "--tokens"),
+                                            (("--forward", "--tokens", str(10**11)), "--tokens")],
+                         ids=["atol-nan", "atol-negative", "rtol-inf", "tokens-zero", "tokens-huge"])
+def test_diff_arguments_out_of_range_are_one_line(args, flag, capsys) -> None:
+    """Before: torch raised on them (exit 3), or the forward pass tried to allocate 800 GB of logits."""
+    good = str(FIXTURES / "good" / "consolidated.pth")
+    code = main(["diff", good, good, "--model-config", LINGUA, *args])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert_one_line(err, flag)
