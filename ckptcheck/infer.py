@@ -138,7 +138,7 @@ def weights_params(inf: Inferred, heads: HeadSplit | None) -> dict[str, Any]:
             params["head_dim"] = heads.head_dim
     if inf.vocab_size is not None:
         params["vocab_size"] = inf.vocab_size
-    if inf.dim is not None and inf.ffn_dim is not None:
+    if inf.dim and inf.ffn_dim is not None:  # no FFN parameters give a width for dim 0
         params.update(ffn_params(inf.dim, inf.ffn_dim))
     if inf.tied is not None:
         params["weight_tying"] = inf.tied
@@ -146,7 +146,7 @@ def weights_params(inf: Inferred, heads: HeadSplit | None) -> dict[str, Any]:
 
 
 def ffn_params(dim: int, ffn_dim: int) -> dict[str, Any]:
-    """multiple_of / ffn_dim_multiplier that make the Meta formula give ``ffn_dim``."""
+    """multiple_of / ffn_dim_multiplier that make the Meta formula give ``ffn_dim`` (``dim`` positive)."""
     for multiple_of in (256, 1024, 512, 128, 64, 32, 16, 8, 4, 2, 1):
         if ffn_dim % multiple_of:
             continue

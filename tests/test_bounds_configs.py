@@ -192,3 +192,63 @@ def test_convert_with_a_config_max_seqlen_of_the_wrong_type_is_one_line(tmp_path
     assert (code, err.getvalue().strip()) == (
         2, f"ckptcheck: error: {path}: field model.max_seqlen: must be an integer, got '8k'")
     assert not (tmp_path / "out").exists()
+
+
+def _resaved(tmp_path: Path, reshape: Any) -> Path:
+    """The bundled checkpoint saved again with torch.save, each tensor replaced by an empty one of the shape
+    ``reshape(key, shape)`` gives (zero elements: the file stays small whatever the shape says)."""
+    import torch
+
+    from ckptcheck.formats import open_checkpoint
+
+    ckpt = open_checkpoint(GOOD)
+    try:
+        state = {k: torch.empty(reshape(k, list(info.shape)), dtype=torch.bfloat16)
+                 for k, info in ckpt.manifest.tensors.items()}
+    finally:
+        ckpt.close()
+    path = tmp_path / "consolidated.pth"
+    torch.save(state, path)
+    return path
+
+
+# A hang guard, not a timing assertion: the fixed code answers in seconds, the old one looped for hours.
+HANG_GUARD_S = 300
+
+
+def test_head_split_search_is_bounded_by_the_largest_head_size_not_the_declared_rows(tmp_path: Path) -> None:
+    """A zero-element wq declaring 2**32 rows (wk 2**31) with a config whose heads multiply to them: the
+    unverifiable head split listed its alternatives by trying every divisor of 2**31 (hours); now head sizes
+    up to the largest any model has."""
+    rows = {"attention.wq.weight": 2**32, "attention.wk.weight": 2**31}
+    ckpt = _resaved(tmp_path, lambda k, s: [next((r for role, r in rows.items() if k.endswith(role)), s[0]), 0]
+                    if k.endswith(tuple(rows)) else s)
+    config = tmp_path / "params.json"
+    config.write_text(json.dumps(lingua(head_dim=2**16, n_heads=2**16, n_kv_heads=2**15)))
+    done = subprocess.run([sys.executable, "-m", "ckptcheck", "check", str(ckpt), "--model-config", str(config),
+                           "--format", "json"], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert done.returncode == 1, done.stderr
+    verdicts = {c["id"]: c for c in json.loads(done.stdout)["checks"]}
+    heads = verdicts["config[n_heads]"]
+    assert heads["status"] == "skip"
+    assert "has 4294967296 rows: 65536 × 65536 or 131072 × 32768 or 262144 × 16384" in heads["message"]
+
+
+def test_weights_with_a_zero_size_dimension_fail_the_config_check_without_a_crash(tmp_path: Path) -> None:
+    """Every tensor's 32 (dim) made 0: the weights imply dim 0, and the config repair divided by it
+    (ZeroDivisionError, exit 3, in check and inspect).  Now config[dim] fails, saying no config edit helps."""
+    ckpt = _resaved(tmp_path, lambda k, s: [0 if n == 32 else n for n in s])
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["check", str(ckpt), "--model-config", str(CONFIGS / "lingua_params.json"), "--format", "json"])
+    assert code == 1, err.getvalue()
+    verdicts = {c["id"]: c for c in json.loads(out.getvalue())["checks"]}
+    assert verdicts["config[dim]"]["status"] == "fail"
+    assert verdicts["config[dim]"]["message"] == ("config field model.dim is 32 but the weights imply 0 "
+                                                  "(tok_embeddings.weight [128, 0])")
+    assert verdicts["config[dim]"]["repair"].startswith("no config describes weights with a zero-size dimension")
+    with redirect_stdout(out), redirect_stderr(err):
+        assert main(["inspect", str(ckpt)]) == 0

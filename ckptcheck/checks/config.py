@@ -12,6 +12,7 @@ cannot_express: Meta's head_dim, lingua's and Meta's biases) fails config[FEATUR
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..corroborate import Witness, head_dim_witnesses
-from ..configs import ffn_hidden
+from ..configs import LIMITS, ffn_hidden
 from ..infer import Inferred, ffn_params, infer_dims
 from . import repairs
 from .model import Check, Verdict
@@ -56,6 +57,11 @@ META_CANNOT_HEAD_DIM = ("a Meta params.json cannot state head_dim (Meta's ModelA
 META_CANNOT_TIE = ("a Meta params.json cannot state tied embeddings (Meta's loader always reads a separate "
                    "output.weight): check against a lingua params.json with weight_tying: true, or a config.json "
                    "with tie_word_embeddings: true")
+
+# The repair for weights with a zero-size dimension (a tensor of 0 rows or columns): no model has one, so no
+# config edit describes them.
+ZERO_SIZE = ("no config describes weights with a zero-size dimension (see the shape checks): the checkpoint is "
+             "damaged; use the one the training run saved")
 
 
 def tie_repair(session: Session) -> str:
@@ -230,6 +236,8 @@ def _shown(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | 
                            f"({evidence})", expected=_json(configured), obtained=_json(weights))
     if name == "tie_embeddings" and cfg.schema in NO_TYING_FIELD:
         return verdict, META_CANNOT_TIE
+    if name != "tie_embeddings" and 0 in (weights, inferred.dim):
+        return verdict, ZERO_SIZE
     fix: dict[str, object] = {name: weights}
     if name == "ffn_dim" and cfg.schema != "hf" and inferred.dim not in (None, cfg.dim):
         fix["dim"] = inferred.dim  # a Meta/lingua FFN width is computed from dim: fix both or neither holds
@@ -295,7 +303,7 @@ def _heads(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | 
            + _implicit_note(cfg))
     if mismatch:
         return (Verdict.fail(why, expected=_json(configured), obtained=f"{q} / {k} rows"),
-                _fields(facts, _head_fix(facts)))
+                ZERO_SIZE if 0 in (q, k, facts.inferred.dim) else _fields(facts, _head_fix(facts)))
     for w in facts.witnesses:
         shown = rows // w.head_dim
         if shown != configured:
@@ -325,10 +333,13 @@ def _unverifiable(facts: Facts, name: str) -> str:
 
 
 def _fitting_head_dims(q: int, k: int, first: int, most: int = 3) -> list[int]:
-    """The config's head_dim, then other head sizes that split both q and k rows into whole heads."""
-    others = [h for h in range(math.gcd(q, k), 0, -1)
-              if h != first and q % h == 0 and k % h == 0 and (q // h) % (k // h) == 0]
-    return [first, *others[: most - 1]]
+    """The config's head_dim, then other head sizes that split both q and k rows into whole heads: the
+    largest first, from the largest head size any model has (the rows come from the file's shapes, which can
+    declare 2**40 rows of a zero-element tensor)."""
+    largest = min(math.gcd(q, k), int(LIMITS["head_dim"]))
+    others = (h for h in range(largest, 0, -1)
+              if h != first and q % h == 0 and k % h == 0 and (q // h) % (k // h) == 0)
+    return [first, *itertools.islice(others, most - 1)]
 
 
 def target_split(facts: Facts) -> tuple[int, int, int]:
