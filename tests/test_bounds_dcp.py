@@ -23,6 +23,7 @@ import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 
 from ckptcheck.cli import main
+from ckptcheck.formats import open_checkpoint
 
 from .writers import CONFIGS, FIXTURES
 
@@ -442,6 +443,7 @@ LIMITED_CHECK = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (1536 << 20, 1536 << 20))  # far below the 2 GiB the entry asks for
 from ckptcheck.cli import main
+from ckptcheck.formats import open_checkpoint
 sys.exit(main(["check", sys.argv[1], "--model-config", sys.argv[2], "--target", "resume"]))
 """
 
@@ -513,3 +515,42 @@ def test_diff_arguments_out_of_range_are_one_line(args, flag, capsys) -> None:
     _, err = capsys.readouterr()
     assert code == 2
     assert_one_line(err, flag)
+
+
+def _cells(tmp: Path, duplicate: bool) -> Path:
+    """wq stored as 1,024 one-element chunks of raw bytes (a 32 x 32 grid, more than the 512 chunks that are
+    compared pairwise); ``duplicate``: the last cell replaced by a second copy of the first."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    with open_checkpoint(FIXTURES / "good" / "dcp") as good:
+        wq = good.load("layers.0.attention.wq.weight")
+    cells = [(i, j) for i in range(32) for j in range(32)]
+    if duplicate:
+        cells[-1] = (0, 0)
+
+    def change(meta) -> None:
+        meta.state_dict_metadata[WQ].chunks = [ChunkStorageMetadata(torch.Size(c), torch.Size([1, 1])) for c in cells]
+        for key in [k for k in meta.storage_data if k.fqn == WQ]:
+            del meta.storage_data[key]
+        for n, c in enumerate(cells):
+            meta.storage_data[MetadataIndex(WQ, torch.Size(c))] = _StorageInfo("cells.distcp", 4 * n, 4)
+    folder = edit_metadata(tmp, change)
+    (folder / "cells.distcp").write_bytes(b"".join(wq[c].float().numpy().tobytes() for c in cells))
+    return folder
+
+
+def test_dcp_grid_of_1024_chunks_is_read_exactly(tmp_path, capsys) -> None:
+    folder = _cells(tmp_path, duplicate=False)
+    code, out, err = check(folder, capsys)
+    assert code == 0, out + err
+    code = main(["diff", str(folder), str(FIXTURES / "good" / "dcp"), "--model-config", LINGUA])
+    out, err = capsys.readouterr()
+    assert code == 0 and "EQUAL" in out, out + err
+
+
+def test_dcp_overlapping_chunks_beyond_the_pairwise_limit_are_one_line(tmp_path, capsys) -> None:
+    """Before, above 512 chunks only the element count was compared: a duplicate chunk and a gap passed."""
+    folder = _cells(tmp_path, duplicate=True)
+    code, _, err = check(folder, capsys)
+    assert code == 2
+    assert_one_line(err, str(folder / ".metadata"), WQ, "chunks at [0, 0] and [0, 0] overlap")

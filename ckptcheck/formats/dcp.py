@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 METADATA_NAME = ".metadata"
 MAX_METADATA = 512 << 20
 MAX_RELATIVE_PATH = 4096
-MAX_CHUNKS_FOR_OVERLAP_CHECK = 512  # pairwise for odd layouts; above it, coverage by element count only
+MAX_CHUNKS_FOR_OVERLAP_CHECK = 512  # pairwise for layouts that are no grid; above it, refused
 
 
 class _Record(metaclass=Frozen):
@@ -349,21 +349,45 @@ def _chunk(folder: Path, where: str, fqn: str, offsets: tuple[int, ...], sizes: 
 
 
 def _check_coverage(where: str, fqn: str, size: tuple[int, ...], chunks: list[Chunk]) -> None:
+    """The chunks cover the tensor exactly: as many elements as it has, and no two overlapping (then no
+    gap is left either).  Row blocks (DCP's usual) and grids (row blocks split again by tensor parallelism)
+    are checked in n log n; any other layout pairwise, up to MAX_CHUNKS_FOR_OVERLAP_CHECK chunks."""
     total = math.prod(size)
     covered = sum(math.prod(c.sizes) for c in chunks)
     if covered != total or (total and not chunks):
         raise InputError(where, fqn, f"chunks cover {covered} of {total} elements")
-    if chunks and size and all(c.sizes[1:] == size[1:] for c in chunks):  # row blocks (DCP's usual): sort, compare neighbours
-        ordered = sorted(chunks, key=lambda c: c.offsets[0])
-        for a, b in zip(ordered, ordered[1:]):
-            if a.offsets[0] + a.sizes[0] > b.offsets[0] and a.sizes[0] and b.sizes[0]:
-                raise InputError(where, fqn, f"chunks at {list(a.offsets)} and {list(b.offsets)} overlap")
-    elif len(chunks) <= MAX_CHUNKS_FOR_OVERLAP_CHECK:
-        for i, a in enumerate(chunks):
-            for b in chunks[i + 1:]:
-                if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)):
-                    if math.prod(a.sizes) and math.prod(b.sizes):
-                        raise InputError(where, fqn, f"chunks at {list(a.offsets)} and {list(b.offsets)} overlap")
+    filled = [c for c in chunks if math.prod(c.sizes)]
+    if not filled or not size:
+        return
+    if _grid_overlap(where, fqn, size, filled):
+        return
+    if len(filled) > MAX_CHUNKS_FOR_OVERLAP_CHECK:
+        raise InputError(where, fqn, f"{len(filled)} chunks that do not form a grid: more than the "
+                         f"{MAX_CHUNKS_FOR_OVERLAP_CHECK} whose overlaps can be checked pairwise")
+    for i, a in enumerate(filled):
+        for b in filled[i + 1:]:
+            if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a.offsets, a.sizes, b.offsets, b.sizes, strict=True)):
+                raise _overlap(where, fqn, a, b)
+
+
+def _grid_overlap(where: str, fqn: str, size: tuple[int, ...], chunks: list[Chunk]) -> bool:
+    """True when every chunk is one cell of the grid that the chunks' own boundaries draw, no cell twice
+    (raised as an overlap); False when some chunk spans several cells (not a grid)."""
+    bounds = [{b: i for i, b in enumerate(sorted({c.offsets[d] for c in chunks} | {c.offsets[d] + c.sizes[d] for c in chunks}))}
+              for d in range(len(size))]
+    cells: dict[tuple[int, ...], Chunk] = {}
+    for c in chunks:
+        cell = tuple(bounds[d][o] for d, o in enumerate(c.offsets))
+        if any(bounds[d][o + n] != cell[d] + 1 for d, (o, n) in enumerate(zip(c.offsets, c.sizes, strict=True))):
+            return False
+        other = cells.setdefault(cell, c)
+        if other is not c:
+            raise _overlap(where, fqn, other, c)
+    return True
+
+
+def _overlap(where: str, fqn: str, a: Chunk, b: Chunk) -> InputError:
+    return InputError(where, fqn, f"chunks at {list(a.offsets)} and {list(b.offsets)} overlap")
 
 
 class DcpCheckpoint(Checkpoint):
