@@ -13,9 +13,10 @@ import io
 import json
 import math
 import pickle  # writes Metadata objects built here; reading one is the code under test
+import pickletools
 import struct
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from hypothesis import strategies as st
@@ -33,7 +34,7 @@ class Case:
     family: str
     mutation: str  # the kind of change, no values: the crash class is (family, mutation, symptom)
     detail: str  # the values, for the reproducer
-    files: tuple[tuple[str, bytes | str], ...]  # path in the case folder -> bytes, or SYMLINK+target, or FIFO
+    files: tuple[tuple[str, bytes | str], ...] = field(repr=False)  # path -> bytes, SYMLINK+target, or FIFO
     argv: tuple[str, ...]  # "{case}" is the case folder, "{out}" an output path that does not exist
     oracle: tuple[tuple[str, str], ...] = ()  # ("torch" | "safetensors", path): must load for exit 0
     must_refuse: str = ""  # non-empty: the input is wrong by construction, exit 0 is a wrong verdict
@@ -398,6 +399,40 @@ def torch_cases(draw: st.DrawFn) -> Case:
                 oracle_for(cmd, (("torch", "consolidated.pth"),)))
 
 
+# --- legacy torch serialization: five pickles, then the storages' bytes ---------------------------------
+
+LEGACY_PICKLES = ("magic number", "protocol version", "sys info", "data", "storage keys")
+
+
+def split_legacy(data: bytes) -> tuple[list[bytes], bytes]:
+    """The legacy format's five pickles and the raw storages after them."""
+    pickles, pos = [], 0
+    for _ in LEGACY_PICKLES:
+        end = pos + max(p for _, _, p in pickletools.genops(data[pos:])) + 1
+        pickles.append(data[pos:end])
+        pos = end
+    return pickles, data[pos:]
+
+
+@st.composite
+def legacy_cases(draw: st.DrawFn) -> Case:
+    pickles, tail = split_legacy(bases.fixture("old/legacy.pt"))
+    which = draw(st.sampled_from([3, 3, 3, 4, 4, 0, 1, 2, -1]))
+    if which >= 0:
+        pickles[which], kind, detail = draw(pickle_mutation(pickles[which]))
+        kind, detail = f"legacy.{LEGACY_PICKLES[which].replace(' ', '-')}.{kind}", f"{LEGACY_PICKLES[which]}: {detail}"
+    else:  # each storage is an 8-byte element count and its bytes
+        at = draw(st.sampled_from([0, 8, len(tail) // 2, len(tail) - 1]))
+        value = draw(st.sampled_from([b"", b"\xff" * 8, b"\0" * 8, struct.pack("<q", -1), struct.pack("<Q", 2**40)]))
+        tail = tail[:at] + value + (tail[at + len(value):] if value else b"")
+        kind, detail = "legacy.storages", f"storages: {value!r} at {at}" + (" (truncated)" if not value else "")
+    cmd = draw(TORCH_DATA_COMMANDS)
+    files = (("legacy.pt", b"".join(pickles) + tail), ("params.json", bases.config("lingua_params.json")),
+             *reference_files(cmd))
+    return Case("legacy", kind, detail, files, command(cmd, "legacy.pt", LINGUA_CFG),
+                oracle_for(cmd, (("torch", "legacy.pt"),)))
+
+
 # --- DCP: Metadata fields, bytes entries, data -----------------------------------------------------------
 
 def _tensor_items(md) -> list[str]:
@@ -656,6 +691,7 @@ FAMILIES = {
     "safetensors": safetensors_cases(),
     "index": index_cases(),
     "torch": torch_cases(),
+    "legacy": legacy_cases(),
     "dcp": dcp_cases(),
     "meta-shards": meta_shard_cases(),
     "config": config_cases(),
