@@ -133,6 +133,7 @@ class TrainState:
     scheduler: str | None = None  # where, or None
     data_loader: str | None = None
     step: int | None = None
+    bad_step: str | None = None  # a recorded step that is no whole number >= 0 (NaN, Inf, negative, a bool), shown
     saved_ranks: int | None = None  # world size that wrote the checkpoint, when known
     dp_ranks: int | None = None  # data-parallel ranks among them, when the config says
     state_ranks: int | None = None  # how many per-rank train states there are
@@ -157,8 +158,7 @@ def train_state(ckpt: Checkpoint) -> TrainState:
     for key in m.extra_entries:
         if key in ("train_state.step", "step", "global_step"):
             try:
-                value = ckpt.load_value(key)
-                ts.step = int(value) if isinstance(value, (int, float)) else None
+                _record_step(ts, ckpt.load_value(key), key)
             except InputError:
                 pass
     folder = Path(m.path)
@@ -180,6 +180,15 @@ def train_state(ckpt: Checkpoint) -> TrainState:
                 ts.scheduler = f"{files[0].name} (and {len(files) - 1} more)" if len(files) > 1 else files[0].name
             if "data_loader_state" in first:
                 ts.data_loader = ts.scheduler if "scheduler" in first else files[0].name
-            if isinstance(first.get("step"), int):
-                ts.step = first["step"]
+            if "step" in first:
+                _record_step(ts, first["step"], files[0].name)
     return ts
+
+
+def _record_step(ts: TrainState, value: Any, where: str) -> None:
+    """The train state's step when it is a whole number >= 0; anything else is kept, shown, as bad_step."""
+    whole = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+    if whole and value >= 0:
+        ts.step = int(value)
+    else:
+        ts.bad_step = f"{where} = {repr(value)[:40] if isinstance(value, (int, float, str, bool)) else type(value).__name__}"

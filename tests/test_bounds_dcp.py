@@ -554,3 +554,14 @@ def test_dcp_overlapping_chunks_beyond_the_pairwise_limit_are_one_line(tmp_path,
     code, _, err = check(folder, capsys)
     assert code == 2
     assert_one_line(err, str(folder / ".metadata"), WQ, "chunks at [0, 0] and [0, 0] overlap")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -5, True], ids=["nan", "inf", "negative", "bool"])
+def test_train_state_step_that_is_not_a_count_fails(value, tmp_path, capsys) -> None:
+    """Before: NaN and Inf raised converting to int (exit 3); -5 and True were taken as steps."""
+    state = torch.load(LINGUA_PTH, weights_only=True)
+    torch.save({**state, "train_state": {"step": value}}, tmp_path / "c.pth")
+    code, out, err = check(tmp_path / "c.pth", capsys, "--target", "resume")
+    assert code == 1, out + err
+    assert "FAIL   optimizer_step[all]" in out
+    assert f"the train state's step is not a whole number >= 0: train_state.step = {value!r}" in out, out

@@ -203,6 +203,10 @@ def _step(session: Session):
                                 expected="one step for all", obtained=str(distinct[:5]), repair=_init_repair(session))
         step = distinct[0]
         ts = _train(session)
+        if ts.bad_step is not None:
+            return Verdict.fail(f"the train state's step is not a whole number >= 0: {ts.bad_step}",
+                                expected="a whole number >= 0", obtained=ts.bad_step,
+                                repair="resume from a checkpoint whose train state is intact")
         if ts.step is not None and ts.step != step:
             return Verdict.fail(f"optimizer step {step:g} but the train state says step {ts.step}",
                                 expected=str(ts.step), obtained=f"{step:g}",
