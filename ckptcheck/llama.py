@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 from .configs import ModelConfig
 from .errors import InputError
-from .naming import map_keys
+from .naming import map_keys, role_of
+from .spec import role_shapes
 
 if TYPE_CHECKING:
     import torch
@@ -69,6 +70,15 @@ def streaming_logits(ckpt: Checkpoint, cfg: ModelConfig, tokens: torch.Tensor) -
     if mapping.scheme.is_custom:
         raise InputError(ckpt.manifest.path, None, "keys follow no Llama-family scheme: no reference forward")
     convention = mapping.scheme.rotary
+    shapes = role_shapes(cfg)
+
+    def load(canonical: str, stored: str):
+        """The stored tensor, once its shape is the config's: the forward reshapes by the config's heads."""
+        shape, want = ckpt.manifest.tensors[stored].shape, shapes[role_of(canonical)]
+        if len(shape) != len(want) or any(w not in (None, s) for s, w in zip(shape, want, strict=False)):
+            raise InputError(ckpt.manifest.path, stored, f"has shape {list(shape)} but the config gives "
+                             f"{[s if s is not None else 'vocab' for s in want]}: cannot run the reference forward")
+        return ckpt.load(stored).float()
 
     def w(canonical: str):
         stored = mapping.stored_for(canonical)
@@ -76,13 +86,14 @@ def streaming_logits(ckpt: Checkpoint, cfg: ModelConfig, tokens: torch.Tensor) -
             if canonical == "output.weight":
                 return w("tok_embeddings.weight")  # tied
             raise InputError(ckpt.manifest.path, canonical, "missing: cannot run the reference forward")
-        return ckpt.load(stored).float()
+        return load(canonical, stored)
 
     def linear(x, weight: str):
         """x @ W.T, plus the projection's bias when the checkpoint has one (attention_bias, mlp_bias)."""
         out = x @ w(weight).T
-        bias = mapping.stored_for(weight.removesuffix(".weight") + ".bias")
-        return out if bias is None else out + ckpt.load(bias).float()
+        bias_key = weight.removesuffix(".weight") + ".bias"
+        bias = mapping.stored_for(bias_key)
+        return out if bias is None else out + load(bias_key, bias)
 
     h = F.embedding(tokens, w("tok_embeddings.weight"))
     seq = tokens.shape[0]

@@ -54,12 +54,9 @@ def biases(canonical_keys: Iterable[str]) -> dict[str, list[str]]:
     return out
 
 
-def spec_from_config(cfg: ModelConfig, tensors_held: int | None = None) -> ModelSpec:
-    """The tensors the config's model has.  ``tensors_held``, the number of tensors in the checkpoint under
-    test, bounds the layers listed: a checkpoint of T tensors holds at most T layers, so the spec lists no
-    more than T (every layer a real mismatch leaves out is still listed) and its size is linear in the
-    checkpoint, whatever n_layers says; the config check reports the n_layers the weights do not have."""
-    shapes = {
+def role_shapes(cfg: ModelConfig) -> dict[str, tuple[int | None, ...]]:
+    """The shape of every canonical role ("layers.{i}.attention.wq.weight") in the config's model."""
+    shapes: dict[str, tuple[int | None, ...]] = {
         "tok_embeddings.weight": (cfg.vocab_size, cfg.dim),
         "layers.{i}.attention.wq.weight": (cfg.n_heads * cfg.head_dim, cfg.dim),
         "layers.{i}.attention.wk.weight": (cfg.n_kv_heads * cfg.head_dim, cfg.dim),
@@ -81,7 +78,15 @@ def spec_from_config(cfg: ModelConfig, tensors_held: int | None = None) -> Model
         "layers.{i}.feed_forward.w3.bias": (cfg.ffn_dim,),
     }
     assert tuple(shapes) == CANONICAL
-    shapes = {k: v for k, v in shapes.items() if k not in BIAS_FLAGS or getattr(cfg, BIAS_FLAGS[k])}
+    return shapes
+
+
+def spec_from_config(cfg: ModelConfig, tensors_held: int | None = None) -> ModelSpec:
+    """The tensors the config's model has.  ``tensors_held``, the number of tensors in the checkpoint under
+    test, bounds the layers listed: a checkpoint of T tensors holds at most T layers, so the spec lists no
+    more than T (every layer a real mismatch leaves out is still listed) and its size is linear in the
+    checkpoint, whatever n_layers says; the config check reports the n_layers the weights do not have."""
+    shapes = {k: v for k, v in role_shapes(cfg).items() if k not in BIAS_FLAGS or getattr(cfg, BIAS_FLAGS[k])}
     tensors: dict[str, ExpectedTensor] = {}
     tied: dict[str, str] = {}
 

@@ -124,13 +124,24 @@ INVALID = {
 }
 
 
+# Cases the old code answered by building a spec of that many layers (for ever): run in a subprocess under
+# an address-space limit, so a regression fails instead of taking the machine's memory.
+UNBOUNDED_BEFORE = {"n_layers_1e308", "n_layers_2_62", "hf_layers_2_62"}
+
+
 @pytest.mark.parametrize("case", INVALID)
 def test_invalid_config_number_is_one_line_exit_2(tmp_path: Path, case: str) -> None:
     """NaN, infinite, negative, float-for-int, absurdly large and deeply nested values: exit 2 and one line
     naming the file, the field and the cause (before: RecursionError, OverflowError or ValueError exit 3, a
     silent pass, or a spec built for ever)."""
     text, name, item, cause = INVALID[case]
-    code, _, err, path = _check(tmp_path, text, name)
+    if case in UNBOUNDED_BEFORE:
+        path = tmp_path / name
+        path.write_text(text)
+        done = _limited_cli("check", GOOD, "--model-config", str(path))
+        code, err = done.returncode, done.stderr
+    else:
+        code, _, err, path = _check(tmp_path, text, name)
     expected = ": ".join(p for p in (str(path), item, cause) if p)
     assert (code, err.strip()) == (2, f"ckptcheck: error: {expected}")
 
@@ -147,10 +158,10 @@ def test_json_nested_deeper_than_the_recursion_limit_is_refused_by_depth() -> No
 
 
 def test_config_asking_for_more_layers_than_the_checkpoint_holds_lists_what_it_holds(tmp_path: Path) -> None:
-    """The spec is bounded by the checkpoint: 10**5 configured layers of a 2-layer checkpoint plan no more
-    checks than its 21 tensors allow (before: 900,000 key checks, and for 10**9 a spec built for ever)."""
+    """The spec is bounded by the checkpoint: 10**4 configured layers of a 2-layer checkpoint plan no more
+    checks than its 21 tensors allow (before: 90,000 key checks, and for 10**9 a spec built for ever)."""
     path = tmp_path / "params.json"
-    path.write_text(json.dumps(lingua(n_layers=10**5)))
+    path.write_text(json.dumps(lingua(n_layers=10**4)))
     session_plan = plan(GOOD, path, Options())
     try:
         assert session_plan.session is not None
@@ -165,15 +176,20 @@ def test_config_asking_for_more_layers_than_the_checkpoint_holds_lists_what_it_h
 ADDRESS_SPACE = 3 << 30
 
 
+def _limited_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess under ``ADDRESS_SPACE`` (few malloc arenas and threads: the limit is on
+    reserved address space)."""
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "ckptcheck", *args], capture_output=True, text=True, env=env,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE)))
+
+
 def test_config_with_a_billion_layers_is_a_config_fail_not_a_spec_built_forever(tmp_path: Path) -> None:
     """n_layers 10**9 with a 2-layer checkpoint: config[n_layers] FAIL, exit 1 (before: the spec grew at
     ~90 MB/s until memory ran out).  Run under an address-space limit, so a regression fails, not hogs."""
     path = tmp_path / "params.json"
     path.write_text(json.dumps(lingua(n_layers=10**9)))
-    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "ckptcheck", "check", GOOD, "--model-config", str(path)],
-                          capture_output=True, text=True, env=env,
-                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE)))
+    done = _limited_cli("check", GOOD, "--model-config", str(path))
     assert done.returncode == 1, done.stderr
     assert "FAIL   config[n_layers]" in done.stdout
     assert "config field model.n_layers is 1000000000 but the weights imply 2" in done.stdout
@@ -252,3 +268,19 @@ def test_weights_with_a_zero_size_dimension_fail_the_config_check_without_a_cras
     assert verdicts["config[dim]"]["repair"].startswith("no config describes weights with a zero-size dimension")
     with redirect_stdout(out), redirect_stderr(err):
         assert main(["inspect", str(ckpt)]) == 0
+
+
+def test_forward_diff_with_a_config_that_does_not_fit_the_weights_is_one_line(tmp_path: Path) -> None:
+    """diff --forward reshapes by the config's heads: a config of dim 64 for dim-32 weights was a RuntimeError
+    from view (exit 3); now the first tensor whose shape is not the config's is named."""
+    config = tmp_path / "params.json"
+    config.write_text(json.dumps(lingua(dim=64)))
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        code = main(["diff", GOOD, GOOD, "--forward", "--model-config", str(config)])
+    assert (code, err.getvalue().strip()) == (
+        2, f"ckptcheck: error: {GOOD}: tok_embeddings.weight: has shape [128, 32] but the config gives [128, 64]: "
+           "cannot run the reference forward")
