@@ -96,6 +96,7 @@ class Outcome:
     memory: int  # peak resident bytes of this input beyond the worker's before it
     stderr: str
     symptom: str  # "" when the contract held
+    unsafe: bool = False  # refused as hostile (exit 1): a CkptError line or an UNSAFE check
 
 
 @dataclass
@@ -110,8 +111,7 @@ class Stats:
     def add(self, case: Case, outcome: Outcome) -> str:
         """Count the outcome; the break's class when it is new here (to save one reproducer per class)."""
         self.inputs += 1
-        unsafe = outcome.rc == 1 and "ckptcheck: unsafe:" in outcome.stderr
-        self.outcomes["unsafe" if unsafe else str(outcome.rc)] += 1
+        self.outcomes["unsafe" if outcome.unsafe else str(outcome.rc)] += 1
         label = f"{case.mutation}: {case.detail}"
         self.slowest = max(self.slowest, (outcome.seconds, label))
         self.largest = max(self.largest, (outcome.memory, label))
@@ -199,7 +199,9 @@ class Harness:
             symptom = symptom_of(outcome.rc, stderr, outcome.memory, case)
             if not symptom and outcome.rc == 0:
                 symptom = self._oracle_refuses(case, folder)
-            return Outcome(outcome.rc, outcome.seconds, outcome.memory, stderr, symptom)
+            stdout = (folder / "stdout").read_text(errors="replace") if (folder / "stdout").exists() else ""
+            unsafe = outcome.rc == 1 and ("ckptcheck: unsafe:" in stderr or "\nUNSAFE " in "\n" + stdout)
+            return Outcome(outcome.rc, outcome.seconds, outcome.memory, stderr, symptom, unsafe)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
