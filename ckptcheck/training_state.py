@@ -23,6 +23,15 @@ TRAIN_STATE_RE = re.compile(r"^train_state_(\d+)\.json$")
 DISTCP_RE = re.compile(r"^__(\d+)_.*\.distcp$")
 
 
+def is_position(key: str) -> bool:
+    """A list index or a plain optimizer's parameter position as a flattened key spells it: ASCII digits
+    only, short enough to be an index (str.isdigit also takes '²' and '١', which int() refuses or misreads)."""
+    return key.isascii() and key.isdigit() and len(key) <= MAX_POSITION_DIGITS
+
+
+MAX_POSITION_DIGITS = 18
+
+
 @dataclass
 class FieldValue:
     """One field of one parameter's state: a tensor (by manifest key) or a plain value."""
@@ -70,7 +79,7 @@ def optimizer_view(ckpt: Checkpoint) -> OptimizerView | None:
         if len(path) == 4 and path[0] == section and path[1] == "state":
             entry = view.params.setdefault(path[2], {})
             entry[path[3]] = FieldValue(key, m.extra_tensors.get(key))
-    if view.params and all(p.isdigit() for p in view.params):
+    if view.params and all(is_position(p) for p in view.params):
         view.keyed_by = "index"
     view.group_membership, view.groups_form = _groups(ckpt, section)
     return view
@@ -90,7 +99,7 @@ def _groups(ckpt: Checkpoint, section: str) -> tuple[dict[str, int] | None, str]
             for name in group.get("params", []) if isinstance(group, dict) else []:
                 membership[str(name)] = membership.get(str(name), 0) + 1
         return membership, "one entry (DCP before torch 2.4)"
-    listed = [k for k, p in paths.items() if len(p) == 4 and p[2].isdigit() and p[3] == "params"]
+    listed = [k for k, p in paths.items() if len(p) == 4 and is_position(p[2]) and p[3] == "params"]
     if listed:
         for key in listed:
             names = ckpt.load_value(key)

@@ -565,3 +565,22 @@ def test_train_state_step_that_is_not_a_count_fails(value, tmp_path, capsys) -> 
     assert code == 1, out + err
     assert "FAIL   optimizer_step[all]" in out
     assert f"the train state's step is not a whole number >= 0: train_state.step = {value!r}" in out, out
+
+
+@pytest.mark.parametrize("key", ["²", "١"], ids=["superscript", "arabic-indic"])
+def test_optimizer_state_keyed_by_a_non_ascii_digit_is_no_position(key, tmp_path, capsys) -> None:
+    """str.isdigit() takes '²' (int() then raised: exit 3) and '١' (read as position 1): a position is ASCII
+    digits, so such a key is a name, which names no parameter."""
+    state = torch.load(LINGUA_PTH, weights_only=True)
+    optim = state["optim"]
+    by_position = {str(i): v for i, v in enumerate(optim["state"].values())}
+    by_position[key] = by_position.pop("0")
+    group = {**optim["param_groups"][0], "params": list(by_position)}
+    torch.save({"model": state["model"], "optim": {"state": by_position, "param_groups": [group]}},
+               tmp_path / "c.pth")
+    code, out, err = check(tmp_path / "c.pth", capsys, "--target", "resume")
+    assert code == 1 and "internal error" not in err, out + err
+    assert "FAIL   optimizer_state[tok_embeddings.weight]" in out, out
+    code = main(["convert", str(tmp_path / "c.pth"), str(tmp_path / "out.pth"), "--model-config", LINGUA])
+    out, err = capsys.readouterr()
+    assert code == 0, out + err

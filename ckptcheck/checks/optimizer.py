@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import dtypes
 from ..naming import map_keys
+from ..training_state import is_position
 from .model import Check, Verdict
 
 if TYPE_CHECKING:
@@ -142,8 +143,9 @@ def _groups(session: Session):
             return Verdict.fail(f"{view.section} has no param_groups", expected="param groups listing every parameter",
                                 obtained="absent", repair=_init_repair(session))
         order = _trainable(session)
-        if view.keyed_by == "index" or all(str(k).isdigit() for k in view.group_membership):
-            counts = {order[int(k)]: n for k, n in view.group_membership.items() if str(k).isdigit() and int(k) < len(order)}
+        if view.keyed_by == "index" or all(is_position(str(k)) for k in view.group_membership):
+            counts = {order[int(k)]: n for k, n in view.group_membership.items()
+                      if is_position(str(k)) and int(k) < len(order)}
         else:
             mapping = map_keys(view.group_membership)
             counts = {c: view.group_membership[s] for s, c in mapping.canonical.items()}

@@ -11,6 +11,7 @@ from ..errors import InputError
 from ..manifest import OPTIMIZER_SECTIONS, Manifest
 from ..layouts import ROTARY_ROLES
 from ..naming import CUSTOM, KeyMapping, Scheme, map_keys, role_of, strip_wrappers
+from ..training_state import is_position
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,7 +208,7 @@ def _listify(obj: Any, parent: str = "") -> Any:
     if not isinstance(obj, dict):
         return obj
     items = {k: _listify(v, k) for k, v in obj.items()}
-    digits = bool(items) and all(k.isdigit() for k in items)
+    digits = bool(items) and all(is_position(k) for k in items)
     if parent == "param_groups" and digits and sorted(int(k) for k in items) == list(range(len(items))):
         return [items[str(i)] for i in range(len(items))]
     if parent == "state" and digits:
