@@ -448,20 +448,51 @@ sys.exit(main(["check", sys.argv[1], "--model-config", sys.argv[2], "--target", 
 """
 
 
-def test_dcp_bytes_entry_bytearray_2gb_is_refused_under_resume(tmp_path) -> None:
-    """bytearray(2**31) in a train_state bytes entry: refused before anything is allocated (run under a
-    1.5 GiB address-space limit, so a regression is a failure here, not 2 GiB taken)."""
+def _bytearray_dcp(tmp: Path) -> Path:
     import torch.distributed.checkpoint as dcp
 
-    folder = tmp_path / "dcp"
+    folder = tmp / "dcp"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save({"model": torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True),
                   "train_state": _Payload(bytearray, 2**31)}, checkpoint_id=str(folder))
+    return folder
+
+
+def test_dcp_bytes_entry_bytearray_2gb_is_refused_under_resume(tmp_path) -> None:
+    """bytearray(2**31) in a train_state bytes entry: refused before anything is allocated (run under a
+    1.5 GiB address-space limit, so a regression is a failure here, not 2 GiB taken)."""
+    folder = _bytearray_dcp(tmp_path)
     proc = subprocess.run([sys.executable, "-c", LIMITED_CHECK, str(folder), LINGUA], capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert_one_line(proc.stderr, str(folder / "__0_0.distcp"), "train_state", "more than its bytes can hold")
+
+
+LIMITED_RANK_READ = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1536 << 20, 1536 << 20))
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from ckptcheck.roundtrip.storage import SafeLoadPlanner, open_dcp
+_, reader = open_dcp(sys.argv[1])
+state = {"train_state": None}
+try:
+    dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(sys.argv[1], allow_partial_load=True))
+except CheckpointException as exc:
+    print(exc)
+    sys.exit(2)
+"""
+
+
+def test_the_ranks_reader_refuses_the_bytearray_2gb_bytes_entry(tmp_path) -> None:
+    """What each rank of the round trip loads through: the bytes entry goes through the same allocation
+    bound (in a subprocess under a 1.5 GiB address-space limit)."""
+    folder = _bytearray_dcp(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", LIMITED_RANK_READ, str(folder)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "train_state" in proc.stdout and "more than its bytes can hold" in proc.stdout, proc.stdout
 
 
 # --- DCP data files: regular files inside the folder ---------------------------------------------------------
