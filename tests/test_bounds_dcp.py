@@ -615,3 +615,20 @@ def test_optimizer_state_keyed_by_a_non_ascii_digit_is_no_position(key, tmp_path
     code = main(["convert", str(tmp_path / "c.pth"), str(tmp_path / "out.pth"), "--model-config", LINGUA])
     out, err = capsys.readouterr()
     assert code == 0, out + err
+
+
+@pytest.mark.parametrize(("src", "said"), [
+    ("model.safetensors", "input integrity: not verifiable, the input keeps no checksum"),
+    ("consolidated.pth", "input integrity: a CRC-32 per storage record checked on every read"),
+    ("dcp", "input integrity: a CRC-32 per chunk (each a torch.save record) checked on every read"),
+])
+def test_convert_says_whether_the_input_was_verified(src, said, tmp_path, capsys) -> None:
+    """'verified' compares the output with the input as read: it proves nothing about the input itself, so
+    the report says what was checked there, and for a format without checksums points to diff."""
+    code = main(["convert", str(FIXTURES / "good" / src), str(tmp_path / "out.pth"), "--weights-only",
+                 "--model-config", LINGUA])
+    out, err = capsys.readouterr()
+    assert code in (0, 1), out + err  # 1: the re-check of the output may fail on a naming the config lacks
+    assert said in out, out
+    if "not verifiable" in said:
+        assert f"(ckptcheck diff {FIXTURES / 'good' / src} REFERENCE)" in out

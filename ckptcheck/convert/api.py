@@ -17,6 +17,7 @@ from ..errors import InputError
 from ..formats import open_checkpoint
 from ..manifest import OPTIMIZER_SECTIONS, Manifest
 from ..naming import HF, Scheme
+from ..checks.integrity import checksum_of
 from .heads import confirm_head_split
 from .atomic import Staging, refuse_unsafe_destination
 from .buffers import refuse_unrecomputable
@@ -50,6 +51,8 @@ class ConversionReport:
     # verified against the input): {"config": path, "target": suite, "total": n, "failed": [{"id", "message"}],
     # "skipped": [...]}.
     recheck: dict[str, Any] | None = None
+    # The checksum the input keeps for its data, verified on every read (None: it keeps none).
+    input_checksum: str | None = None
 
     @property
     def recheck_failed(self) -> bool:
@@ -69,6 +72,9 @@ class ConversionReport:
         ]
         if self.bytes_verified:
             out.append(f"  verified: read back and compared with the input ({self.bytes_verified / 1e6:.1f} MB)")
+        out.append(f"  input integrity: {self.input_checksum} checked on every read" if self.input_checksum else
+                   "  input integrity: not verifiable, the input keeps no checksum (a corrupted byte in it is "
+                   f"copied as is): compare it with a reference (ckptcheck diff {self.src} REFERENCE)")
         for key, why in self.dropped:
             out.append(f"  dropped {key}: {why}")
         if self.precision:
@@ -225,7 +231,7 @@ def convert(
         summary=plan.summary(),
         bytes_written=plan.total_bytes, bytes_verified=verified, seconds=time.perf_counter() - started,
         dropped=[list(d) for d in plan.dropped], config_written=written_config, precision=precision,  # type: ignore[misc]
-        optimizer_initialised=init_optimizer_state,
+        optimizer_initialised=init_optimizer_state, input_checksum=checksum_of(source.manifest.facts),
     )
 
 
