@@ -632,3 +632,14 @@ def test_convert_says_whether_the_input_was_verified(src, said, tmp_path, capsys
     assert said in out, out
     if "not verifiable" in said:
         assert f"(ckptcheck diff {FIXTURES / 'good' / src} REFERENCE)" in out
+
+
+def test_dcp_storage_file_name_too_long_for_the_file_system_is_one_line(tmp_path, capsys) -> None:
+    """A 300-character name fits the path limit but not the file system's (ENAMETOOLONG): found by the
+    structure-aware fuzzer as an internal error (exit 3)."""
+    def change(meta) -> None:
+        _storage(meta).relative_path = "x" * 300
+    folder = edit_metadata(tmp_path, change)
+    code, _, err = check(folder, capsys, "--target", "resume")
+    assert code == 2
+    assert_one_line(err, str(folder / ".metadata"), WQ, "cannot be opened (File name too long)")

@@ -337,10 +337,13 @@ def _chunk(folder: Path, where: str, fqn: str, offsets: tuple[int, ...], sizes: 
         shown = repr(transforms)[:80] if isinstance(transforms, (str, list, tuple)) else f"a {type(transforms).__name__}"
         raise InputError(where, fqn, f"storage transforms {shown} are not supported")
     if rel not in file_sizes:
-        if not (folder / rel).exists():
-            raise InputError(folder / rel, None, f"storage file for {fqn} is missing")
-        with open_binary(folder / rel, folder) as f:  # regular files inside the folder only (no FIFO, device, link out)
-            file_sizes[rel] = os.fstat(f.fileno()).st_size
+        try:
+            if not (folder / rel).exists():
+                raise InputError(folder / rel, None, f"storage file for {fqn} is missing")
+            with open_binary(folder / rel, folder) as f:  # regular files inside the folder only (no FIFO, device, link out)
+                file_sizes[rel] = os.fstat(f.fileno()).st_size
+        except OSError as exc:  # a name too long for the file system, a folder on the path that is a file...
+            raise InputError(where, fqn, f"storage file {rel[:80]!r} cannot be opened ({exc.strerror or exc})") from None
     if start + length > file_sizes[rel]:
         raise InputError(
             folder / rel, fqn, f"bytes {start}..{start + length} lie past the end of the {file_sizes[rel]} byte file",
