@@ -17,6 +17,25 @@ def bit_view(t: torch.Tensor) -> torch.Tensor:
     return flat.view(width) if width is not None and flat.numel() else flat
 
 
+def widened(t: torch.Tensor) -> torch.Tensor:
+    """A float8 tensor as float32 (exact): torch implements isfinite, isinf and arithmetic for no float8
+    dtype; any other tensor as it is."""
+    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
+
+
+def stored_elements(t: torch.Tensor) -> torch.Tensor:
+    """The elements a view reads, flat, bounded by the storage it views and never by its own numel: a
+    stride-0 dimension is read at index 0 only (every index reads the same elements), and a view whose
+    strides overlap is replaced by the storage span it covers (each stored element once)."""
+    t = t[tuple(0 if s == 0 and n > 1 else slice(None) for n, s in zip(t.shape, t.stride(), strict=True))]
+    if t.is_contiguous():
+        return t.reshape(-1)
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0
+    if t.numel() <= span:
+        return t.reshape(-1)
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (span,), (1,))
+
+
 def unravel(flat: int, shape: tuple[int, ...]) -> list[int]:
     """A flat index as a multi-dimensional one."""
     out = []

@@ -18,6 +18,8 @@ class TensorInfo:
     dtype: str
     # Another key whose bytes this tensor shares (a tied weight saved by torch.save), if any.
     alias_of: str | None = None
+    # Dimensions (of size > 1) along which the stored view has stride 0: its elements repeat one value there.
+    aliased_dims: tuple[int, ...] = ()
 
     @property
     def numel(self) -> int:

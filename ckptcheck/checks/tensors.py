@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .. import dtypes
+from ..bits import stored_elements, widened
 from . import repairs
 from .model import Check, Verdict
 from .shards import differing_copies
@@ -33,6 +34,14 @@ def plan_shape(session: Session) -> list[Check]:
                 return _missing(session, key)
             want = session.spec.tensors[key].shape
             got = info.shape
+            if info.aliased_dims:  # torch.load loads such a view; training would start from repeated values
+                dims = list(info.aliased_dims)
+                return Verdict.fail(
+                    f"{session.spec.display(key)} of shape {_fmt(got)} repeats its stored values along dims {dims} "
+                    "(stride 0): every index there reads the same elements, which no trained weight does",
+                    expected="one stored value per element", obtained=f"stride 0 along dims {dims}",
+                    repair=repairs.from_training(),
+                )
             if len(want) == len(got) and all(w is None or w == g for w, g in zip(want, got, strict=True)):
                 return Verdict.ok(expected=_fmt(want), obtained=_fmt(got))
             hint = ""
@@ -102,17 +111,15 @@ def _count_nonfinite(session: Session, stored: str, info: TensorInfo) -> tuple[i
     """Scan one tensor in bounded chunks; None when every value is finite."""
     import torch
 
-    flat = session.checkpoint.load(stored).reshape(-1)
+    flat = stored_elements(session.checkpoint.load(stored))
     if flat.dtype.is_complex:
         flat = torch.view_as_real(flat).reshape(-1)
     nan = inf = 0
     first = -1
     for start in range(0, flat.numel(), FINITE_CHUNK):
-        part = flat[start:start + FINITE_CHUNK]
+        part = widened(flat[start:start + FINITE_CHUNK])
         if bool(torch.isfinite(part).all()):
             continue
-        if part.dtype.itemsize == 1:  # float8: isnan/isinf are not implemented for it everywhere
-            part = part.float()
         nan += int(torch.isnan(part).sum())
         inf += int(torch.isinf(part).sum())
         if first < 0:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .. import dtypes
-from ..bits import bit_view
+from ..bits import bit_view, widened
 from ..errors import InputError
 from ..layouts import half_to_interleaved, interleaved_to_half
 from .plan import TensorMove
@@ -142,7 +142,7 @@ def refuse_lossy_cast(t: torch.Tensor, cast: torch.Tensor, *, path: str, key: st
     changes what the model computes (Inf spreads to every activation; a flushed scale silences a row)."""
     import torch
 
-    overflow = torch.isfinite(t) & ~torch.isfinite(cast)
+    overflow = torch.isfinite(widened(t)) & ~torch.isfinite(widened(cast))
     flushed = (t != 0) & (cast == 0)
     for bad, what in ((overflow, "overflows to Inf"), (flushed, "is flushed to zero")):
         if bool(bad.any()):

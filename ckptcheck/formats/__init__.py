@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..safe_pickle import torch_would_unpickle
 from ..files import open_binary
-from .base import Checkpoint
+from .base import Checkpoint, reader_errors
 from .dcp import METADATA_NAME, DcpCheckpoint
 from .legacy import LegacyTorchCheckpoint
 from .meta_shards import MetaShardsCheckpoint, shard_files
@@ -128,7 +128,10 @@ _SUFFIX_SAYS = {".safetensors": "safetensors", ".pth": "torch", ".pt": "torch", 
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    ckpt = _open(path)
+    """The checkpoint at ``path``, opened by its format's reader; anything a reader raises while opening
+    and listing it is one ``InputError`` line (``reader_errors``)."""
+    with reader_errors(path, None):
+        ckpt = _open(path)
     target = Path(ckpt.manifest.path)
     said = _SUFFIX_SAYS.get(target.suffix) if target.is_file() else None
     if said is not None and said != ckpt.manifest.format.removesuffix("-legacy"):

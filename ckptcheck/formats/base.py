@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
-from ..errors import InputError
+from ..errors import CkptError, InputError
 from ..files import open_binary as open_binary  # re-exported: roundtrip.storage imports it from here
 from ..manifest import MODEL_SECTIONS, OPTIMIZER_SECTIONS, Manifest, TensorInfo, natural_key
 
@@ -23,10 +26,49 @@ STATE_SECTIONS = frozenset((
 ))
 
 
+@contextmanager
+def reader_errors(path: Any, item: str | None) -> Iterator[None]:
+    """The reader boundary: whatever escapes a reader on some input (a ``RuntimeError`` from torch, a
+    ``KeyError`` from a table the file did not fill) ends as one ``InputError`` line naming the file and the
+    item; the exception's type stays in it, so that a genuine bug remains recognisable."""
+    try:
+        yield
+    except CkptError:
+        raise
+    except RecursionError:
+        raise InputError(path, item, "nests too deeply to read (RecursionError)") from None
+    except MemoryError:
+        raise InputError(path, item, "reading it needs more memory than its bytes justify (MemoryError)") from None
+    except Exception as exc:
+        text = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise InputError(path, item, f"cannot be read ({type(exc).__name__}: {text})") from exc
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+# The reader methods every caller goes through: each is guarded by ``reader_errors`` in every subclass.
+_GUARDED = ("load", "read_rows", "load_value")
+
+
+def _guarded(method: _F) -> _F:
+    @functools.wraps(method)
+    def call(self: Checkpoint, key: str, *args: Any, **kwargs: Any) -> Any:
+        with reader_errors(getattr(getattr(self, "manifest", None), "path", None), key):
+            return method(self, key, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
 class Checkpoint(ABC):
-    """An opened checkpoint: a manifest now, tensor data on demand, one tensor at a time."""
+    """An opened checkpoint: a manifest now, tensor data on demand, one tensor at a time.  Every
+    subclass's ``load``, ``read_rows`` and ``load_value`` run inside ``reader_errors``."""
 
     manifest: Manifest
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _GUARDED:
+            if name in cls.__dict__:
+                setattr(cls, name, _guarded(cls.__dict__[name]))
 
     @abstractmethod
     def load(self, key: str) -> torch.Tensor:
@@ -117,7 +159,7 @@ def _sorted(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
 
 
 def _renamed(info: TensorInfo, key: str) -> TensorInfo:
-    return info if info.key == key else TensorInfo(key, info.shape, info.dtype, info.alias_of)
+    return info if info.key == key else dataclasses.replace(info, key=key)
 
 
 def row_span(shape: tuple[int, ...], start: int, stop: int) -> tuple[int, int]:

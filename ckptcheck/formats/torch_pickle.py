@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import math
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -210,6 +211,13 @@ def _allowlist() -> dict[tuple[str, str], Any]:
 TORCH_ALLOWLIST = _allowlist()
 
 
+# Storage locations torch.load can restore (its package registry, and torch.device's device types): any
+# other tag it refuses.  A GPU location is read on a CPU-only machine too, as torch.load(map_location=) does.
+_DEVICE_TYPES = ("cpu", "cuda", "mps", "meta", "xpu", "hpu", "mtia", "xla", "lazy", "ipu", "maia", "ve", "vulkan",
+                 "hip", "fpga", "ideep", "mkldnn", "opengl", "opencl", "privateuseone")
+_LOCATION = re.compile(rf"(?:{'|'.join(_DEVICE_TYPES)})(?::\d{{1,9}})?")
+
+
 class StorageTable:
     """persistent_load for torch pickles: one StorageRef per key, dtype and size checked for agreement."""
 
@@ -225,13 +233,17 @@ class StorageTable:
         _, storage_type, key, location, numel = pid
         if not isinstance(storage_type, _StorageType):
             raise MalformedTensor("storage of an unknown type")
-        key = key.decode("ascii") if isinstance(key, bytes) else key
+        if isinstance(key, bytes):  # torch.load looks for a record named data/b'0', which no archive holds
+            raise MalformedTensor(f"storage key {key[:20]!r} is bytes, not a string: torch.load refuses it")
+        key = str(key) if is_index(key) else key  # torch names the record f"data/{key}"
         if not isinstance(key, str) or not key.isdigit() and not key.isidentifier():
             raise MalformedTensor("bad storage key")
         if not is_index(numel):
             raise MalformedTensor("bad storage size")
-        if not isinstance(location, str):
-            raise MalformedTensor("storage location is not a string")
+        location = location.decode("ascii", "replace") if isinstance(location, bytes) else location  # as torch does
+        if not isinstance(location, str) or not _LOCATION.fullmatch(location):
+            shown = location[:40] if isinstance(location, str) else type(location).__name__
+            raise MalformedTensor(f"storage location {shown!r} names no device torch knows: torch.load refuses it")
         ref = StorageRef(key, str(storage_type), numel, location)
         known = self.storages.setdefault(key, ref)
         if known.dtype != ref.dtype or known.numel != ref.numel:

@@ -7,14 +7,17 @@ The same class reads a torch.save blob embedded in a larger file (DCP's ``.distc
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
+import re
 from abc import abstractmethod
 import struct
 import zipfile
 import zlib
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from ..dtypes import itemsize
 from ..errors import InputError
 from ..manifest import Manifest, TensorInfo
 from ..files import open_binary
@@ -28,7 +31,14 @@ MAX_DATA_PKL = 64 << 20  # data.pkl of a 70B checkpoint with optimizer state is 
 MAX_RATIO = 200  # a compressed member expanding more than this is treated as a zip bomb
 PICKLE_HEADS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 ZIP_MAGIC = b"PK\x03\x04"
+CRC_BLOCK = 1 << 20  # a record read in parts is CRC-checked by streaming it in blocks of this size
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra lengths at offset 26
+# What torch.load's archive reader accepts (caffe2's inline_container, torch 2.6 to 2.13): format versions,
+# byte orders, and the compression methods its zip library decompresses.
+TORCH_ZIP_VERSIONS = range(1, 11)
+BYTE_ORDERS = ("little", "big")
+TORCH_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+_LEADING_INT = re.compile(r"\s*[+-]?\d{1,20}")  # how the reader parses the version record (stoll)
 
 
 class Window(io.RawIOBase):
@@ -70,6 +80,7 @@ class TorchArchive:
         self._base = base
         size = os.fstat(f.fileno()).st_size if length is None else length
         self._size = size
+        self._verified: set[str] = set()  # storage records whose CRC-32 has been checked
         stream: BinaryIO = f if length is None else Window(f, base, length)  # type: ignore[assignment]
         try:
             self._zip = zipfile.ZipFile(stream)
@@ -87,15 +98,15 @@ class TorchArchive:
         pkl = pickles[0]
         self.prefix = pkl.filename[: -len("data.pkl")]
         self._members = {i.filename: i for i in infos}
-        self.facts: dict[str, str] = {"serialization": "torch zip"}
-        version = self._small_member("version")
-        if version is not None:
-            self.facts["torch zip version"] = version
+        self.facts: dict[str, str] = {"serialization": "torch zip", "torch zip version": self._version()}
         byteorder = self._small_member("byteorder")
+        if byteorder is not None and byteorder not in BYTE_ORDERS:
+            raise InputError(path, f"{self.prefix}byteorder", f"byte order {byteorder[:40]!r} is neither little nor "
+                             "big: torch.load refuses it")
         self.big_endian = byteorder == "big"
         if byteorder:
             self.facts["byteorder"] = byteorder
-        data = self._read_member(pkl, MAX_DATA_PKL)
+        data = self._read_member(pkl, MAX_DATA_PKL, torch_reads=True)
         loaded = load_torch_pickle(data, path=path, member=pkl.filename)
         self.obj, self.storages, self.refused = loaded.obj, loaded.storages, loaded.refused
         self.facts.update(weights_only_facts(self.refused))
@@ -131,7 +142,26 @@ class TorchArchive:
                 scan_globals(self._read_member(info, MAX_DATA_PKL), path=self.path, member=info.filename,
                              allowed=TORCH_ALLOWLIST)
 
-    def _read_member(self, info: zipfile.ZipInfo, limit: int, whole: bool = True) -> bytes:
+    def _version(self) -> str:
+        """The archive's format version, which torch's reader requires, parses as a leading integer and
+        bounds (``.data/version`` wins over ``version``, as there)."""
+        name = next((n for n in (".data/version", "version") if self.prefix + n in self._members), "version")
+        text = self._small_member(name)
+        if text is None:
+            raise InputError(self.path, f"{self.prefix}version", "the archive has no version record: torch.load "
+                             "refuses it")
+        number = _LEADING_INT.match(text)
+        if number is None or int(number.group()) not in TORCH_ZIP_VERSIONS:
+            raise InputError(self.path, self.prefix + name, f"format version {text[:40]!r} is not one torch reads "
+                             f"({TORCH_ZIP_VERSIONS.start} to {TORCH_ZIP_VERSIONS.stop - 1}): torch.load refuses it")
+        return text
+
+    def _read_member(self, info: zipfile.ZipInfo, limit: int, whole: bool = True, torch_reads: bool = False) -> bytes:
+        """A member's bytes.  ``torch_reads``: torch.load reads this member too, so it must be stored the way
+        torch's zip reader can decompress."""
+        if torch_reads and info.compress_type not in TORCH_COMPRESSION:
+            raise InputError(self.path, info.filename, f"compressed with zip method {info.compress_type}, which "
+                             "torch.load cannot read (it reads stored and deflated records)")
         if info.compress_size and info.file_size / info.compress_size > MAX_RATIO and info.file_size > (1 << 20):
             raise InputError(self.path, info.filename, f"expands {info.file_size // info.compress_size}x: a zip bomb")
         if whole and info.file_size > limit:
@@ -149,7 +179,7 @@ class TorchArchive:
         info = self._members.get(self.prefix + name)
         if info is None:
             return None
-        return self._read_member(info, 4096).decode("ascii", "replace").strip()
+        return self._read_member(info, 4096, torch_reads=True).decode("ascii", "replace").strip()
 
     def _data_offset(self, storage: StorageRef) -> int:
         info = self._members[f"{self.prefix}data/{storage.key}"]
@@ -166,23 +196,41 @@ class TorchArchive:
     def read(self, key: str, ref: TensorRef, rows: tuple[int, int] | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor, or only rows ``rows`` of it (a direct byte-range read when it is contiguous)."""
-        from ..dtypes import itemsize
-
         size = itemsize(ref.dtype)
         base = self._data_offset(ref.storage) + ref.offset * size
         if rows is not None and ref.is_contiguous:
             check_rows(self.path, key, ref.shape, *rows)
             first, count = row_span(ref.shape, *rows)
             buf = read_exact(self._f, base + first * size, count * size, path=self.path, item=key, out=out)
+            self._verify(ref.storage, buf if ref.offset + first == 0 and count * size == ref.storage.nbytes else None)
             return bytes_to_tensor(buf, ref.dtype, (rows[1] - rows[0], *ref.shape[1:]), big_endian=self.big_endian)
         buf = read_exact(self._f, base, ref.extent * size, path=self.path, item=key)
-        if ref.offset == 0 and ref.extent == ref.storage.numel:  # the whole record: check it as torch would
-            info = self._members[f"{self.prefix}data/{ref.storage.key}"]
-            if zlib.crc32(memoryview(buf.numpy())) != info.CRC:
-                raise InputError(self.path, info.filename, "bad CRC-32: the record is corrupted")
+        self._verify(ref.storage, buf if ref.offset == 0 and ref.extent * size == ref.storage.nbytes else None)
         stride = None if ref.is_contiguous else ref.stride
         tensor = bytes_to_tensor(buf, ref.dtype, ref.shape, stride, big_endian=self.big_endian)
         return tensor if rows is None else tensor[rows[0]:rows[1]]
+
+    def _verify(self, storage: StorageRef, whole: torch.Tensor | None) -> None:
+        """The record's CRC-32, checked once per archive on every read path (rows and views too, not only
+        whole-tensor reads): from ``whole`` when the bytes just read are the whole record, else streamed."""
+        if storage.key in self._verified:
+            return
+        info = self._members[f"{self.prefix}data/{storage.key}"]
+        crc = zlib.crc32(memoryview(whole.numpy())) if whole is not None else \
+            self._stream_crc(self._data_offset(storage), info.file_size, info.filename)
+        if crc != info.CRC:
+            raise InputError(self.path, info.filename, "bad CRC-32: the record is corrupted")
+        self._verified.add(storage.key)
+
+    def _stream_crc(self, start: int, length: int, name: str) -> int:
+        crc, block = 0, memoryview(bytearray(min(length, CRC_BLOCK)))
+        self._f.seek(start)
+        while length:
+            got = self._f.readinto(block[:min(length, len(block))])
+            if not got:
+                raise InputError(self.path, name, f"file ends {length} bytes before the record does")
+            crc, length = zlib.crc32(block[:got], crc), length - got
+        return crc
 
 
 def _check_member_name(path: str, name: str) -> None:
@@ -205,10 +253,16 @@ def single_tensor_ref(archive: TorchArchive, item: str) -> TensorRef:
 
 
 def check_ref(path: str, key: str, ref: TensorRef) -> None:
-    """A tensor's view must lie inside its storage."""
-    if ref.offset + ref.extent > ref.storage.numel and ref.numel:
+    """A tensor's view must lie inside its storage, counted in bytes: a ``_rebuild_tensor_v3`` tensor's
+    storage is untyped (its size is in bytes) while offset and strides count the tensor's own elements."""
+    if ref.numel and (ref.offset + ref.extent) * itemsize(ref.dtype) > ref.storage.nbytes:
         raise InputError(path, key, f"tensor of shape {list(ref.shape)} at offset {ref.offset} runs past its storage "
-                         f"of {ref.storage.numel} elements")
+                         f"of {ref.storage.nbytes} bytes: torch.load refuses it")
+
+
+def _spelled(p: tuple[str, ...]) -> str:
+    """A flattened entry's path as nested keys, so that two spellings of one dotted key can be told apart."""
+    return "".join(f"[{k!r}]" for k in p)[:200]
 
 
 def tensor_entries(obj: Any, *, path: str, member: str,
@@ -223,14 +277,20 @@ def tensor_entries(obj: Any, *, path: str, member: str,
         leaves = list(walk(obj))
     except ValueError as exc:
         raise InputError(path, member, str(exc)) from None
+    seen: dict[str, tuple[str, ...]] = {}
     for p, leaf in leaves:
         dotted = ".".join(p)
+        other = seen.setdefault(dotted, p)
+        if other != p:  # {"a": {"b": t1}, "a.b": t2}: a loader keeps one of them, and which is not said
+            raise InputError(path, dotted, f"two entries flatten to this key ({_spelled(other)} and {_spelled(p)}): "
+                             "which one a loader takes is ambiguous")
         if isinstance(leaf, TensorRef):
             check_ref(path, dotted, leaf)
             view = (leaf.storage.key, leaf.offset, leaf.shape, leaf.stride)
             alias = first_view.setdefault(view, dotted)
             refs[dotted] = leaf
-            entries.append((p, TensorInfo(dotted, leaf.shape, leaf.dtype, None if alias == dotted else alias)))
+            repeated = tuple(d for d, (n, s) in enumerate(zip(leaf.shape, leaf.stride, strict=True)) if s == 0 and n > 1)
+            entries.append((p, TensorInfo(dotted, leaf.shape, leaf.dtype, None if alias == dotted else alias, repeated)))
         else:
             entries.append((p, None))
     return entries, refs
@@ -303,5 +363,5 @@ class TorchFileCheckpoint(PickledCheckpoint):
 def _alias_renamed(info: TensorInfo, nesting: str | None) -> TensorInfo:
     """Alias targets were recorded with full paths; inside the model section drop the nesting."""
     if info.alias_of and nesting and info.alias_of.startswith(nesting + "."):
-        return TensorInfo(info.key, info.shape, info.dtype, info.alias_of[len(nesting) + 1:])
+        return dataclasses.replace(info, alias_of=info.alias_of[len(nesting) + 1:])
     return info
