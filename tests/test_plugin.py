@@ -17,7 +17,7 @@ LINGUA = str(CONFIGS / "lingua_params.json")
 
 def test_good_checkpoint_passes_every_item(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--ckpt", GOOD, "--model-config", LINGUA, "-v")
-    result.assert_outcomes(passed=91, skipped=4)  # n_heads, n_kv_heads, norm_eps, rope_theta: no witness
+    result.assert_outcomes(passed=92, skipped=4)  # n_heads, n_kv_heads, norm_eps, rope_theta: no witness
     assert result.ret == 0
     result.stdout.fnmatch_lines([
         "*consolidated.pth::test_naming?meta? PASSED*",
@@ -31,7 +31,7 @@ def test_good_checkpoint_passes_every_item(pytester: pytest.Pytester) -> None:
 def test_broken_checkpoint_fails_with_readable_assertions(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--ckpt", DAMAGED, "--model-config", LINGUA)
     assert result.ret == 1
-    result.assert_outcomes(passed=85, failed=3, skipped=7)
+    result.assert_outcomes(passed=86, failed=3, skipped=7)
     result.stdout.fnmatch_lines([
         "*test_key_present?layers.0.feed_forward.w3.weight?*",
         "layers.0.feed_forward.w3.weight is missing",
@@ -53,7 +53,7 @@ def test_dash_k_selects_by_key(pytester: pytest.Pytester) -> None:
 
 def test_metadata_only_skips_value_checks(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--ckpt", DAMAGED, "--model-config", LINGUA, "--ckpt-metadata-only")
-    result.assert_outcomes(passed=66, failed=2, skipped=27)
+    result.assert_outcomes(passed=66, failed=2, skipped=28)
 
 
 def test_resume_target_and_dtype_option(pytester: pytest.Pytester) -> None:
@@ -83,7 +83,7 @@ def test_invalid_config_fails_collection_with_one_line(pytester: pytest.Pytester
 def test_under_xdist(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--ckpt", DAMAGED, "--model-config", LINGUA, "-n", "2")
     assert result.ret == 1
-    result.assert_outcomes(passed=85, failed=3, skipped=7)
+    result.assert_outcomes(passed=86, failed=3, skipped=7)
 
 
 def test_explicit_test_paths_still_collected(pytester: pytest.Pytester) -> None:
