@@ -221,3 +221,33 @@ def test_invalid_index_json_is_one_line_not_a_crash(tmp_path: Path, case: str,
     assert main(["check", str(folder)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{folder}" in err and cause in err, err
+
+
+def _many_keys(tmp: Path, n: int) -> Path:
+    tmp.mkdir()
+    header = {f"blocks.{i}.extra.weight": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
+              for i in range(n)}
+    return _header_file(tmp, json.dumps(header).encode(), b"\0" * (4 * n))
+
+
+def test_header_with_many_keys_is_checked_in_steps_linear_in_the_keys(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every key is a failing check that names a repair command; working out that command's flags maps every
+    key, and did so once per check (100,000 keys: hours).  Counted, not timed: the whole-checkpoint key
+    mapping runs as often for 200 keys as for 20."""
+    import ckptcheck.naming
+
+    calls: list[int] = []
+    real = ckptcheck.naming.map_keys
+
+    def counted(tensors, *args, **kwargs):
+        calls.append(len(tensors))
+        return real(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(ckptcheck.naming, "map_keys", counted)
+    counts = []
+    for n in (20, 200):
+        calls.clear()
+        assert main(["check", str(_many_keys(tmp_path / str(n), n)), "--model-config", str(CONFIG)]) == 1
+        counts.append(sum(1 for c in calls if c >= n))
+    assert counts[0] == counts[1] and counts[1] < 20, counts

@@ -53,12 +53,24 @@ def command(session: Session, *extra: str) -> str:
         parts += ["--target", session.options.target]
     if session.options.dtype:
         parts += ["--dtype", session.options.dtype]
-    head_dim = unconfirmed_head_dim(session, to)
-    if head_dim is not None:
-        parts += ["--head-dim", str(head_dim)]
-    if to is not None and not holds_training_state(session, to):  # the target loads weights only
-        parts += ["--weights-only"]
+    parts += _output_flags(session, to)
     return shlex.join([*parts, *extra])
+
+
+# The flags a repair command adds for an output format, per opened checkpoint: every failing check names a
+# command, and working them out reads every key (once per check made the run quadratic in the keys).
+_OUTPUT_FLAGS: weakref.WeakKeyDictionary[Checkpoint, dict[str | None, list[str]]] = weakref.WeakKeyDictionary()
+
+
+def _output_flags(session: Session, to: str | None) -> list[str]:
+    """--head-dim where the split is unconfirmed, --weights-only where the output cannot hold the state."""
+    known = _OUTPUT_FLAGS.setdefault(session.checkpoint, {})
+    if to not in known:
+        head_dim = unconfirmed_head_dim(session, to)
+        known[to] = ["--head-dim", str(head_dim)] if head_dim is not None else []
+        if to is not None and not holds_training_state(session, to):  # the target loads weights only
+            known[to].append("--weights-only")
+    return known[to]
 
 
 def holds_training_state(session: Session, to: str) -> bool:
