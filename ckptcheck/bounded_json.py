@@ -29,8 +29,10 @@ MAX_INT_DIGITS = 40
 # Longest key quoted in a duplicate-key message.
 _KEY_QUOTE = 60
 
-# A JSON string literal (unrolled, linear on any input) and what is left once strings are gone.
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+# A JSON string literal, or an unterminated one running to the end of the text (so that no later quote is
+# tried as another start: text of 8 MB of escaped quotes took hours with rescans), and what is left once
+# strings are gone.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _DELTA = {"[": 1, "{": 1, "]": -1, "}": -1}
 

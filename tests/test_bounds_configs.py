@@ -284,3 +284,25 @@ def test_forward_diff_with_a_config_that_does_not_fit_the_weights_is_one_line(tm
     assert (code, err.getvalue().strip()) == (
         2, f"ckptcheck: error: {GOOD}: tok_embeddings.weight: has shape [128, 32] but the config gives [128, 64]: "
            "cannot run the reference forward")
+
+
+def test_roundtrip_with_a_config_of_more_layers_than_the_checkpoint_refuses_to_build_it(tmp_path: Path) -> None:
+    """The round trip's ranks built the config's model on the meta device: 10**9 layers never finished (each
+    rank growing without bound).  Now each rank refuses the config in one line naming the field."""
+    config = tmp_path / "params.json"
+    config.write_text(json.dumps(lingua(n_layers=10**9)))
+    done = _limited_cli("roundtrip", GOOD, "--model-config", str(config))
+    assert done.returncode == 1, done.stderr
+    assert (f"rank 0 failed in phase build: InputError: {config}: field model.n_layers: 1000000000 layers, but the "
+            "checkpoint holds 21 entries: it cannot be this model") in done.stdout
+
+
+def test_unterminated_string_of_escaped_quotes_is_measured_in_one_pass(tmp_path: Path) -> None:
+    """The depth scan skips strings; an unterminated one made every later escaped quote a new start, rescanning
+    to the end each time (400 KB of \\" took an hour).  Now it is one pass, and the line is JSON's own."""
+    config = tmp_path / "params.json"
+    config.write_text('{"model": "' + '\\"' * 200_000)
+    done = subprocess.run([sys.executable, "-m", "ckptcheck", "check", GOOD, "--model-config", str(config)],
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert (done.returncode, done.stderr.strip()) == (
+        2, f"ckptcheck: error: {config}: line 1 column 11: invalid JSON: Unterminated string starting at")
