@@ -110,6 +110,14 @@ def spec_from_config(cfg: ModelConfig, tensors_held: int | None = None) -> Model
     )
 
 
+def require_layers_held(cfg: ModelConfig, tensors_held: int) -> None:
+    """Refuse to build the config's model for a checkpoint that holds fewer tensors than the config has
+    layers: it cannot be this model, and building 10**9 layers, even on the meta device, never ends."""
+    if cfg.n_layers > tensors_held:
+        raise InputError(cfg.source, f"field {cfg.field_name('n_layers')}", f"{cfg.n_layers} layers, but the "
+                         f"checkpoint holds {tensors_held} entries: it cannot be this model")
+
+
 def build_factory_model(target: str, config: ModelConfig | None = None) -> Any:
     """Call ``module:function`` (with the config's raw JSON if it takes a parameter) and return its
     ``nn.Module``; the caller chooses the device (ckptcheck always builds on meta first)."""

@@ -141,7 +141,7 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
                 time.sleep(0.05)
     items, reader = open_dcp(args.dcp)
     with Phase(report, "build"):
-        model, cfg = _build(args, dtype=_dcp_dtype(items))
+        model, cfg = _build(args, dtype=_dcp_dtype(items), entries=len(items))
         for block in getattr(model, "layers", []):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -199,12 +199,13 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
     dist.barrier()
 
 
-def _build(args: argparse.Namespace, dtype: Any) -> tuple[Any, Any]:
+def _build(args: argparse.Namespace, dtype: Any, entries: int) -> tuple[Any, Any]:
     import torch
 
     from ..configs import load_config
     from ..engine import resolve_config_path
     from ..model import Transformer
+    from ..spec import require_layers_held
 
     config_path = args.model_config or resolve_config_path(args.source, None)
     cfg = load_config(config_path) if config_path else None
@@ -214,6 +215,7 @@ def _build(args: argparse.Namespace, dtype: Any) -> tuple[Any, Any]:
 
             model = build_factory_model(args.model_factory, cfg)
         elif cfg is not None:
+            require_layers_held(cfg, entries)
             model = Transformer(cfg)
         else:
             raise SystemExit("round trip: no model config and no --model-factory")
