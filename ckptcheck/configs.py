@@ -216,7 +216,7 @@ class _Fields:
         value = self.data.get(name, default)
         if isinstance(value, bool):
             return value
-        raise self._err(name, f"must be true or false, got {value!r}")
+        raise self._err(name, f"must be true or false, got {_shown(value)}")
 
 
 def _heads(f: _Fields, dim: int, dim_field: str, heads_field: str, kv_field: str) -> tuple[int, int, int]:
@@ -274,7 +274,7 @@ def _from_hf(path: Path, data: dict[str, Any]) -> ModelConfig:
     if model_type is not None and model_type not in HF_LLAMA_TYPES:
         raise InputError(
             path, "field model_type",
-            f"{model_type!r} is not a Llama-family architecture ({', '.join(HF_LLAMA_TYPES)}); "
+            f"{_shown(model_type)} is not a Llama-family architecture ({', '.join(HF_LLAMA_TYPES)}); "
             "describe other models with --model-factory",
         )
     dim = f.count("hidden_size", "dim")
@@ -286,7 +286,7 @@ def _from_hf(path: Path, data: dict[str, Any]) -> ModelConfig:
         try:
             dtype = dtypes.canonical(str(dtype_name))
         except InputError:
-            raise f._err("torch_dtype", f"unknown dtype {dtype_name!r}") from None
+            raise f._err("torch_dtype", f"unknown dtype {_shown(dtype_name)}") from None
     return ModelConfig(
         source=str(path), schema="hf", dim=dim,
         n_layers=f.count("num_hidden_layers", "n_layers"),
@@ -322,7 +322,7 @@ def _hf_rope(f: _Fields, data: dict[str, Any]) -> tuple[str, float, dict[str, An
     name = "rope_scaling" if data.get("rope_scaling") else "rope_parameters"
     params = data.get(name) or {}
     if not isinstance(params, dict):
-        raise f._err(name, f"must be an object, got {params!r}")
+        raise f._err(name, f"must be an object, got {_shown(params)}")
     sub = _Fields(f.path, params, name + ".")
     theta_field = name + ".rope_theta" if params.get("rope_theta") is not None else "rope_theta"
     theta = (sub if theta_field != "rope_theta" else f).number(theta_field.split(".")[-1], "rope_theta", 10000.0)

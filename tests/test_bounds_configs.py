@@ -117,6 +117,8 @@ INVALID = {
                               "must be a positive finite number, got nan"),
     "hf_scaling_type_list": (json.dumps({**HF, "rope_scaling": {"rope_type": ["llama3"]}}), "config.json",
                              "field rope_scaling.rope_type", "must be a string, got ['llama3']"),
+    "hf_dtype_huge_list": (json.dumps({**HF, "torch_dtype": list(range(100_000))}), "config.json",
+                           "field torch_dtype", f"unknown dtype {repr(list(range(100_000)))[:60]}..."),
     "hf_parameters_theta_negative": (json.dumps({**HF, "rope_parameters": {"rope_type": "default",
                                                                             "rope_theta": -1}}),
                                      "config.json", "field rope_parameters.rope_theta",
