@@ -70,9 +70,9 @@ OPTIMIZER_SECTIONS = ("optim", "optimizer", "optimizer_states", "optimizer_state
 MODEL_SECTIONS = ("model", "state_dict", "model_state_dict", "module")
 
 
-_DIGITS = re.compile(r"(\d+)")
+_DIGITS = re.compile(r"([0-9]+)")
 
 
 def natural_key(key: str) -> tuple[tuple[int, str], ...]:
     """Sort "layers.2" before "layers.10"."""
-    return tuple((int(p), "") if p.isdigit() else (-1, p) for p in _DIGITS.split(key) if p)
+    return tuple((int(p), "") if p.isascii() and p.isdigit() else (-1, p) for p in _DIGITS.split(key) if p)

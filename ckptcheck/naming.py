@@ -82,7 +82,7 @@ class Scheme:
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
-    return re.compile(re.escape(template).replace(re.escape("{i}"), r"(\d+)"))
+    return re.compile(re.escape(template).replace(re.escape("{i}"), r"([0-9]+)"))
 
 
 def _apply(table: list[tuple[re.Pattern[str], str]], key: str) -> str | None:
@@ -238,7 +238,7 @@ def map_keys(keys: Iterable[str], scheme: Scheme | None = None) -> KeyMapping:
     )
 
 
-LAYER_RE = re.compile(r"^layers\.(\d+)\.")
+LAYER_RE = re.compile(r"^layers\.([0-9]+)\.")
 
 
 def layer_of(canonical_key: str) -> int | None:

@@ -19,8 +19,8 @@ from .manifest import TensorInfo
 
 SCHEDULER_SECTIONS = ("lr_scheduler", "lr_schedulers", "scheduler")
 DATALOADER_SECTIONS = ("dataloader", "data_loader")
-TRAIN_STATE_RE = re.compile(r"^train_state_(\d+)\.json$")
-DISTCP_RE = re.compile(r"^__(\d+)_.*\.distcp$")
+TRAIN_STATE_RE = re.compile(r"^train_state_([0-9]+)\.json$")
+DISTCP_RE = re.compile(r"^__([0-9]+)_.*\.distcp$")
 
 
 def is_position(key: str) -> bool:

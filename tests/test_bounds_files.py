@@ -251,3 +251,41 @@ def test_header_with_many_keys_is_checked_in_steps_linear_in_the_keys(tmp_path: 
         assert main(["check", str(_many_keys(tmp_path / str(n), n)), "--model-config", str(CONFIG)]) == 1
         counts.append(sum(1 for c in calls if c >= n))
     assert counts[0] == counts[1] and counts[1] < 20, counts
+
+
+ARABIC_ONE = "\u0661"  # ARABIC-INDIC DIGIT ONE: int() reads it as 1, str.isdigit() and \d accept it
+
+
+def test_shard_numbered_in_arabic_indic_digits_is_not_shard_one(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    folder = Path(shutil.copytree(MP, tmp_path / "mp"))
+    (folder / "consolidated.01.pth").rename(folder / f"consolidated.{ARABIC_ONE}.pth")
+    assert main(["check", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.strip().endswith(
+        f"consolidated.{ARABIC_ONE}.pth: numbered in digits other than ASCII 0-9: not a model-parallel shard name"), err
+
+
+def test_layer_numbered_in_arabic_indic_digits_is_not_layer_one(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The model's load_state_dict finds no layers.1...wq (missing) and an unexpected key: so must the check,
+    and layer 1 is partial, not the complete layer that would confirm n_layers = 2."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(FIXTURES / "good" / "model.safetensors")
+    state[f"layers.{ARABIC_ONE}.attention.wq.weight"] = state.pop("layers.1.attention.wq.weight")
+    path = tmp_path / "model.safetensors"
+    save_file(state, str(path))
+    assert main(["check", str(path), "--model-config", str(CONFIG), "-v"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL   key_present[layers.1.attention.wq.weight]" in out
+    assert f"FAIL   unexpected_key[layers.{ARABIC_ONE}.attention.wq.weight]" in out
+    assert "layer 1 holds 8 of 9 tensors" in out and "PASS   config[n_layers]" not in out
+
+
+def test_key_of_a_superscript_digit_is_sorted_not_a_crash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """'²'.isdigit() is True but int('²') raises: a key made of it crashed sorting the keys (exit 3)."""
+    path = _header_file(tmp_path, json.dumps({"\u00b2": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode(),
+                        b"\0" * 4)
+    assert main(["inspect", str(path)]) == 0
+    assert "\u00b2" in capsys.readouterr().out

@@ -210,8 +210,9 @@ def read_metadata(folder: Path) -> tuple[dict[str, Item], dict[str, str]]:
         path = _planner_path(where, fqn, planner.get(fqn))
         if isinstance(entry, _BytesStorage):
             info = by_index.get((fqn, None))
-            chunk = _chunk(folder, where, fqn, (), (), info, file_sizes) if info is not None else None
-            items[fqn] = Item(fqn, path, None, (chunk,) if chunk else ())
+            if info is None:
+                raise InputError(where, fqn, "bytes entry has no storage entry (storage_data) saying where it is")
+            items[fqn] = Item(fqn, path, None, (_chunk(folder, where, fqn, (), (), info, file_sizes),))
         elif isinstance(entry, _TensorStorage):
             items[fqn] = _tensor_item(folder, where, fqn, path, entry, by_index, file_sizes)
         else:
@@ -245,7 +246,7 @@ def _version(where: str, version: Any) -> str | None:
     """DCP's metadata version: absent (before torch 2.4) or dotted numbers such as "1.0.0"."""
     if version is None:
         return None
-    if not isinstance(version, str) or not re.fullmatch(r"\d{1,6}(\.\d{1,6}){0,3}", version):
+    if not isinstance(version, str) or not re.fullmatch(r"[0-9]{1,6}(\.[0-9]{1,6}){0,3}", version):
         shown = repr(version)[:40] if isinstance(version, str) else f"a {type(version).__name__}"
         raise InputError(where, "version", f"metadata version {shown} is not a dotted version number such as 1.0.0")
     return version

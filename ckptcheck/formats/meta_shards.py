@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 # Bytes compared per step when checking a replicated tensor's copies: bounds memory, not the tensor.
 COMPARE_BYTES = 1 << 26
-SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
+SHARD_RE = re.compile(r"^consolidated\.([0-9]+)\.pth$")
+_OTHER_DIGITS = re.compile(r"^consolidated\.\d+\.pth$")  # \d: any Unicode decimal digit
 _SPLIT_DIM = {
     "layers.{i}.attention.wq.weight": 0, "layers.{i}.attention.wk.weight": 0,
     "layers.{i}.attention.wv.weight": 0, "layers.{i}.feed_forward.w1.weight": 0,
@@ -53,8 +54,15 @@ def split_dim(canonical_key: str | None, shape: tuple[int, ...], model_dim: int 
 
 
 def shard_files(folder: Path) -> list[Path]:
-    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := SHARD_RE.match(p.name)))
-    return [p for _, p in found]
+    """The shard files, in order; a name numbered in other decimal digits ("consolidated.١.pth") is refused:
+    int() reads it as a shard number, Meta's loader (sorted file names) does not."""
+    found = []
+    for p in folder.iterdir():
+        if m := SHARD_RE.match(p.name):
+            found.append((int(m.group(1)), p))
+        elif _OTHER_DIGITS.match(p.name):
+            raise InputError(p, None, "numbered in digits other than ASCII 0-9: not a model-parallel shard name")
+    return [p for _, p in sorted(found)]
 
 
 class MetaShardsCheckpoint(Checkpoint):

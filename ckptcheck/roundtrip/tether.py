@@ -19,7 +19,7 @@ from pathlib import Path
 LAUNCHER_ENV = "CKPTCHECK_LAUNCHER"
 PREFIX = "ckptcheck-roundtrip-"
 CHECK_EVERY_S = 0.5
-_FOLDER = re.compile(re.escape(PREFIX) + r"(\d+)-(\d+)-")
+_FOLDER = re.compile(re.escape(PREFIX) + r"([0-9]+)-([0-9]+)-")
 
 
 def identity(pid: int) -> str | None:
