@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from . import bounded_json, dtypes
-from .bounded_json import reject_duplicate_keys  # noqa: F401  (formats.safetensors_files imports it here)
 from .errors import InputError
 from .files import open_binary
 
