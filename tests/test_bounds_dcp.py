@@ -643,3 +643,14 @@ def test_dcp_storage_file_name_too_long_for_the_file_system_is_one_line(tmp_path
     code, _, err = check(folder, capsys, "--target", "resume")
     assert code == 2
     assert_one_line(err, str(folder / ".metadata"), WQ, "cannot be opened (File name too long)")
+
+
+def test_dcp_bytes_entry_without_a_storage_entry_is_one_line(tmp_path, capsys) -> None:
+    lr = "optim.param_groups.0.lr"
+
+    def change(meta) -> None:
+        del meta.storage_data[next(k for k in meta.storage_data if k.fqn == lr)]
+    folder = edit_metadata(tmp_path, change)
+    code, _, err = check(folder, capsys)
+    assert code == 2
+    assert_one_line(err, str(folder / ".metadata"), lr, "bytes entry has no storage entry")
