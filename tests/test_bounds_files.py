@@ -289,3 +289,23 @@ def test_key_of_a_superscript_digit_is_sorted_not_a_crash(tmp_path: Path, capsys
                         b"\0" * 4)
     assert main(["inspect", str(path)]) == 0
     assert "\u00b2" in capsys.readouterr().out
+
+
+def test_version_record_in_arabic_indic_digits_is_refused_as_torch_does(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """torch parses the archive's version record with stoll (ASCII digits); int() reads '٣' as 3."""
+    import zipfile
+
+    import torch
+
+    source, path = tmp_path / "source.pth", tmp_path / "model.pth"
+    torch.save({"w": torch.zeros(4)}, source)
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, "\u0663\n".encode() if info.filename.endswith("/version") else src.read(info))
+    oracle = subprocess.run([sys.executable, "-c", "import sys, torch; torch.load(sys.argv[1], weights_only=True)",
+                             str(path)], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert oracle.returncode != 0 and "Couldn't parse the version" in oracle.stderr
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "source/version: format version" in err and "torch.load refuses it" in err, err

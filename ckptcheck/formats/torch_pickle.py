@@ -215,7 +215,7 @@ TORCH_ALLOWLIST = _allowlist()
 # other tag it refuses.  A GPU location is read on a CPU-only machine too, as torch.load(map_location=) does.
 _DEVICE_TYPES = ("cpu", "cuda", "mps", "meta", "xpu", "hpu", "mtia", "xla", "lazy", "ipu", "maia", "ve", "vulkan",
                  "hip", "fpga", "ideep", "mkldnn", "opengl", "opencl", "privateuseone")
-_LOCATION = re.compile(rf"(?:{'|'.join(_DEVICE_TYPES)})(?::\d{{1,9}})?")
+_LOCATION = re.compile(rf"(?:{'|'.join(_DEVICE_TYPES)})(?::[0-9]{{1,9}})?")
 
 
 class StorageTable:

@@ -38,7 +38,7 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra leng
 TORCH_ZIP_VERSIONS = range(1, 11)
 BYTE_ORDERS = ("little", "big")
 TORCH_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
-_LEADING_INT = re.compile(r"\s*[+-]?\d{1,20}")  # how the reader parses the version record (stoll)
+_LEADING_INT = re.compile(r"\s*[+-]?[0-9]{1,20}")  # how the reader parses the version record (stoll)
 
 
 class Window(io.RawIOBase):
