@@ -264,17 +264,19 @@ def safe_loads(
     persistent_load: Callable[[Any], Any] | None = None,
     require_single: bool = True,
     refused: set[str] | None = None,
+    opcodes: set[str] | None = None,
 ) -> Any:
     """Unpickle ``data`` through ``allowed`` only.  Errors come back as one-line ``CkptError``s.
 
     With ``refused`` (a set to fill), a global in ``INERT_DATA`` but not allowed becomes an ``Unknown``
     record and its name is added; without it, such a global is refused as unsafe like any other.
     ``require_single`` refuses bytes after the STOP opcode: a second pickle appended to a benign one is
-    how payloads hide from scanners that stop at the first.
+    how payloads hide from scanners that stop at the first.  ``opcodes``: a set to fill with the names of
+    the opcodes the pickle uses.
     """
     if len(data) > MAX_PICKLE_BYTES:
         raise InputError(path, member, f"pickle of {len(data)} bytes exceeds the {MAX_PICKLE_BYTES} byte limit")
-    _check_expansion(io.BytesIO(data), len(data), path=path, member=member)
+    _check_expansion(io.BytesIO(data), len(data), path=path, member=member, opcodes=opcodes)
     stream = io.BytesIO(data)
     obj = _load(_Unpickler(stream, path=path, member=member, allowed=allowed, persistent_load=persistent_load,
                            size=len(data), refused=refused), path, member)
@@ -299,12 +301,13 @@ def safe_load_stream(
     size: int,
     persistent_load: Callable[[Any], Any] | None = None,
     refused: set[str] | None = None,
+    opcodes: set[str] | None = None,
 ) -> Any:
     """Unpickle one pickle from an open binary file, leaving it positioned right after it (the legacy
     torch format stacks several pickles and then raw storage bytes in one file).  ``size``: the bytes
     left in the file, which bound what the pickle may allocate."""
     start = f.tell()
-    _check_expansion(f, size, path=path, member=member)
+    _check_expansion(f, size, path=path, member=member, opcodes=opcodes)
     f.seek(start)
     return _load(_Unpickler(f, path=path, member=member, allowed=allowed, persistent_load=persistent_load,
                             size=size, refused=refused), path, member)
@@ -375,11 +378,12 @@ def _check_expanded_size(obj: Any, size: int) -> None:
 _MUTATORS = frozenset(("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"))
 
 
-def _check_expansion(stream: Any, size: int, *, path: str, member: str) -> None:
+def _check_expansion(stream: Any, size: int, *, path: str, member: str, opcodes: set[str] | None = None) -> None:
     """``_check_expanded_size`` before loading, on the opcodes alone: loading itself hashes dict keys and set
     elements, and a tuple's hash walks every path through it (sixty nested ``(t, t)`` never finish).  Each
     stack value is a cell holding its expanded size; the memo and DUP share cells, so a reference counts
-    the whole object again.  ``size``: the pickle's bytes, or those left in the file it is read from."""
+    the whole object again.  ``size``: the pickle's bytes, or those left in the file it is read from.
+    ``opcodes``: filled with the names of the opcodes followed."""
     limit = 2 * size + (1 << 16)
     values: list[list[int]] = []
     marks: list[int] = []
@@ -387,6 +391,8 @@ def _check_expansion(stream: Any, size: int, *, path: str, member: str) -> None:
     try:
         for op, arg, _pos in pickletools.genops(stream):
             name = op.name
+            if opcodes is not None:
+                opcodes.add(name)
             if name == "MARK":
                 marks.append(len(values))
                 continue

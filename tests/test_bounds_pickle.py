@@ -95,14 +95,14 @@ def run_check(path: Path, *args: str, config: Path = LINGUA) -> tuple[int, str, 
 
 
 def torch_refuses(path: Path) -> str | None:
-    """``torch.load(weights_only=True)`` in a memory-limited process: its error's last line, or None."""
+    """``torch.load(weights_only=True)`` in a memory-limited process: its error output, or None."""
     code = (
         "import resource, sys, torch\n"
         "resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\n"
         "torch.load(sys.argv[1], weights_only=True)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
-    return None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
+    return None if proc.returncode == 0 else proc.stderr.strip() or "?"
 
 
 def with_target(path: Path, tensor: object, records: dict[str, bytes] | None = None, **kwargs: object) -> Path:
@@ -379,3 +379,27 @@ def test_an_exception_escaping_a_reader_while_opening_is_one_line(
     assert main(["check", str(path), "--model-config", str(LINGUA)]) == 2
     err = capsys.readouterr().err
     assert err == f"ckptcheck: error: {path}: cannot be read (KeyError: '0')\n", err
+
+
+# -- pickle opcodes torch's weights_only unpickler does not implement ------------------------------------------
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_a_pickle_protocol_torch_load_refuses_fails_the_version_check(tmp_path: Path, legacy: bool) -> None:
+    """torch.save(..., pickle_protocol=4) writes FRAME, STACK_GLOBAL...: torch.load(weights_only=True)
+    refuses the file, and says only 'Unsupported operand 149'."""
+    path = tmp_path / "model.pth"
+    torch.save(GOOD, path, pickle_protocol=4, _use_new_zipfile_serialization=not legacy)
+    assert "Unsupported operand" in torch_refuses(path)
+    code, out, err = run_check(path)
+    assert code == 1 and not err, err
+    assert "version[weights_only_opcodes]" in fails(out)
+    assert ("torch.load(weights_only=True) refuses the file: its pickle uses the opcodes FRAME, MEMOIZE, "
+            "SHORT_BINUNICODE, STACK_GLOBAL, which torch's weights_only unpickler does not read") in out
+
+
+def test_torch_saves_own_protocol_names_no_opcode(tmp_path: Path) -> None:
+    path = tmp_path / "model.pth"
+    torch.save(GOOD, path)
+    code, out, err = run_check(path, "-v")
+    assert (code, err) == (0, "") and "weights_only_opcodes" not in out, out + err

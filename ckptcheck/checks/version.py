@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..formats.torch_pickle import refused_in
+from ..formats.torch_pickle import opcodes_refused_in, refused_in
 from .model import Check, Verdict
 
 if TYPE_CHECKING:
@@ -56,7 +56,23 @@ def plan_version(session: Session) -> list[Check]:
         checks.append(Check("version", "dcp_layout", _dcp_layout(session)))
     if refused_in(m.facts):
         checks.append(Check("version", "weights_only", _weights_only(refused_in(m.facts), m.format)))
+    if opcodes_refused_in(m.facts):
+        checks.append(Check("version", "weights_only_opcodes", _weights_only_opcodes(opcodes_refused_in(m.facts))))
     return checks
+
+
+def _weights_only_opcodes(opcodes: list[str]):
+    """torch.load(weights_only=True) implements only the opcodes torch.save's pickle protocol 2 writes: a
+    file pickled with another protocol (``torch.save(..., pickle_protocol=4)``) is refused as a whole."""
+    def evaluate() -> Verdict:
+        return Verdict.fail(
+            f"torch.load(weights_only=True) refuses the file: its pickle uses the opcodes {', '.join(opcodes)}, "
+            "which torch's weights_only unpickler does not read (it reads what pickle protocol 2 writes)",
+            expected="pickle protocol 2 opcodes", obtained=", ".join(opcodes),
+            repair="re-save it with torch.save's default pickle_protocol (2), or ckptcheck convert it",
+        )
+
+    return evaluate
 
 
 # Formats whose loader reads pickle globals outside torch's weights_only allowlist: DCP's load planner

@@ -17,7 +17,8 @@ from ..errors import InputError
 from ..safe_pickle import BASIC_GLOBALS, is_index, safe_load_stream
 from ..files import open_binary
 from .base import bytes_to_tensor, check_rows, read_exact, row_span
-from .torch_pickle import TORCH_ALLOWLIST, MalformedTensor, StorageRef, StorageTable, TensorRef, weights_only_facts
+from .torch_pickle import (TORCH_ALLOWLIST, MalformedTensor, StorageRef, StorageTable, TensorRef, opcode_facts,
+                           unread_opcodes, weights_only_facts)
 from .torchzip import MAX_DATA_PKL, PickledCheckpoint
 
 if TYPE_CHECKING:
@@ -53,10 +54,13 @@ class LegacyTorchCheckpoint(PickledCheckpoint):
     def _open(self) -> None:
         f, where = self._f, self.path
         size = os.fstat(f.fileno()).st_size
+        opcodes: set[str] = set()  # torch.load(weights_only=True) reads every pickle of the stream the same way
+
         def load(member: str, allowed: Any = BASIC_GLOBALS, **kwargs: Any) -> Any:
             # what a pickle may allocate: bounded by the bytes left, and by what a zip's data.pkl may hold
             budget = min(size - f.tell(), MAX_DATA_PKL)
-            return safe_load_stream(f, path=where, member=member, allowed=allowed, size=budget, **kwargs)
+            return safe_load_stream(f, path=where, member=member, allowed=allowed, size=budget, opcodes=opcodes,
+                                    **kwargs)
 
         if load("magic number") != MAGIC:
             raise InputError(where, "magic number", "not a legacy torch file")
@@ -90,7 +94,8 @@ class LegacyTorchCheckpoint(PickledCheckpoint):
         if set(table.storages) - set(self._offsets):
             raise InputError(where, "storage keys", "the object refers to storages the file does not hold")
         facts = {"serialization": "legacy torch (pre-1.6 pickle stream, not a zip archive)",
-                 "legacy protocol": str(protocol), **weights_only_facts(refused)}
+                 "legacy protocol": str(protocol), **weights_only_facts(refused),
+                 **opcode_facts(unread_opcodes(opcodes))}
         self._index(obj, "object", facts)
 
     def _read(self, key: str, ref: TensorRef, rows: tuple[int, int] | None, out: torch.Tensor | None) -> torch.Tensor:

@@ -266,6 +266,35 @@ def refused_in(facts: Mapping[str, str]) -> list[str]:
     return [name for name in facts.get(WEIGHTS_ONLY_REFUSES, "").split(", ") if name]
 
 
+# The opcodes torch's weights_only unpickler implements (torch/_weights_only_unpickler.py, torch 2.6 to
+# 2.13): what torch.save's protocol 2 writes.  A pickle using any other (protocol 4's FRAME and
+# SHORT_BINUNICODE, protocol 0's text opcodes) is refused by torch.load(weights_only=True) as a whole.
+WEIGHTS_ONLY_OPCODES = frozenset((
+    "GLOBAL", "NEWOBJ", "REDUCE", "BUILD", "APPEND", "APPENDS", "SETITEM", "SETITEMS", "MARK", "TUPLE", "TUPLE1",
+    "TUPLE2", "TUPLE3", "NONE", "NEWFALSE", "NEWTRUE", "EMPTY_TUPLE", "EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET",
+    "BININT", "BININT1", "BININT2", "BINFLOAT", "BINUNICODE", "SHORT_BINSTRING", "BINPERSID", "BINGET",
+    "LONG_BINGET", "BINPUT", "LONG_BINPUT", "LONG1", "PROTO", "STOP",
+))
+# The manifest fact naming the opcodes torch.load(weights_only=True) does not read, comma-separated.
+WEIGHTS_ONLY_OPCODES_REFUSED = "pickle opcodes weights_only refuses"
+
+
+def unread_opcodes(names: Iterable[str]) -> tuple[str, ...]:
+    """The opcodes among ``names`` torch's weights_only unpickler does not implement."""
+    return tuple(sorted(set(names) - WEIGHTS_ONLY_OPCODES))
+
+
+def opcode_facts(names: Iterable[str]) -> dict[str, str]:
+    """The manifest fact for these opcodes (none when there are none)."""
+    joined = ", ".join(sorted(set(names)))
+    return {WEIGHTS_ONLY_OPCODES_REFUSED: joined} if joined else {}
+
+
+def opcodes_refused_in(facts: Mapping[str, str]) -> list[str]:
+    """The opcodes torch's weights_only unpickler does not read that a manifest's facts name."""
+    return [name for name in facts.get(WEIGHTS_ONLY_OPCODES_REFUSED, "").split(", ") if name]
+
+
 @dataclass(frozen=True)
 class TorchPickle:
     """An unpickled torch.save payload: the object, its storages by key, and the globals it names that
@@ -274,14 +303,16 @@ class TorchPickle:
     obj: Any
     storages: dict[str, StorageRef]
     refused: tuple[str, ...]
+    # opcodes the pickle uses that torch's weights_only unpickler does not implement (``unread_opcodes``)
+    opcodes_refused: tuple[str, ...] = ()
 
 
 def load_torch_pickle(data: bytes, *, path: str, member: str) -> TorchPickle:
     """Unpickle a torch.save payload into records, never calling anything the file names."""
-    table, refused = StorageTable(), set[str]()
+    table, refused, opcodes = StorageTable(), set[str](), set[str]()
     obj = safe_loads(data, path=path, member=member, allowed=TORCH_ALLOWLIST, persistent_load=table,
-                     refused=refused)
-    return TorchPickle(obj, table.storages, tuple(sorted(refused)))
+                     refused=refused, opcodes=opcodes)
+    return TorchPickle(obj, table.storages, tuple(sorted(refused)), unread_opcodes(opcodes))
 
 
 def walk(obj: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:

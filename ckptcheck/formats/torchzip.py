@@ -22,7 +22,7 @@ from ..errors import InputError
 from ..manifest import Manifest, TensorInfo
 from ..files import open_binary
 from .base import Checkpoint, bytes_to_tensor, check_rows, read_exact, row_span, split_sections
-from .torch_pickle import StorageRef, TensorRef, load_torch_pickle, walk, weights_only_facts
+from .torch_pickle import StorageRef, TensorRef, load_torch_pickle, opcode_facts, walk, weights_only_facts
 
 if TYPE_CHECKING:
     import torch
@@ -109,7 +109,7 @@ class TorchArchive:
         data = self._read_member(pkl, MAX_DATA_PKL, torch_reads=True)
         loaded = load_torch_pickle(data, path=path, member=pkl.filename)
         self.obj, self.storages, self.refused = loaded.obj, loaded.storages, loaded.refused
-        self.facts.update(weights_only_facts(self.refused))
+        self.facts.update({**weights_only_facts(self.refused), **opcode_facts(loaded.opcodes_refused)})
         self._scan_other_pickles(pkl)
         for key, storage in self.storages.items():
             info = self._members.get(f"{self.prefix}data/{key}")
