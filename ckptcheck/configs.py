@@ -71,6 +71,11 @@ class ModelConfig:
                 self._bad(name, why)
         if self.n_heads % self.n_kv_heads:
             self._bad("n_kv_heads", f"{self.n_kv_heads} does not divide n_heads={self.n_heads}")
+        if self.head_dim % 2:  # the field to edit: head_dim where stated, else the n_heads that derives it
+            pairs = "rotary embeddings turn pairs of dimensions"
+            if self.states("head_dim"):
+                self._bad("head_dim", f"{self.head_dim} is odd: {pairs}")
+            self._bad("n_heads", f"dim / n_heads = {self.dim} / {self.n_heads} = {self.head_dim}, an odd head size: {pairs}")
 
     def _bad(self, name: str, why: str) -> None:
         raise InputError(self.source, f"field {self.fields.get(name, name)}", why)
