@@ -654,3 +654,16 @@ def test_dcp_bytes_entry_without_a_storage_entry_is_one_line(tmp_path, capsys) -
     code, _, err = check(folder, capsys)
     assert code == 2
     assert_one_line(err, str(folder / ".metadata"), lr, "bytes entry has no storage entry")
+
+
+def test_dcp_reader_keeps_a_bounded_number_of_parsed_chunks() -> None:
+    """Each chunk blob is parsed and CRC-checked once while it is read, but the reader keeps only the last
+    MAX_OPEN_ARCHIVES: memory does not grow with the chunk count (the fixture has 84 tensor chunks)."""
+    from ckptcheck.formats.dcp import MAX_OPEN_ARCHIVES
+
+    with open_checkpoint(FIXTURES / "good" / "dcp") as ckpt:
+        keys = [*ckpt.manifest.tensors, *ckpt.manifest.extra_tensors]
+        assert len(keys) > MAX_OPEN_ARCHIVES
+        for key in keys:
+            ckpt.load(key)
+        assert len(ckpt._archives) == MAX_OPEN_ARCHIVES

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 METADATA_NAME = ".metadata"
 MAX_METADATA = 512 << 20
 MAX_RELATIVE_PATH = 4096
+MAX_OPEN_ARCHIVES = 64  # parsed chunk blobs a reader keeps (the chunks of the tensors being read)
 MAX_CHUNKS_FOR_OVERLAP_CHECK = 512  # pairwise for layouts that are no grid; above it, refused
 
 
@@ -405,7 +407,9 @@ class DcpCheckpoint(Checkpoint):
         self._items = {layout.names[it.path]: it for it in items.values() if it.info is not None}
         self._bytes_items = {".".join(it.path): it for it in items.values() if it.info is None}
         self._handles: dict[str, BinaryIO] = {}
-        self._archives: dict[tuple[str, int], TorchArchive] = {}  # chunk blobs, parsed and CRC-checked once
+        # The chunk blobs read last, parsed and CRC-checked once while a tensor is read in row ranges; bounded,
+        # so memory does not grow with the number of chunks (an evicted blob read again is checked again).
+        self._archives: OrderedDict[tuple[str, int], TorchArchive] = OrderedDict()
         # Every bytes entry is a pickle that dcp.load would unpickle: read each through the allowlist now,
         # so a payload anywhere in the folder makes the checkpoint unsafe, whichever checks run.
         refused: set[str] = set()
@@ -517,7 +521,7 @@ class DcpCheckpoint(Checkpoint):
 
 def read_chunk(f: BinaryIO, where: str | os.PathLike[str], item: Item, chunk: Chunk,
                rows: tuple[int, int] | None = None, out: torch.Tensor | None = None,
-               archives: dict[tuple[str, int], TorchArchive] | None = None) -> torch.Tensor:
+               archives: OrderedDict[tuple[str, int], TorchArchive] | None = None) -> torch.Tensor:
     """A chunk, or rows of it, from its open data file: a torch.save blob (DCP's default, its record's
     CRC-32 checked on every read, rows too) or raw bytes (safetensors items, which carry no checksum).
     ``archives`` keeps each blob's parsed archive across reads, so its CRC is checked once.  Never
@@ -525,22 +529,27 @@ def read_chunk(f: BinaryIO, where: str | os.PathLike[str], item: Item, chunk: Ch
     assert item.info is not None
     where = str(where)
     try:
-        return _read_chunk(f, where, item, chunk, rows, out, {} if archives is None else archives)
+        return _read_chunk(f, where, item, chunk, rows, out, OrderedDict() if archives is None else archives)
     except InputError as exc:
         raise InputError(where, item.fqn, f"chunk at {list(chunk.offsets)}: {exc.cause}") from None
 
 
 def _read_chunk(f: BinaryIO, where: str, item: Item, chunk: Chunk, rows: tuple[int, int] | None,
-                out: torch.Tensor | None, archives: dict[tuple[str, int], TorchArchive]) -> torch.Tensor:
+                out: torch.Tensor | None, archives: OrderedDict[tuple[str, int], TorchArchive]) -> torch.Tensor:
     assert item.info is not None
     dtype = item.info.dtype
     shape = (rows[1] - rows[0], *chunk.sizes[1:]) if rows else chunk.sizes
-    archive = archives.get((chunk.file, chunk.start))
+    place = (chunk.file, chunk.start)
+    archive = archives.get(place)
     if archive is None:
         f.seek(chunk.start)
         if f.read(4) == ZIP_MAGIC:
-            archive = archives[(chunk.file, chunk.start)] = TorchArchive(
-                f, path=f"{where}@{chunk.start}", base=chunk.start, length=chunk.length)
+            archive = archives[place] = TorchArchive(f, path=f"{where}@{chunk.start}", base=chunk.start,
+                                                     length=chunk.length)
+            while len(archives) > MAX_OPEN_ARCHIVES:
+                archives.popitem(last=False)
+    else:
+        archives.move_to_end(place)
     if archive is not None:
         ref = single_tensor_ref(archive, item.fqn)
         if ref.shape != chunk.sizes or ref.dtype != dtype:
