@@ -309,3 +309,26 @@ def test_version_record_in_arabic_indic_digits_is_refused_as_torch_does(tmp_path
     assert main(["inspect", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "source/version: format version" in err and "torch.load refuses it" in err, err
+
+
+def test_duplicate_tensor_in_a_second_meta_shard_is_reported(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """consolidated.01.pth holds shard 0's slice of a split tensor (rank 1 would load rank 0's rows); a split
+    tensor that is constant (zeros) in every shard is no evidence of a copy and passes."""
+    import torch
+
+    folder = Path(shutil.copytree(MP, tmp_path / "mp"))
+    first = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    second = torch.load(folder / "consolidated.01.pth", weights_only=True)
+    second["layers.0.attention.wq.weight"] = first["layers.0.attention.wq.weight"].clone()
+    for shard in (first, second):
+        shard["layers.1.feed_forward.w1.weight"].zero_()
+    torch.save(first, folder / "consolidated.00.pth")
+    torch.save(second, folder / "consolidated.01.pth")
+    assert main(["check", str(folder), "-v"]) == 1
+    out = capsys.readouterr().out
+    fails = [line for line in out.splitlines() if line.startswith("FAIL ")]
+    assert fails == ["FAIL   replicas[layers.0.attention.wq.weight]"], fails
+    assert "layers.0.attention.wq.weight is split across the shards, but the slice in consolidated.01.pth is " \
+           "bit-identical to an earlier shard's" in out
+    assert "PASS   replicas[layers.1.feed_forward.w1.weight]" in out

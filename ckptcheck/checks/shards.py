@@ -1,6 +1,7 @@
 """Meta model-parallel shards: every copy of a replicated tensor (the norms, anything not split) is the
 same, bit for bit.  Meta's code loads each rank its own copy, so copies that differ mean each rank ran
-another model, and a merge into one file cannot keep them all."""
+another model, and a merge into one file cannot keep them all.  And every slice of a split tensor is its
+own: a slice bit-identical to another shard's is a shard copied under another's name."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def plan_replicas(session: Session) -> list[Check]:
     if not isinstance(ckpt, MetaShardsCheckpoint):
         return []
 
-    def make(key: str):
+    def copies(key: str):
         def evaluate() -> Verdict:
             if session.options.metadata_only:
                 return Verdict.skip("values not read (--metadata-only)")
@@ -39,4 +40,21 @@ def plan_replicas(session: Session) -> list[Check]:
 
         return evaluate
 
-    return [Check("replicas", key, make(key), reads_data=True) for key in ckpt.replicated()]
+    def slices(key: str):
+        def evaluate() -> Verdict:
+            if session.options.metadata_only:
+                return Verdict.skip("values not read (--metadata-only)")
+            dup = ckpt.duplicated_slices(key)
+            if not dup:
+                return Verdict.ok(expected="a slice of its own in each shard", obtained="distinct slices")
+            return Verdict.fail(
+                f"{key} is split across the shards, but the slice in {', '.join(dup)} is bit-identical to an earlier "
+                "shard's: a shard copied under another's name, so those ranks would load another rank's weights",
+                expected="a slice of its own in each shard", obtained=f"duplicated in {', '.join(dup)}",
+                repair="re-export the model-parallel shards from one trained state; no conversion restores a slice",
+            )
+
+        return evaluate
+
+    return [Check("replicas", key, copies(key), reads_data=True) for key in ckpt.replicated()] + \
+        [Check("replicas", key, slices(key), reads_data=True) for key in ckpt.split()]

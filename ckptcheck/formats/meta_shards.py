@@ -11,11 +11,13 @@ code loads each rank its own copy, so copies that differ are not one tensor, and
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..dtypes import itemsize
 from ..errors import InputError
 from ..manifest import Manifest, TensorInfo
 from ..naming import map_keys, role_of
@@ -81,6 +83,7 @@ class MetaShardsCheckpoint(Checkpoint):
                 self._shards.append(TorchFileCheckpoint(p, self.folder))
             tensors, self._dims, facts = self._merge()
             self._copies: dict[str, tuple[str, ...]] = {}
+            self._duplicates: dict[str, tuple[str, ...]] = {}
         except BaseException:
             self.close()
             raise
@@ -132,6 +135,48 @@ class MetaShardsCheckpoint(Checkpoint):
     def replicated(self) -> list[str]:
         """Keys every shard holds a whole copy of (none when there is one shard: nothing to compare)."""
         return [k for k, d in self._dims.items() if d is None] if len(self._shards) > 1 else []
+
+    def split(self) -> list[str]:
+        """Keys each shard holds its own slice of (none when there is one shard)."""
+        return [k for k, d in self._dims.items() if d is not None] if len(self._shards) > 1 else []
+
+    def duplicated_slices(self, key: str) -> tuple[str, ...]:
+        """The shard files whose slice of split ``key`` is bit-identical to an earlier shard's: a shard copied
+        under another's name, every rank then loading rank 0's weights.  () for a replicated tensor, and for
+        constant slices (a copy cannot be told from a constant tensor)."""
+        if self._split(key) is None:
+            return ()
+        if key not in self._duplicates:
+            seen: set[bytes] = set()
+            dup = []
+            for shard in self._shards:
+                digest = self._digest(shard, key)
+                if digest is not None and digest in seen:
+                    dup.append(Path(shard.path).name)
+                elif digest is not None:
+                    seen.add(digest)
+            self._duplicates[key] = tuple(dup)
+        return self._duplicates[key]
+
+    def _digest(self, shard: TorchFileCheckpoint, key: str) -> bytes | None:
+        """A hash of ``shard``'s slice of ``key``, read in bounded row ranges; None if every element is the same."""
+        import torch
+
+        info = shard.manifest.tensors[key]
+        size = itemsize(info.dtype)
+        step = max(1, COMPARE_BYTES // max(1, info.nbytes // info.shape[0])) if info.shape[0] else 1
+        hasher = hashlib.blake2b(digest_size=16)
+        first: torch.Tensor | None = None
+        constant = True
+        for lo in range(0, info.shape[0], step):
+            rows = shard.read_rows(key, lo, min(lo + step, info.shape[0])).contiguous()
+            elements = rows.reshape(-1).view(torch.uint8).view(-1, size)
+            if not len(elements):
+                continue
+            hasher.update(elements.numpy())
+            first = elements[0] if first is None else first
+            constant = constant and bool((elements == first).all())
+        return None if constant else hasher.digest()
 
     def differing_copies(self, key: str) -> tuple[str, ...]:
         """The shard files whose copy of replicated ``key`` is not bit-identical to consolidated.00.pth's
