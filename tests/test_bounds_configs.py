@@ -312,3 +312,19 @@ def test_unterminated_string_of_escaped_quotes_is_measured_in_one_pass(tmp_path:
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert (done.returncode, done.stderr.strip()) == (
         2, f"ckptcheck: error: {config}: line 1 column 11: invalid JSON: Unterminated string starting at")
+
+
+def test_a_head_fix_never_proposes_an_odd_head_size(tmp_path: Path) -> None:
+    """dim 64 / n_heads 32 for weights of 32 q rows: the fix took q rows / n_heads = 1 as the head size and
+    advised head_dim = 1, a config that is itself refused (odd).  Now the first even candidate, 2."""
+    config = tmp_path / "params.json"
+    config.write_text(json.dumps(lingua(dim=64, n_heads=32, n_kv_heads=16)))
+    import io
+    from contextlib import redirect_stdout
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["check", GOOD, "--model-config", str(config), "--format", "json"]) == 1
+    repairs = {c["id"]: c["repair"] for c in json.loads(out.getvalue())["checks"]}
+    assert repairs["config[n_heads]"] == (f"set model.n_heads = 16 and model.n_kv_heads = 8 and model.head_dim = 2 "
+                                          f"in {config}, if the weights are the model you meant")

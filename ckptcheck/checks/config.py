@@ -333,12 +333,12 @@ def _unverifiable(facts: Facts, name: str) -> str:
 
 
 def _fitting_head_dims(q: int, k: int, first: int, most: int = 3) -> list[int]:
-    """The config's head_dim, then other head sizes that split both q and k rows into whole heads: the
+    """The config's head_dim, then other (even) head sizes that split both q and k rows into whole heads: the
     largest first, from the largest head size any model has (the rows come from the file's shapes, which can
     declare 2**40 rows of a zero-element tensor)."""
     largest = min(math.gcd(q, k), int(LIMITS["head_dim"]))
     others = (h for h in range(largest, 0, -1)
-              if h != first and q % h == 0 and k % h == 0 and (q // h) % (k // h) == 0)
+              if h != first and h % 2 == 0 and q % h == 0 and k % h == 0 and (q // h) % (k // h) == 0)
     return [first, *itertools.islice(others, most - 1)]
 
 
@@ -352,7 +352,8 @@ def target_split(facts: Facts) -> tuple[int, int, int]:
         candidates.append(cfg.head_dim)
     candidates += [q // cfg.n_heads if q % cfg.n_heads == 0 else 0,
                    k // cfg.n_kv_heads if k % cfg.n_kv_heads == 0 else 0, cfg.head_dim]
-    hd = next((h for h in candidates if h and q % h == 0 and k % h == 0), math.gcd(q, k))
+    # Head sizes are even (rotary embeddings turn pairs): an odd one is no fix (configs.ModelConfig refuses it).
+    hd = next((h for h in candidates if h and h % 2 == 0 and q % h == 0 and k % h == 0), math.gcd(q, k))
     return q // hd, k // hd, hd
 
 
