@@ -403,3 +403,26 @@ def test_torch_saves_own_protocol_names_no_opcode(tmp_path: Path) -> None:
     torch.save(GOOD, path)
     code, out, err = run_check(path, "-v")
     assert (code, err) == (0, "") and "weights_only_opcodes" not in out, out + err
+
+
+def test_size_and_stride_as_lists_are_read_as_torch_reads_them(tmp_path: Path) -> None:
+    class ListTensor(Tensor):
+        def __reduce__(self):
+            storage, offset, size, stride, *rest = self.args
+            return torch._utils._rebuild_tensor_v2, (storage, offset, list(size), list(stride), *rest)
+
+    path = with_target(tmp_path / "model.pth", ListTensor(Storage("t", 1024), (32, 32), (32, 1)), {"t": BF16_1024})
+    assert torch_refuses(path) is None
+    code, out, err = run_check(path)
+    assert (code, err) == (0, ""), out + err
+
+
+def test_a_record_stored_twice_under_one_name_is_refused(tmp_path: Path) -> None:
+    """Two data/0 records: torch reads the first, Python's zipfile the last; the verdict would be on the
+    bytes training never loads."""
+    path = _good(tmp_path / "model.pth")
+    with zipfile.ZipFile(path, "a") as z, pytest.warns(UserWarning, match="Duplicate name"):
+        z.writestr("archive/data/0", bytes(8192))  # tok_embeddings.weight's size, all zeros
+    code, _out, err = run_check(path)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "archive/data/0: the archive holds two records of this name" in err

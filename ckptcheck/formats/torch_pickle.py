@@ -88,9 +88,9 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None
         raise MalformedTensor("tensor without a storage")
     if not is_index(offset):
         raise MalformedTensor("bad storage offset")
-    if not isinstance(size, tuple) or not isinstance(stride, tuple):
+    if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):  # torch's set_ takes both
         raise MalformedTensor("size or stride is not a tuple")
-    shape, strides = _ints(tuple(size), "size"), _ints(stride, "stride")
+    shape, strides = _ints(tuple(size), "size"), _ints(tuple(stride), "stride")
     if len(shape) != len(strides):
         raise MalformedTensor("size and stride differ in length")
     return TensorRef(storage, offset, shape, strides, dtype or storage.dtype)

@@ -89,8 +89,13 @@ class TorchArchive:
             raise InputError(path, None, f"not a readable torch zip archive ({exc})") from None
         except (OSError, ValueError, EOFError, struct.error, NotImplementedError, zlib.error) as exc:
             raise InputError(path, None, f"damaged zip archive ({type(exc).__name__}: {exc})") from None
+        names: set[str] = set()
         for info in infos:
             _check_member_name(path, info.filename)
+            if info.filename in names:  # torch's reader takes the first copy, Python's zipfile the last
+                raise InputError(path, info.filename, "the archive holds two records of this name: which one a "
+                                 "reader takes differs (torch the first, others the last)")
+            names.add(info.filename)
         pickles = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
         if len(pickles) != 1:
             found = "no" if not pickles else f"{len(pickles)}"
