@@ -83,6 +83,8 @@ def open_binary(path: str | os.PathLike[str], inside: str | os.PathLike[str] | N
     """``path`` opened for reading, refused unless it is a regular file, and (given ``inside``, the
     checkpoint folder that names it) unless it lies in that folder (``check_inside``).  O_NONBLOCK makes
     opening a FIFO with no writer return at once instead of waiting for one."""
+    if "\0" in os.fspath(path):  # a name from the input (an index, DCP metadata): the OS takes none
+        raise InputError(repr(os.fspath(path)), None, "a file name with a NUL byte: refused")
     if inside is not None:
         check_inside(path, inside)
     try:

@@ -332,3 +332,13 @@ def test_duplicate_tensor_in_a_second_meta_shard_is_reported(tmp_path: Path,
     assert "layers.0.attention.wq.weight is split across the shards, but the slice in consolidated.01.pth is " \
            "bit-identical to an earlier shard's" in out
     assert "PASS   replicas[layers.1.feed_forward.w1.weight]" in out
+
+
+def test_nul_byte_in_a_named_file_is_one_line_not_a_crash(tmp_path: Path) -> None:
+    """Names come from the input (an index's weight_map, DCP metadata): os.open raises ValueError on a NUL."""
+    from ckptcheck.errors import InputError
+    from ckptcheck.files import open_binary
+
+    for inside in (None, tmp_path):
+        with pytest.raises(InputError, match="a file name with a NUL byte: refused"):
+            open_binary(tmp_path / "a\0b", inside)
