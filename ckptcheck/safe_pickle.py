@@ -112,8 +112,9 @@ class _Budget:
 
     def charge(self, n: int) -> None:
         self.left -= n
-        if self.left < 0:
-            raise InputError(None, None, f"a constructor in the pickle asks for {n} elements, more than "
+        if self.left < 0:  # an int of more than 4300 digits cannot even be printed
+            asked = str(n) if n.bit_length() <= 64 else f"a {n.bit_length()}-bit number of"
+            raise InputError(None, None, f"a constructor in the pickle asks for {asked} elements, more than "
                              "its bytes can hold")
 
     def bind(self, sized: Sized) -> Function:

@@ -426,3 +426,17 @@ def test_a_record_stored_twice_under_one_name_is_refused(tmp_path: Path) -> None
     code, _out, err = run_check(path)
     assert code == 2 and err.count("\n") == 1, err
     assert "archive/data/0: the archive holds two records of this name" in err
+
+
+def test_a_size_over_4300_digits_is_named_without_printing_it(tmp_path: Path) -> None:
+    """bytearray(10**5000): the refusal's own message must not convert the number to text (ValueError)."""
+    class Big:
+        def __reduce__(self):
+            return bytearray, (10**5000,)
+
+    state, records = good_entries()
+    path = archive(tmp_path / "model.pth", {**state, "x": Big()}, records)
+    code, _out, err = run_check(path)
+    assert code == 2 and err.count("\n") == 1, err
+    assert ("data.pkl: a constructor in the pickle asks for a 16610-bit number of elements, more than its bytes "
+            "can hold") in err
