@@ -667,3 +667,26 @@ def test_dcp_reader_keeps_a_bounded_number_of_parsed_chunks() -> None:
         for key in keys:
             ckpt.load(key)
         assert len(ckpt._archives) == MAX_OPEN_ARCHIVES
+
+
+def test_dcp_of_many_data_files_keeps_a_bounded_number_open(tmp_path, capsys) -> None:
+    """One data file per chunk (as thousands of ranks write): the reader keeps at most MAX_OPEN_FILES open,
+    however many there are, and reads every tensor right (compared with the fixture through diff)."""
+    from ckptcheck.formats.dcp import MAX_OPEN_FILES
+
+    folder = dcp_copy(tmp_path)
+    meta = pickle.loads((folder / ".metadata").read_bytes())
+    data = (folder / "__0_0.distcp").read_bytes()
+    for n, info in enumerate(meta.storage_data.values()):
+        (folder / f"__{n}_0.distcp").write_bytes(data[info.offset:info.offset + info.length])
+        info.relative_path, info.offset = f"__{n}_0.distcp", 0
+    (folder / ".metadata").write_bytes(pickle.dumps(meta))
+    assert len(meta.storage_data) > MAX_OPEN_FILES
+    with open_checkpoint(folder) as ckpt:
+        for key in [*ckpt.manifest.tensors, *ckpt.manifest.extra_tensors]:
+            ckpt.load(key)
+            assert len(ckpt._handles) <= MAX_OPEN_FILES
+        assert len(ckpt._handles) == MAX_OPEN_FILES
+    code = main(["diff", str(folder), str(FIXTURES / "good" / "dcp"), "--model-config", LINGUA])
+    out, err = capsys.readouterr()
+    assert code == 0 and "EQUAL" in out, out + err

@@ -31,6 +31,7 @@ METADATA_NAME = ".metadata"
 MAX_METADATA = 512 << 20
 MAX_RELATIVE_PATH = 4096
 MAX_OPEN_ARCHIVES = 64  # parsed chunk blobs a reader keeps (the chunks of the tensors being read)
+MAX_OPEN_FILES = 64  # data files a reader keeps open
 MAX_CHUNKS_FOR_OVERLAP_CHECK = 512  # pairwise for layouts that are no grid; above it, refused
 
 
@@ -406,7 +407,7 @@ class DcpCheckpoint(Checkpoint):
         layout = split_sections((it.path, it.info) for it in items.values())
         self._items = {layout.names[it.path]: it for it in items.values() if it.info is not None}
         self._bytes_items = {".".join(it.path): it for it in items.values() if it.info is None}
-        self._handles: dict[str, BinaryIO] = {}
+        self._handles: OrderedDict[str, BinaryIO] = OrderedDict()
         # The chunk blobs read last, parsed and CRC-checked once while a tensor is read in row ranges; bounded,
         # so memory does not grow with the number of chunks (an evicted blob read again is checked again).
         self._archives: OrderedDict[tuple[str, int], TorchArchive] = OrderedDict()
@@ -416,7 +417,8 @@ class DcpCheckpoint(Checkpoint):
         try:
             for key in self._bytes_items:
                 refused.update(self._archive(key).refused)
-            blobs = bool(self._items) and all(self._is_blob(c) for it in self._items.values() for c in it.chunks)
+            chunks = sorted((c for it in self._items.values() for c in it.chunks), key=lambda c: (c.file, c.start))
+            blobs = bool(chunks) and all(self._is_blob(c) for c in chunks)
         except BaseException:
             self.close()
             raise
@@ -431,9 +433,18 @@ class DcpCheckpoint(Checkpoint):
         )
 
     def _handle(self, rel: str) -> BinaryIO:
+        """The open data file, from a bounded set: a DCP written by thousands of ranks has thousands of
+        files, more than a process may hold open.  Closing one drops the parsed blobs that read it."""
         h = self._handles.get(rel)
-        if h is None:
-            h = self._handles[rel] = open_binary(self.folder / rel, self.folder)
+        if h is not None:
+            self._handles.move_to_end(rel)
+            return h
+        h = self._handles[rel] = open_binary(self.folder / rel, self.folder)
+        while len(self._handles) > MAX_OPEN_FILES:
+            old, closing = self._handles.popitem(last=False)
+            for place in [p for p in self._archives if p[0] == old]:
+                del self._archives[place]
+            closing.close()
         return h
 
     def _is_blob(self, chunk: Chunk) -> bool:
