@@ -654,7 +654,8 @@ def config_cases(draw: st.DrawFn) -> Case:
         value = draw(st.sampled_from([math.nan, math.inf, -math.inf, -1, -1e-5, 10**9, 2**62, 1e308]))
         fields[name] = value
         detail = f"{name} = {value!r}"
-        plausible = name in ("norm_eps", "rms_norm_eps", "rope_theta") and 0 < value < math.inf
+        plausible = (name in ("norm_eps", "rms_norm_eps", "rope_theta") and 0 < value < math.inf
+                     or (not hf and name == "vocab_size" and value == -1))  # lingua's "from the tokenizer"
         if not plausible:
             must_refuse = f"{name} = {value!r} is not the model these weights are"
     elif kind == "drop":
