@@ -440,3 +440,24 @@ def test_a_size_over_4300_digits_is_named_without_printing_it(tmp_path: Path) ->
     assert code == 2 and err.count("\n") == 1, err
     assert ("data.pkl: a constructor in the pickle asks for a 16610-bit number of elements, more than its bytes "
             "can hold") in err
+
+
+@pytest.mark.parametrize(("shape", "stride"), [((2**20, 2**20), (0, 0)), ((32, 32), (0, 1))], ids=["2**40", "rows"])
+def test_stride_0_view_is_not_copied_out_by_convert(tmp_path: Path, shape, stride) -> None:
+    """A 70 KB file whose view repeats one value 2**40 times would be written out as 2 TB (it filled the
+    disk): streaming reads refuse it, naming the dims, before any copy."""
+    path = with_target(tmp_path / "model.pth", Tensor(Storage("t", 1024), shape, stride), {"t": BF16_1024})
+    out = tmp_path / "out.safetensors"
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 28, 1 << 28))\n"
+        "from ckptcheck.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, "convert", str(path), str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    dims = [d for d, s in enumerate(stride) if s == 0]
+    assert f"layers.0.attention.wq.weight: repeats its stored values along dims {dims} (stride 0)" in proc.stderr
+    assert not out.exists()
