@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import dtypes
 from ..naming import map_keys
-from ..training_state import is_position
+from ..training_state import group_hyperparameters, is_position
 from .model import Check, Verdict
 
 if TYPE_CHECKING:
@@ -149,8 +149,6 @@ def _groups(session: Session):
         else:
             mapping = map_keys(view.group_membership)
             counts = {c: view.group_membership[s] for s, c in mapping.canonical.items()}
-        from ..training_state import group_hyperparameters
-
         bad = [f"group {group} {name} is {_shown(value)}, not {HYPERPARAMETERS[name][1]}"
                for group, name, value in group_hyperparameters(session.checkpoint, view.section)
                if name in HYPERPARAMETERS and not HYPERPARAMETERS[name][0](value)]
