@@ -334,14 +334,16 @@ class PickledCheckpoint(Checkpoint):
         return self._read(key, self._ref(key), None, None)
 
     def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows as stored values; a view that repeats its values (stride 0) is refused here, where every
-        streaming reader (convert, diff) would copy one stored value per element: a 70 KB file would
-        write gigabytes.  ``load`` still returns the view, for the checks that report it."""
+        """Rows as stored values; a view with more elements than the storage it spans (stride 0, or
+        overlapping strides) is refused here, where every streaming reader (convert, diff) would copy one
+        stored value per element: a 70 KB file would write gigabytes.  ``load`` still returns the view, for
+        the checks that report it."""
         ref = self._ref(key)
-        repeated = [d for d, (n, s) in enumerate(zip(ref.shape, ref.stride, strict=True)) if s == 0 and n > 1]
-        if repeated:
-            raise InputError(self.path, key, f"repeats its stored values along dims {repeated} (stride 0): copying "
-                             f"it would write {ref.numel} elements from {ref.extent} stored; re-save it from training")
+        if ref.numel > ref.extent:
+            repeated = [d for d, (n, s) in enumerate(zip(ref.shape, ref.stride, strict=True)) if s == 0 and n > 1]
+            how = f"along dims {repeated} (stride 0)" if repeated else f"(overlapping strides {list(ref.stride)})"
+            raise InputError(self.path, key, f"repeats its stored values {how}: copying it would write {ref.numel} "
+                             f"elements from {ref.extent} stored; re-save it from training")
         return self._read(key, ref, (start, stop), out)
 
     def load_value(self, key: str) -> Any:
