@@ -342,3 +342,14 @@ def test_nul_byte_in_a_named_file_is_one_line_not_a_crash(tmp_path: Path) -> Non
     for inside in (None, tmp_path):
         with pytest.raises(InputError, match="a file name with a NUL byte: refused"):
             open_binary(tmp_path / "a\0b", inside)
+
+
+def test_temporary_named_with_a_non_ascii_pid_is_left_alone_not_a_crash(tmp_path: Path) -> None:
+    """convert clears its own stale temporaries by the writer's pid in their name: '²' passed str.isdigit()
+    and int() raised (exit 3); '٣' read as pid 3 got a stranger's file deleted."""
+    out = tmp_path / "out.pth"
+    strangers = [tmp_path / f".out.pth.ckptcheck-tmp-{pid}-x" for pid in ("\u00b2", "\u0663\u0663\u0663\u0663\u0663")]
+    for path in strangers:
+        path.write_text("not ours")
+    assert main(["convert", str(FIXTURES / "good" / "consolidated.pth"), str(out)]) == 0
+    assert out.is_file() and all(path.read_text() == "not ours" for path in strangers)

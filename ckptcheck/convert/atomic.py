@@ -60,7 +60,7 @@ def _clear_stale(dst: Path) -> None:
     prefix = f".{dst.name}{TMP_MARK}"
     for old in dst.parent.glob(prefix + "*"):
         pid = old.name[len(prefix):].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isascii() and pid.isdigit() and not _alive(int(pid)):  # '²' is a digit int() refuses
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
 
 
@@ -71,7 +71,7 @@ def recover_replaced(dst: Path) -> None:
         return
     for old in sorted(dst.parent.glob(f".{dst.name}{REPLACED_MARK}*")):
         pid = old.name[len(f".{dst.name}{REPLACED_MARK}"):]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not (pid.isascii() and pid.isdigit()) or _alive(int(pid)):
             continue
         if not dst.exists() and not dst.is_symlink():
             os.replace(old, dst)
