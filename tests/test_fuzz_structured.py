@@ -47,3 +47,68 @@ def test_structured_mutations_keep_the_contract(family: str, harness: Harness) -
     explore()
     stats.write()
     assert not stats.breaks, "\n".join(f"{cls}  ->  {where}" for cls, where in sorted(stats.breaks.items()))
+
+
+# --- the harness itself: it must be able to see each kind of break ---------------------------------------
+
+_CASE = Case("torch", "m", "d", (("x.pth", b"0" * 1000),), ("check", "{case}/x.pth"))
+
+
+@pytest.mark.parametrize(("rc", "stderr", "memory", "case", "symptom"), [
+    (3, "ckptcheck: internal error: RecursionError: deep (rerun with --debug)\n", 0, _CASE, "exit 3 (RecursionError)"),
+    ("hang", "", 0, _CASE, "no outcome within"),
+    ("crash", "", 0, _CASE, "the worker died"),
+    (2, "Traceback (most recent call last):\nckptcheck: error: x: y: z\n", 0, _CASE, "traceback on stderr"),
+    (2, "ckptcheck: error: x: y: z\nframe #0: c10::Error\n", 0, _CASE, "traceback on stderr"),
+    (2, "", 0, _CASE, "exit 2 without exactly one error line"),
+    (1, "", 600 << 20, _CASE, "memory over 2x input + baseline"),
+    (0, "", 0, Case("dcp", "m", "d", (), (), (), "a flipped byte"), "exit 0 on input wrong by construction"),
+    (2, "ckptcheck: using the config found beside the checkpoint: c\nckptcheck: error: x: y: z\n", 10 << 20, _CASE,
+     ""),
+    (0, "", 0, _CASE, ""),
+])
+def test_each_contract_break_has_a_symptom(rc, stderr, memory, case, symptom) -> None:
+    from .fuzzing.harness import symptom_of
+
+    found = symptom_of(rc, stderr, memory, case)
+    assert found.startswith(symptom) if symptom else found == ""
+
+
+def test_a_hung_worker_is_killed_and_the_next_case_still_runs(tmp_path) -> None:
+    """The worker blocks forever opening its stdout file when that is a FIFO nobody reads: the harness must end
+    it from outside and start a fresh one for the next job."""
+    from .fuzzing.harness import Worker
+    from .writers import CONFIGS, FIXTURES
+
+    worker = Worker("run")
+    try:
+        hung = tmp_path / "hung"
+        hung.mkdir()
+        os.mkfifo(hung / "stdout")
+        assert worker.ask({"folder": str(hung), "argv": ["check", "x"]}, timeout=3.0) is None
+        assert worker.failure == "hang"
+        fine = tmp_path / "fine"
+        fine.mkdir()
+        argv = ["check", str(FIXTURES / "good/consolidated.pth"), "--model-config", str(CONFIGS / "lingua_params.json")]
+        answer = worker.ask({"folder": str(fine), "argv": argv}, 120.0)
+        assert answer is not None and answer["rc"] == 0
+    finally:
+        worker.close()
+
+
+def test_the_oracle_refuses_what_torch_refuses(tmp_path) -> None:
+    from .fuzzing import bases
+    from .fuzzing.harness import Worker
+
+    archive = bases.read_zip(bases.fixture("good/consolidated.pth"))
+    records = [(n, b"middle" if n.endswith("/byteorder") else d) for n, d in archive.records]
+    (tmp_path / "bad.pth").write_bytes(bases.write_zip(records))
+    (tmp_path / "good.pth").write_bytes(bases.fixture("good/consolidated.pth"))
+    oracle = Worker("oracle")
+    try:
+        refused = oracle.ask({"kind": "torch", "path": str(tmp_path / "bad.pth")}, 120.0)
+        accepted = oracle.ask({"kind": "torch", "path": str(tmp_path / "good.pth")}, 120.0)
+    finally:
+        oracle.close()
+    assert refused is not None and refused["refused"]
+    assert accepted == {"refused": ""}
