@@ -74,5 +74,7 @@ _DIGITS = re.compile(r"([0-9]+)")
 
 
 def natural_key(key: str) -> tuple[tuple[int, str], ...]:
-    """Sort "layers.2" before "layers.10"."""
-    return tuple((int(p), "") if p.isascii() and p.isdigit() else (-1, p) for p in _DIGITS.split(key) if p)
+    """Sort "layers.2" before "layers.10": a run of digits by its length, then its text, without int() (a key
+    is input, and int() refuses a run of over 4,300 digits)."""
+    return tuple((len(p.lstrip("0")), p.lstrip("0")) if p[0] in "0123456789" else (-1, p)
+                 for p in _DIGITS.split(key) if p)

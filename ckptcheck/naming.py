@@ -238,7 +238,7 @@ def map_keys(keys: Iterable[str], scheme: Scheme | None = None) -> KeyMapping:
     )
 
 
-LAYER_RE = re.compile(r"^layers\.([0-9]+)\.")
+LAYER_RE = re.compile(r"^layers\.([0-9]{1,9})\.")  # a key is input: no int() of thousands of digits
 
 
 def layer_of(canonical_key: str) -> int | None:

@@ -353,3 +353,18 @@ def test_temporary_named_with_a_non_ascii_pid_is_left_alone_not_a_crash(tmp_path
         path.write_text("not ours")
     assert main(["convert", str(FIXTURES / "good" / "consolidated.pth"), str(out)]) == 0
     assert out.is_file() and all(path.read_text() == "not ours" for path in strangers)
+
+
+@pytest.mark.parametrize("key", ["layers." + "9" * 5000 + ".attention.wq.weight", "w" + "9" * 5000])
+def test_key_with_a_run_of_5000_digits_is_a_key_not_an_error(tmp_path: Path, key: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """safetensors loads such a key (it is a string); sorting keys and reading layer indices int()-ed the digits,
+    which raises past 4,300 of them, and the file was refused as unreadable (exit 2)."""
+    from safetensors.torch import load_file
+
+    path = _header_file(tmp_path, json.dumps({key: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode(),
+                        b"\0" * 4)
+    assert list(load_file(path)) == [key]
+    assert main(["check", str(path), "--model-config", str(CONFIG), "-v"]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL   unexpected_key[{key}]" in out
