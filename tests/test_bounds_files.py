@@ -368,3 +368,21 @@ def test_key_with_a_run_of_5000_digits_is_a_key_not_an_error(tmp_path: Path, key
     assert main(["check", str(path), "--model-config", str(CONFIG), "-v"]) == 1
     out = capsys.readouterr().out
     assert f"FAIL   unexpected_key[{key}]" in out
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "consolidated.pth", "model.safetensors.index.json"])
+def test_file_found_in_a_folder_linked_outside_it_is_unsafe(tmp_path: Path, name: str) -> None:
+    """The folder named is the checkpoint: the file found in it (a single file, or the index) must be in it."""
+    source = {"model.safetensors": FIXTURES / "good" / "hf", "consolidated.pth": FIXTURES / "good",
+              "model.safetensors.index.json": SHARDED}[name]
+    elsewhere = Path(shutil.copytree(source, tmp_path / "elsewhere"))
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / name).symlink_to(elsewhere / name)
+    proc = _cli("check", str(folder), "--model-config", str(CONFIG), "-v", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert f"leads to {(elsewhere / name).resolve()}, outside the checkpoint folder" in proc.stdout
+
+
+def test_hub_cache_single_file_snapshot_is_read(tmp_path: Path) -> None:
+    assert main(["check", str(_hub_cache(tmp_path, FIXTURES / "good" / "hf"))]) == 0

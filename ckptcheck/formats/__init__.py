@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..safe_pickle import torch_would_unpickle
-from ..files import open_binary
+from ..files import check_inside, open_binary
 from .base import Checkpoint, reader_errors
 from .dcp import METADATA_NAME, DcpCheckpoint
 from .legacy import LegacyTorchCheckpoint
@@ -141,6 +141,8 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
 def _open(path: str | os.PathLike[str]) -> Checkpoint:
     fmt, target = detect_format(path)
+    if target.is_file() and Path(path).is_dir():  # a file found in the folder named: it must not leave it
+        check_inside(target, path)
     if fmt == "dcp":
         return DcpCheckpoint(target)
     if fmt == "meta-shards":
