@@ -463,3 +463,37 @@ def test_stride_0_view_is_not_copied_out_by_convert(tmp_path: Path, shape, strid
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert f"layers.0.attention.wq.weight: repeats its stored values {how}: copying it would write" in proc.stderr
     assert not out.exists()
+
+
+class FlaggedTensor(Tensor):
+    """A v2 tensor with any requires_grad, backward hooks and metadata."""
+
+    def __init__(self, requires_grad: object, hooks: object, metadata: object,
+                 stype: object = torch.BFloat16Storage) -> None:
+        super().__init__(Storage("t", 1024, stype), (32, 32), (32, 1))
+        self.flags = (requires_grad, hooks, metadata)
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, (*self.args[:4], *self.flags)
+
+
+@pytest.mark.parametrize(("tensor", "expect"), [
+    (FlaggedTensor("x", collections.OrderedDict(), None), "requires_grad is a str, not a bool: torch.load refuses it"),
+    (FlaggedTensor(True, collections.OrderedDict(), None, torch.ShortStorage),
+     "a int16 tensor that requires grad: torch.load refuses it"),
+    (FlaggedTensor(False, collections.OrderedDict(), [1]), "tensor metadata is a list, not a dict: torch.load refuses it"),
+], ids=["requires_grad_not_bool", "int_requires_grad", "metadata_not_dict"])
+def test_autograd_state_torch_load_refuses_is_refused(tmp_path: Path, tensor: FlaggedTensor, expect: str) -> None:
+    path = with_target(tmp_path / "model.pth", tensor, {"t": BF16_1024})
+    assert torch_refuses(path) is not None
+    code, _out, err = run_check(path)
+    assert code == 2 and err.count("\n") == 1 and expect in err, err
+
+
+@pytest.mark.parametrize("tensor", [FlaggedTensor(True, collections.OrderedDict(), None),
+                                    FlaggedTensor(False, 5, {"a": 1})], ids=["requires_grad", "odd_hooks_and_metadata"])
+def test_autograd_state_torch_load_reads_is_read(tmp_path: Path, tensor: FlaggedTensor) -> None:
+    path = with_target(tmp_path / "model.pth", tensor, {"t": BF16_1024})
+    assert torch_refuses(path) is None
+    code, out, err = run_check(path)
+    assert (code, err) == (0, ""), out + err

@@ -96,14 +96,27 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None
     return TensorRef(storage, offset, shape, strides, dtype or storage.dtype)
 
 
+def _grad_state(ref: TensorRef, requires_grad: Any, metadata: Any = None) -> TensorRef:
+    """What torch checks when it sets a rebuilt tensor's autograd flag and metadata: a bool, and True only
+    for floating and complex dtypes; metadata, when there is any, a dict."""
+    if not isinstance(requires_grad, bool):
+        raise MalformedTensor(f"requires_grad is a {type(requires_grad).__name__}, not a bool: torch.load refuses it")
+    if requires_grad and ref.dtype not in dtypes.FLOATING:
+        raise MalformedTensor(f"a {ref.dtype} tensor that requires grad: torch.load refuses it (only floating and "
+                              "complex tensors can)")
+    if metadata and not isinstance(metadata, dict):
+        raise MalformedTensor(f"tensor metadata is a {type(metadata).__name__}, not a dict: torch.load refuses it")
+    return ref
+
+
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
-    return _tensor(storage, storage_offset, size, stride, None)
+    return _grad_state(_tensor(storage, storage_offset, size, stride, None), requires_grad, metadata)
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
     if not isinstance(dtype, _Dtype):
         raise MalformedTensor("tensor dtype is not a torch dtype")
-    return _tensor(storage, storage_offset, size, stride, str(dtype))
+    return _grad_state(_tensor(storage, storage_offset, size, stride, str(dtype)), requires_grad, metadata)
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride):
@@ -113,7 +126,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride):
 def _rebuild_parameter(data, requires_grad=True, backward_hooks=None, state=None):
     if not isinstance(data, TensorRef):
         raise MalformedTensor("parameter without tensor data")
-    return data
+    return _grad_state(data, requires_grad)
 
 
 _REBUILDERS = {
