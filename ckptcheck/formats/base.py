@@ -154,6 +154,19 @@ def split_sections(entries: Iterable[tuple[tuple[str, ...], TensorInfo | None]])
     )
 
 
+def merged_facts(manifests: Iterable[Manifest]) -> dict[str, str]:
+    """Every fact of every file of a multi-file checkpoint, one value per fact: the union of the files' values
+    (comma-separated lists, as refused globals and opcodes are, in order of first appearance).
+
+    Generic on purpose: a fact one shard states (a pickle opcode torch.load refuses) bears on the verdict of the
+    whole checkpoint, whichever fact it is and however many shards state it."""
+    parts: dict[str, dict[str, None]] = {}
+    for manifest in manifests:
+        for name, value in manifest.facts.items():
+            parts.setdefault(name, {}).update(dict.fromkeys(value.split(", ")))
+    return {name: ", ".join(values) for name, values in parts.items()}
+
+
 def _sorted(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
     return {k: tensors[k] for k in sorted(tensors, key=natural_key)}
 

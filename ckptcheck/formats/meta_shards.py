@@ -21,8 +21,7 @@ from ..dtypes import itemsize
 from ..errors import InputError
 from ..manifest import Manifest, TensorInfo
 from ..naming import map_keys, role_of
-from .base import Checkpoint, check_rows
-from .torch_pickle import refused_in, weights_only_facts
+from .base import Checkpoint, check_rows, merged_facts
 from .torchzip import TorchFileCheckpoint
 
 if TYPE_CHECKING:
@@ -100,8 +99,7 @@ class MetaShardsCheckpoint(Checkpoint):
         mapping = map_keys(first.tensors)
         norm = first.tensors.get(mapping.stored_for("norm.weight") or "norm.weight")
         dim = norm.shape[0] if norm is not None and len(norm.shape) == 1 else None
-        facts = {"model-parallel shards": str(len(self._shards)), "serialization": "torch zip",
-                 **weights_only_facts(n for s in self._shards for n in refused_in(s.manifest.facts))}
+        facts = {"model-parallel shards": str(len(self._shards)), **merged_facts(s.manifest for s in self._shards)}
         tensors: dict[str, TensorInfo] = {}
         dims: dict[str, int | None] = {}
         n = len(self._shards)

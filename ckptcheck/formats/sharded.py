@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 from ..configs import read_json
 from ..errors import InputError, UnsafeInputError
 from ..manifest import Manifest, natural_key
-from .base import Checkpoint
-from .torch_pickle import refused_in, weights_only_facts
+from .base import Checkpoint, merged_facts
 
 if TYPE_CHECKING:
     import torch
@@ -49,9 +48,7 @@ class ShardedCheckpoint(Checkpoint):
         meta = data.get("metadata")
         if isinstance(meta, dict) and type(meta.get("total_size")) is int:  # anything else is not quoted
             facts["index total_size"] = str(meta["total_size"])
-        for shard in self._shards.values():
-            facts.update(shard.manifest.facts)
-        facts.update(weights_only_facts(n for s in self._shards.values() for n in refused_in(s.manifest.facts)))
+        facts.update(merged_facts(s.manifest for s in self._shards.values()))
         tensors = {k: self._owner[k].manifest.tensors[k] for k in sorted(self._owner, key=natural_key)}
         self.manifest = Manifest(
             path=self.path, format=format_name, tensors=tensors, files=(self.path, *self._shards), facts=facts,

@@ -1,0 +1,84 @@
+"""Issue 11, round two (F1): what the readers' first round left.  Every test goes through the CLI and asserts the
+exit status and the one line, with torch or safetensors as the oracle where the issue names one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ckptcheck.cli import main
+
+from .writers import FIXTURES
+
+MP = FIXTURES / "good" / "meta_mp"
+HF = FIXTURES / "good" / "hf"
+OPCODES = "FRAME, MEMOIZE, SHORT_BINUNICODE, STACK_GLOBAL"
+
+
+def torch_refuses(path: Path) -> str | None:
+    """``torch.load(weights_only=True)`` in a memory-limited process: its error output, or None."""
+    code = (
+        "import resource, sys, torch\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\n"
+        "torch.load(sys.argv[1], weights_only=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    return None if proc.returncode == 0 else proc.stderr.strip() or "?"
+
+
+def fails(out: str) -> list[str]:
+    return [line.split()[1] for line in out.splitlines() if line.startswith("FAIL ")]
+
+
+# -- 1. shard sets merge every fact that bears on a verdict ---------------------------------------------------
+
+
+def _protocol_4(path: Path) -> None:
+    torch.save(torch.load(path, weights_only=True), path, pickle_protocol=4)
+    assert "Unsupported operand" in (torch_refuses(path) or "")
+
+
+def _hf_bin_shards(tmp_path: Path) -> Path:
+    """The hf fixture as a two-file pytorch_model.bin shard set."""
+    folder = tmp_path / "hf_bin"
+    folder.mkdir()
+    shutil.copy(HF / "config.json", folder)
+    tensors = load_file(HF / "model.safetensors")
+    keys = sorted(tensors)
+    names = ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"]
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    for name, half in zip(names, halves):
+        torch.save({k: tensors[k] for k in half}, folder / name)
+    weight_map = {k: name for name, half in zip(names, halves) for k in half}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.parametrize("shard", [0, 1])
+def test_shard_set_keeps_weights_only_opcodes_of_meta_shards(tmp_path: Path, shard: int,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    folder = Path(shutil.copytree(MP, tmp_path / "mp"))
+    _protocol_4(folder / f"consolidated.{shard:02d}.pth")
+    assert main(["check", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert fails(out) == ["version[weights_only_opcodes]"], out
+    assert f"its pickle uses the opcodes {OPCODES}, which torch's weights_only unpickler does not read" in out
+
+
+@pytest.mark.parametrize("shard", [0, 1])
+def test_shard_set_keeps_weights_only_opcodes_of_hf_bin_shards(tmp_path: Path, shard: int,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _hf_bin_shards(tmp_path)
+    assert main(["check", str(folder)]) == 0, capsys.readouterr()
+    _protocol_4(folder / f"pytorch_model-0000{shard + 1}-of-00002.bin")
+    assert main(["check", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert "version[weights_only_opcodes]" in fails(out), out
+    assert f"its pickle uses the opcodes {OPCODES}, which torch's weights_only unpickler does not read" in out
