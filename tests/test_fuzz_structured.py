@@ -1,8 +1,9 @@
 """Structure-aware fuzzing (issue 11): mostly-valid checkpoints of every format with one structural mutation
 each (tests/fuzzing/strategies.py), run through the CLI in a worker process with time and memory limits and
 judged against the contract (tests/fuzzing/harness.py): exit 0, 1 or 2 with one line, never 3 or a traceback,
-no hang, memory under twice the input plus a baseline, and no exit 0 where torch or safetensors refuses the
-input or where the mutation made it wrong by construction.
+no hang, memory under twice the input plus a baseline, and no exit 0 where ``check`` passes a file torch or
+safetensors refuses, or where the command read data the mutation made wrong by construction.  The commands:
+check (also --metadata-only and --target resume), convert, diff, inspect and repair, on every family.
 
 CI runs a small derandomized budget; ``make fuzz`` a large one (CKPTCHECK_FUZZ_STRUCTURED_EXAMPLES per
 format) and prints the campaign's totals.  Every example runs even after a break: the failure lists each

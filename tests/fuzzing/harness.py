@@ -1,8 +1,9 @@
 """Run a ``Case`` through the CLI in a worker process and judge the outcome against issue 11's contract:
 exit 0, 1 or 2 (never 3, never a traceback; exit 2 and unsafe as one line), within the time limit, peak memory
-under twice the input plus a fixed baseline, and no exit 0 where torch or safetensors refuses the input or
-where the mutation made it wrong by construction.  A break saves the case as a reproducer and is counted by
-its class: (family, mutation, symptom)."""
+under twice the input plus a fixed baseline, and no exit 0 that an oracle calls wrong: the real loader refusing
+a file (for ``check`` only) or a mutation that made the data the command reads wrong by construction
+(strategies.py's docstring says which oracle applies to which command).  A break saves the case as a
+reproducer and is counted by its class: (family, mutation, command, symptom)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ class Stats:
     family: str
     inputs: int = 0
     outcomes: Counter = field(default_factory=Counter)
+    by_command: dict[str, Counter] = field(default_factory=dict)  # command -> its outcomes
     slowest: tuple[float, str] = (0.0, "")
     largest: tuple[int, str] = (0, "")
     breaks: dict[str, str] = field(default_factory=dict)  # class -> reproducer folder
@@ -111,11 +113,13 @@ class Stats:
     def add(self, case: Case, outcome: Outcome) -> str:
         """Count the outcome; the break's class when it is new here (to save one reproducer per class)."""
         self.inputs += 1
-        self.outcomes["unsafe" if outcome.unsafe else str(outcome.rc)] += 1
+        result = "unsafe" if outcome.unsafe else str(outcome.rc)
+        self.outcomes[result] += 1
+        self.by_command.setdefault(case.command, Counter())[result] += 1
         label = f"{case.mutation}: {case.detail}"
         self.slowest = max(self.slowest, (outcome.seconds, label))
         self.largest = max(self.largest, (outcome.memory, label))
-        key = f"{case.family} | {case.mutation} | {outcome.symptom}"
+        key = f"{case.family} | {case.mutation} | {case.command} | {outcome.symptom}"
         if not outcome.symptom or key in self.breaks:
             return ""
         self.breaks[key] = ""
@@ -125,6 +129,7 @@ class Stats:
         OUT.mkdir(parents=True, exist_ok=True)
         path = OUT / f"stats-{self.family}-{os.getpid()}.json"
         path.write_text(json.dumps({"family": self.family, "inputs": self.inputs, "outcomes": self.outcomes,
+                                    "by_command": self.by_command,
                                     "slowest": self.slowest, "largest": self.largest, "breaks": self.breaks}))
         return path
 
@@ -237,8 +242,8 @@ def save_reproducer(case: Case, outcome: Outcome) -> Path:
 
 
 def _note_class(case: Case, outcome: Outcome, folder: Path) -> None:
-    """One line per new class in the findings notes (format, mutation, symptom, reproducer)."""
-    key = f"| {case.family} | {case.mutation} | {outcome.symptom} |"
+    """One line per new class in the findings notes (format, mutation, command, symptom, example, reproducer)."""
+    key = f"| {case.family} | {case.mutation} | {case.command} | {outcome.symptom} |"
     notes = Path(FINDINGS)
     if notes.exists() and key in notes.read_text():
         return

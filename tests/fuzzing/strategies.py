@@ -1,9 +1,19 @@
 """Hypothesis strategies for mostly-valid checkpoints with one structural mutation each.
 
 Each strategy draws a ``Case``: the files of a checkpoint folder (a fixture rebuilt with one header field, zip
-record, pickle opcode, DCP ``Metadata`` field, shard or config value changed), the CLI command to run on it,
-which files torch or safetensors must accept for an exit 0 to be right (the oracle), and, when the mutation
-makes the input wrong by construction (a flipped byte under a CRC, a NaN ``rope_theta``), why exit 0 is wrong.
+record, pickle opcode, DCP ``Metadata`` field, shard or config value changed) and the CLI command to run on it.
+Two oracles say when that command's exit 0 is wrong; each applies only where it is a verdict on the input:
+
+- ``oracle`` (the real loader refuses): ``torch.load(weights_only=True)`` or safetensors' ``load_file`` refuses a
+  file of the case.  Only for ``check`` (what ``pytest --ckpt`` runs too), whose exit 0 is the verdict "this is
+  the checkpoint the run expects".  Not for ``check --metadata-only`` (it reads no tensor data by design), nor
+  for ``diff`` (exit 0: the values are the same), ``convert`` and ``repair`` (exit 0: written and verified;
+  turning a file torch refuses into one it loads is their job) or ``inspect`` (exit 0: described).
+- ``must_refuse`` (wrong by construction): the mutation made data the command reads wrong - a flipped byte under
+  a CRC-32, a shard that is a FIFO, a device or a link out of the folder, shard 01 missing, a config value no
+  model has.  Model tensors count for every command that reads tensor data; training state (optimizer records)
+  only for ``check --target resume``, ``repair --target resume`` and ``convert`` without ``--weights-only``
+  (with it, that state is neither read nor written); a config only for the commands that judge one.
 """
 
 from __future__ import annotations
@@ -43,6 +53,12 @@ class Case:
     def input_bytes(self) -> int:
         return sum(len(v) for _, v in self.files if isinstance(v, bytes))
 
+    @property
+    def command(self) -> str:
+        """The command and its flags without paths ("convert --to safetensors --weights-only"): outcomes are
+        counted per command."""
+        return " ".join(a for a in self.argv if "{case}" not in a and "{out}" not in a and a != "--model-config")
+
 
 # --- values a field can take ---------------------------------------------------------------------------
 
@@ -80,7 +96,7 @@ DEPTHS = st.sampled_from([50, 1_000, 5_000])
 # --- shared argv ---------------------------------------------------------------------------------------
 
 LINGUA_CFG = ("--model-config", "{case}/params.json")
-TORCH_DATA_COMMANDS = st.sampled_from(["check", "check", "check-meta", "convert", "diff"])
+TORCH_DATA_COMMANDS = st.sampled_from(["check", "check", "check-meta", "convert", "diff", "inspect", "repair"])
 
 
 def command(kind: str, ckpt: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -94,6 +110,10 @@ def command(kind: str, ckpt: str, extra: tuple[str, ...] = ()) -> tuple[str, ...
         return ("convert", path, "{out}", "--to", "safetensors", "--weights-only")
     if kind == "diff":
         return ("diff", path, "{case}/reference.safetensors")
+    if kind == "inspect":
+        return ("inspect", path)
+    if kind == "repair":  # into {out}, in the input's own format
+        return ("repair", path, "{out}", *extra)
     raise ValueError(kind)
 
 
@@ -102,8 +122,8 @@ def reference_files(kind: str) -> tuple[tuple[str, bytes], ...]:
 
 
 def oracle_for(kind: str, entries: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-    """--metadata-only reads no tensor data by design: torch refusing the data is no verdict on it."""
-    return () if kind == "check-meta" else entries
+    """The loader oracle judges ``check``'s verdict only (see the module docstring)."""
+    return entries if kind == "check" else ()
 
 
 # --- safetensors ---------------------------------------------------------------------------------------
@@ -114,8 +134,9 @@ def _split_safetensors(data: bytes) -> tuple[dict, bytes]:
 
 
 @st.composite
-def safetensors_cases(draw: st.DrawFn) -> Case:
-    header, body = _split_safetensors(bases.fixture("good/model.safetensors"))
+def header_mutation(draw: st.DrawFn, data: bytes) -> tuple[bytes, str, str]:
+    """A safetensors file with one change to its header, length field or body: (new bytes, kind, detail)."""
+    header, body = _split_safetensors(data)
     keys = [k for k in header if k != "__metadata__"]
     key = draw(st.sampled_from(keys))
     kind = draw(st.sampled_from(["dtype", "shape", "offsets", "drop-key", "add-keys", "metadata", "deep-json",
@@ -175,11 +196,16 @@ def safetensors_cases(draw: st.DrawFn) -> Case:
         detail = "header is not an object"
     if raw is None:
         raw = json.dumps(header).encode()
-    data = struct.pack("<Q", (len(raw) + length_delta) % 2**64) + raw + body
+    return struct.pack("<Q", (len(raw) + length_delta) % 2**64) + raw + body, f"header.{kind}", detail
+
+
+@st.composite
+def safetensors_cases(draw: st.DrawFn) -> Case:
+    data, kind, detail = draw(header_mutation(bases.fixture("good/model.safetensors")))
     cmd = draw(TORCH_DATA_COMMANDS)
     files = (("model.safetensors", data), ("params.json", bases.config("lingua_params.json")),
              *reference_files(cmd))
-    return Case("safetensors", f"header.{kind}", detail, files, command(cmd, "model.safetensors", LINGUA_CFG),
+    return Case("safetensors", kind, detail, files, command(cmd, "model.safetensors", LINGUA_CFG),
                 oracle_for(cmd, (("safetensors", "model.safetensors"),)))
 
 
@@ -235,6 +261,66 @@ def index_cases(draw: st.DrawFn) -> Case:
     files += reference_files(cmd)
     oracle = tuple(("safetensors", f"hf/{s}") for s in shards if s != drop_file)
     return Case("index", f"index.{kind}", detail, tuple(files), command(cmd, "hf"), oracle_for(cmd, oracle))
+
+
+# --- Hugging Face folders: config.json, an index and sharded safetensors, changed across files ----------
+
+HF_SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+
+
+@st.composite
+def hf_folder_cases(draw: st.DrawFn) -> Case:
+    """The sharded fixture as a whole folder: one shard's header mutated, tensors moved or copied between the
+    shards behind the index's back, a shard cast, the config's tying or dtype changed, a file of the set
+    missing or one more beside it."""
+    from safetensors.torch import load
+
+    files: dict[str, bytes] = {f"hf/{n}": bases.fixture(f"good/hf_sharded/{n}")
+                               for n in ("config.json", "model.safetensors.index.json", *HF_SHARDS)}
+    shards = [load(files[f"hf/{n}"]) for n in HF_SHARDS]
+    kind = draw(st.sampled_from(["shard-header", "shard-header", "shard-header", "move-key", "copy-key",
+                                 "cast-shard", "tie", "torch-dtype", "drop-file", "single-beside"]))
+    which = draw(st.sampled_from([0, 1]))
+    if kind == "shard-header":
+        data, sub, detail = draw(header_mutation(files[f"hf/{HF_SHARDS[which]}"]))
+        files[f"hf/{HF_SHARDS[which]}"] = data
+        kind, detail = f"shard.{sub}", f"{HF_SHARDS[which]}: {detail}"
+    elif kind in ("move-key", "copy-key"):
+        key = draw(st.sampled_from(sorted(shards[which])))
+        other = shards[1 - which]
+        other[key] = draw(st.sampled_from([shards[which][key], torch.zeros_like(shards[which][key])]))
+        if kind == "move-key":
+            del shards[which][key]
+        for n, tensors in zip(HF_SHARDS, shards):
+            files[f"hf/{n}"] = _save_safetensors(tensors)
+        detail = f"{key} {'moved' if kind == 'move-key' else 'copied'} into {HF_SHARDS[1 - which]} (index unchanged)"
+    elif kind == "cast-shard":
+        dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.float8_e4m3fn, torch.int8]))
+        files[f"hf/{HF_SHARDS[which]}"] = _save_safetensors({k: v.to(dtype) for k, v in shards[which].items()})
+        detail = f"{HF_SHARDS[which]} cast to {dtype}"
+    elif kind in ("tie", "torch-dtype"):
+        cfg = json.loads(files["hf/config.json"])
+        field_name = "tie_word_embeddings" if kind == "tie" else "torch_dtype"
+        cfg[field_name] = draw(st.one_of(st.sampled_from([True, "float32", "float8_e4m3fn", "int4", "auto"]), ODD))
+        files["hf/config.json"] = json.dumps(cfg).encode()
+        detail = f"config {field_name} = {_short(cfg[field_name])}"
+    elif kind == "drop-file":
+        victim = draw(st.sampled_from(["config.json", "model.safetensors.index.json", *HF_SHARDS]))
+        del files[f"hf/{victim}"]
+        detail = f"{victim} missing"
+    else:
+        files["hf/model.safetensors"] = bases.fixture("good/hf/model.safetensors")
+        detail = "a single-file model.safetensors beside the index"
+    cmd = draw(TORCH_DATA_COMMANDS)
+    oracle = tuple(("safetensors", n) for n in files if n.endswith(".safetensors"))
+    return Case("hf-folder", f"hf.{kind}", detail, (*files.items(), *reference_files(cmd)), command(cmd, "hf"),
+                oracle_for(cmd, oracle))
 
 
 # --- torch zip: records and data.pkl opcodes -----------------------------------------------------------
@@ -479,6 +565,14 @@ SIZES = st.one_of(st.lists(INTS, min_size=0, max_size=3).map(_size), st.just("0,
                   st.just((0.5, 1.5)), st.just(None), st.just((2**63, 0)), st.just(torch.Size([2**62, 0])))
 
 
+_DCP_ARGV = {  # the DCP commands that read the training state too
+    "resume": ("check", "{case}/dcp", "--target", "resume"),
+    "convert-all": ("convert", "{case}/dcp", "{out}", "--to", "dcp"),
+    "repair": ("repair", "{case}/dcp", "{out}", "--target", "resume"),
+}
+_READS_TRAINING_STATE = frozenset(_DCP_ARGV)
+
+
 @st.composite
 def dcp_cases(draw: st.DrawFn) -> Case:
     base = bases.dcp_base()
@@ -491,7 +585,8 @@ def dcp_cases(draw: st.DrawFn) -> Case:
                                  "storage-offset", "storage-length", "version", "drop-storage", "drop-item",
                                  "extra-chunk", "planner-data", "bytes-pickle", "data-flip"]))
     must_refuse = ""
-    target = draw(st.sampled_from(["resume", "resume", "check-meta", "convert"]))
+    target = draw(st.sampled_from(["resume", "resume", "check-meta", "convert", "convert-all", "repair",
+                                   "inspect"]))
     if kind == "chunk-offsets":
         value = draw(SIZES)
         entry.chunks[0] = dataclasses.replace(entry.chunks[0], offsets=value)
@@ -560,11 +655,12 @@ def dcp_cases(draw: st.DrawFn) -> Case:
         flipped[at] ^= draw(st.integers(1, 255))
         distcp = bytes(flipped)
         detail = f"byte {at} flipped inside {key}'s data"
-        target = draw(st.sampled_from(["resume", "convert"]))
-        must_refuse = "a byte of a tensor's data flipped under its zip record's CRC-32"
+        target = draw(st.sampled_from(["resume", "convert", "convert-all", "repair"]))
+        if key.startswith("model.") or target in _READS_TRAINING_STATE:
+            must_refuse = "a byte of a tensor's data flipped under its zip record's CRC-32"
     files = (("dcp/.metadata", pickle.dumps(md)), ("dcp/__0_0.distcp", distcp),
              *((f"dcp/{n}", b) for n, b in base.extras))
-    argv = command("check", "dcp", ("--target", "resume")) if target == "resume" else command(target, "dcp")
+    argv = _DCP_ARGV.get(target) or command(target, "dcp")
     label = kind if kind.startswith("bytes-entry") else "data.flip" if kind == "data-flip" else f"metadata.{kind}"
     return Case("dcp", label, detail, files, argv, (), must_refuse)
 
@@ -615,11 +711,11 @@ def meta_shard_cases(draw: st.DrawFn) -> Case:
         data, kind, detail = draw(zip_mutation(shards[victim]))
         files[f"meta/{victim}"] = data
         detail = f"{victim}: {detail}"
-    cmd = draw(st.sampled_from(["check", "check", "check-meta", "convert"]))
+    cmd = draw(st.sampled_from(["check", "check", "check-meta", "convert", "inspect", "repair"]))
     if kind == "sliced":
         must_refuse = "the merged wq is one row short of the config's model"
-    if cmd == "convert" and kind in ("rename", "sliced"):
-        must_refuse = ""  # convert judges no config: half a model converts
+    if cmd in ("convert", "inspect") and kind in ("rename", "sliced"):
+        must_refuse = ""  # they judge no config: half a model converts, and is described
     oracle = tuple(("torch", n) for n, v in files.items() if isinstance(v, bytes) and n.startswith("meta/")
                    and n.endswith(".pth"))
     return Case("meta-shards", f"shards.{kind}", detail, tuple(files.items()), command(cmd, "meta"),
@@ -691,6 +787,7 @@ def config_cases(draw: st.DrawFn) -> Case:
 FAMILIES = {
     "safetensors": safetensors_cases(),
     "index": index_cases(),
+    "hf-folder": hf_folder_cases(),
     "torch": torch_cases(),
     "legacy": legacy_cases(),
     "dcp": dcp_cases(),
