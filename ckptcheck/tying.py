@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .bits import first_difference
+from .formats.base import row_chunks
 
 if TYPE_CHECKING:
     import torch
@@ -27,10 +28,7 @@ def redundant_copy(ckpt: Checkpoint, copy: str, primary: str) -> bool:
         return True
     if not x.shape:
         return _same(ckpt.load(copy), ckpt.load(primary))
-    rows = x.shape[0]
-    step = max(1, CHUNK_BYTES // max(1, max(x.nbytes, y.nbytes) // max(1, rows)))
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
+    for start, stop in row_chunks(x.shape[0], max(x.nbytes, y.nbytes), CHUNK_BYTES):
         if not _same(ckpt.read_rows(copy, start, stop), ckpt.read_rows(primary, start, stop)):
             return False
     return True

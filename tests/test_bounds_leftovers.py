@@ -82,3 +82,52 @@ def test_shard_set_keeps_weights_only_opcodes_of_hf_bin_shards(tmp_path: Path, s
     out = capsys.readouterr().out
     assert "version[weights_only_opcodes]" in fails(out), out
     assert f"its pickle uses the opcodes {OPCODES}, which torch's weights_only unpickler does not read" in out
+
+
+# -- 2. loops over rows bounded by bytes ------------------------------------------------------------------------
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """The CLI in a real process, memory-limited; the timeout only ends a regression (2**36 empty reads)."""
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\n"
+        "from ckptcheck.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _meta_with(tmp_path: Path, extra: dict[str, torch.Tensor]) -> Path:
+    folder = Path(shutil.copytree(MP, tmp_path / "mp"))
+    for shard in folder.glob("consolidated.*.pth"):
+        torch.save({**torch.load(shard, weights_only=True), **extra}, shard)
+    return folder
+
+
+def test_zero_byte_rows_are_compared_in_one_step_not_row_by_row(tmp_path: Path) -> None:
+    """A replicated [2**62, 0] tensor and a split [2**61, 0] one: 2**36 empty reads each before."""
+    folder = _meta_with(tmp_path, {"extra.weight": torch.empty(2**62, 0),
+                                   "layers.0.attention.wq.weight": torch.empty(2**61, 0)})
+    code, out, err = run_cli("check", str(folder), "-v")
+    assert code == 1 and "Traceback" not in err, err
+    assert "PASS   replicas[extra.weight]" in out and "PASS   replicas[layers.0.attention.wq.weight]" in out
+
+
+def test_split_slices_adding_past_int64_are_refused(tmp_path: Path) -> None:
+    folder = _meta_with(tmp_path, {"layers.0.attention.wq.weight": torch.empty(2**62, 0)})
+    code, _out, err = run_cli("check", str(folder))
+    assert code == 2 and err.count("\n") == 1, err
+    assert (f"{folder}: layers.0.attention.wq.weight: its slices add up to {2**63} along the split dimension 0: "
+            "more than a tensor dimension holds (2**63 - 1)") in err
+
+
+def test_zero_byte_tied_copy_is_compared_in_one_step_not_row_by_row(tmp_path: Path) -> None:
+    path = tmp_path / "model.pth"
+    state = torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True)
+    torch.save({**state, "tok_embeddings.weight": torch.empty(2**62, 0), "output.weight": torch.empty(2**62, 0)},
+               path)
+    code, out, err = run_cli("check", str(path), "--model-config", str(FIXTURES / "configs" / "lingua_tied_params.json"))
+    assert code == 1 and "Traceback" not in err, err
+    assert "FAIL   shape[tok_embeddings.weight]" in out, out

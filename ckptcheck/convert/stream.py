@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from .. import dtypes
 from ..bits import bit_view, widened
 from ..errors import InputError
+from ..formats.base import row_chunks, row_step
 from ..layouts import half_to_interleaved, interleaved_to_half
 from .plan import TensorMove
 
@@ -35,12 +36,6 @@ def row_ranges(move: TensorMove, chunk_bytes: int | None = None) -> Iterator[tup
         yield start, min(move.rows, start + step)
     if move.rows == 0:
         yield 0, 0
-
-
-def row_step(rows: int, row_bytes: int, chunk_bytes: int) -> int:
-    """Rows per chunk: as many as fit in ``chunk_bytes``, bounded by bytes, not rows; all of them when a row
-    holds no bytes (a [2**62, 0] tensor is one empty chunk, not 2**36 of them)."""
-    return max(1, chunk_bytes // row_bytes) if row_bytes else max(1, rows)
 
 
 @dataclass
@@ -160,10 +155,8 @@ def lossy_cast(checkpoint: Checkpoint, keys: list[str], dtype: str) -> str | Non
         info = checkpoint.manifest.tensors[key]
         if info.dtype not in dtypes.FLOATING or info.dtype == dtype:
             continue
-        rows = info.shape[0] if info.shape else 1
-        step = row_step(rows, info.nbytes // rows if rows else 0, CHUNK_BYTES)
-        for start in range(0, rows, step):
-            t = checkpoint.read_rows(key, start, min(rows, start + step)) if info.shape else checkpoint.load(key)
+        for start, stop in row_chunks(info.shape[0] if info.shape else 1, info.nbytes, CHUNK_BYTES):
+            t = checkpoint.read_rows(key, start, stop) if info.shape else checkpoint.load(key)
             try:
                 refuse_lossy_cast(t, t.to(want), path=checkpoint.manifest.path, key=key)
             except InputError as exc:

@@ -183,6 +183,20 @@ def row_span(shape: tuple[int, ...], start: int, stop: int) -> tuple[int, int]:
     return start * per_row, (stop - start) * per_row
 
 
+def row_step(rows: int, row_bytes: int, chunk_bytes: int) -> int:
+    """Rows per chunk: as many as fit in ``chunk_bytes``, bounded by bytes, not rows; all of them when a row
+    holds no bytes (a [2**62, 0] tensor is one empty chunk, not 2**36 of them)."""
+    return max(1, chunk_bytes // row_bytes) if row_bytes else max(1, rows)
+
+
+def row_chunks(rows: int, nbytes: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    """The row ranges of a tensor of ``rows`` rows and ``nbytes`` bytes, about ``chunk_bytes`` each: as many
+    ranges as the bytes need, whatever the number of rows."""
+    step = row_step(rows, nbytes // rows if rows else 0, chunk_bytes)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
 def check_rows(path: str, key: str, shape: tuple[int, ...], start: int, stop: int) -> None:
     if not shape or not 0 <= start <= stop <= shape[0]:
         raise InputError(path, key, f"rows {start}:{stop} are outside shape {list(shape)}")

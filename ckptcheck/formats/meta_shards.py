@@ -21,7 +21,7 @@ from ..dtypes import itemsize
 from ..errors import InputError
 from ..manifest import Manifest, TensorInfo
 from ..naming import map_keys, role_of
-from .base import Checkpoint, check_rows, merged_facts
+from .base import Checkpoint, check_rows, merged_facts, row_chunks
 from .torchzip import TorchFileCheckpoint
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 # Bytes compared per step when checking a replicated tensor's copies: bounds memory, not the tensor.
 COMPARE_BYTES = 1 << 26
+MAX_DIM = (1 << 63) - 1  # torch's int64 sizes
 SHARD_RE = re.compile(r"^consolidated\.([0-9]+)\.pth$")
 _OTHER_DIGITS = re.compile(r"^consolidated\.\d+\.pth$")  # \d: any Unicode decimal digit
 _SPLIT_DIM = {
@@ -121,6 +122,9 @@ class MetaShardsCheckpoint(Checkpoint):
                 if len(set(others)) != 1:
                     raise InputError(self.path, key, f"shards disagree outside the split dimension {split}")
                 shape = tuple(sum(p.shape[split] for p in pieces) if j == split else d for j, d in enumerate(info.shape))
+                if shape[split] > MAX_DIM:
+                    raise InputError(self.path, key, f"its slices add up to {shape[split]} along the split dimension "
+                                                     f"{split}: more than a tensor dimension holds (2**63 - 1)")
             tensors[key] = TensorInfo(key, shape, info.dtype)
             dims[key] = split
         return tensors, dims, facts
@@ -162,12 +166,11 @@ class MetaShardsCheckpoint(Checkpoint):
 
         info = shard.manifest.tensors[key]
         size = itemsize(info.dtype)
-        step = max(1, COMPARE_BYTES // max(1, info.nbytes // info.shape[0])) if info.shape[0] else 1
         hasher = hashlib.blake2b(digest_size=16)
         first: torch.Tensor | None = None
         constant = True
-        for lo in range(0, info.shape[0], step):
-            rows = shard.read_rows(key, lo, min(lo + step, info.shape[0])).contiguous()
+        for lo, hi in row_chunks(info.shape[0], info.nbytes, COMPARE_BYTES):
+            rows = shard.read_rows(key, lo, hi).contiguous()
             elements = rows.reshape(-1).view(torch.uint8).view(-1, size)
             if not len(elements):
                 continue
@@ -192,11 +195,8 @@ class MetaShardsCheckpoint(Checkpoint):
         info = first.manifest.tensors[key]
         if not info.shape:
             return first_difference(first.load(key), shard.load(key)) is None
-        row_bytes = max(1, info.nbytes // info.shape[0]) if info.shape[0] else 1
-        step = max(1, COMPARE_BYTES // row_bytes)
-        return all(first_difference(first.read_rows(key, lo, min(lo + step, info.shape[0])),
-                                    shard.read_rows(key, lo, min(lo + step, info.shape[0]))) is None
-                   for lo in range(0, info.shape[0], step))
+        return all(first_difference(first.read_rows(key, lo, hi), shard.read_rows(key, lo, hi)) is None
+                   for lo, hi in row_chunks(info.shape[0], info.nbytes, COMPARE_BYTES))
 
     def _replicated(self, key: str) -> TorchFileCheckpoint:
         """Shard 0, whose copy of ``key`` stands for all only when they are all the same."""
