@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from .fuzzing.harness import Harness, Stats, save_reproducer
 from .fuzzing.strategies import FAMILIES, Case
@@ -113,3 +114,14 @@ def test_the_oracle_refuses_what_torch_refuses(tmp_path) -> None:
         oracle.close()
     assert refused is not None and refused["refused"]
     assert accepted == {"refused": ""}
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+@given(case=st.one_of(*FAMILIES.values()))
+def test_each_oracle_judges_only_what_the_command_reads_and_decides(case: Case) -> None:
+    """The loader oracle is a verdict on check's exit 0 only; a flipped optimizer byte is no verdict on a
+    command that leaves the optimizer state behind (convert --weights-only)."""
+    if case.oracle:
+        assert case.argv[0] == "check" and "--metadata-only" not in case.argv
+    if case.mutation == "data.flip" and "optim." in case.detail:
+        assert bool(case.must_refuse) == ("--weights-only" not in case.argv)
