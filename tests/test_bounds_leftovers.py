@@ -131,3 +131,39 @@ def test_zero_byte_tied_copy_is_compared_in_one_step_not_row_by_row(tmp_path: Pa
     code, out, err = run_cli("check", str(path), "--model-config", str(FIXTURES / "configs" / "lingua_tied_params.json"))
     assert code == 1 and "Traceback" not in err, err
     assert "FAIL   shape[tok_embeddings.weight]" in out, out
+
+
+# -- 3. convert's pre-flight: nothing written that cannot be written whole ------------------------------------
+
+LINGUA = FIXTURES / "configs" / "lingua_params.json"
+
+
+def _with_extra(path: Path, tensor: torch.Tensor) -> Path:
+    state = torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True)
+    torch.save({**state, "extra": tensor}, path)
+    return path
+
+
+def test_repeated_view_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """A 70 KB file holding a stride-0 view of 2**62 elements: refused from the manifest, with how to write it."""
+    src = _with_extra(tmp_path / "view.pth", torch.ones(1, 1).expand(2**31, 2**31))
+    out = tmp_path / "out"
+    out.mkdir()
+    code, _out, err = run_cli("convert", str(src), str(out / "model.safetensors"), "--model-config", str(LINGUA))
+    assert code == 2 and err.count("\n") == 1, err
+    assert (f"{src}: extra: repeats its stored values along dims [0, 1] (stride 0): converting it would write all "
+            f"{2**62:,} elements; to write them, re-save it with tensor.clone() before torch.save") in err
+    assert list(out.iterdir()) == []
+
+
+def test_output_larger_than_the_free_space_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """Overlapping strides, no stride 0: 384 KB stored, 2**48 bf16 elements (512 TiB) to write."""
+    storage = torch.zeros(3 * 2**16, dtype=torch.bfloat16)
+    src = _with_extra(tmp_path / "overlap.pth", storage.as_strided((2**16,) * 3, (1, 1, 1)))
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = out / "model.safetensors"
+    code, _out, err = run_cli("convert", str(src), str(dst), "--model-config", str(LINGUA))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{dst}: the output needs " in err and f"bytes of tensor data but the file system holding {out} has" in err
+    assert list(out.iterdir()) == []

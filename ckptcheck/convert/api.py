@@ -19,7 +19,7 @@ from ..manifest import OPTIMIZER_SECTIONS, Manifest
 from ..naming import HF, Scheme
 from ..checks.integrity import checksum_of
 from .heads import confirm_head_split
-from .atomic import Staging, refuse_unsafe_destination
+from .atomic import Staging, refuse_short_space, refuse_unsafe_destination
 from .buffers import refuse_unrecomputable
 from .plan import RECOMPUTED, ConversionPlan, build_plan, carry_state, fresh_adamw_state, scheme_named
 from .stream import ChunkSource
@@ -202,6 +202,8 @@ def convert(
             nesting = nesting or "model"  # the training state goes beside the model: {"model": ..., "optim": ...}
         if fmt == "hf" and cfg is None:
             raise InputError(dst_p, None, "--to hf writes a config.json: pass --model-config")
+        refuse_repeated_views(source.manifest, plan)
+        refuse_short_space(dst_p, plan.total_bytes)
         try:
             staging = Staging(dst_p, folder=fmt in ("dcp", "hf"))
         except OSError as exc:
@@ -233,6 +235,18 @@ def convert(
         dropped=[list(d) for d in plan.dropped], config_written=written_config, precision=precision,  # type: ignore[misc]
         optimizer_initialised=init_optimizer_state, input_checksum=checksum_of(source.manifest.facts),
     )
+
+
+def refuse_repeated_views(source: Manifest, plan: ConversionPlan) -> None:
+    """Before writing anything: a stored view that repeats its values (stride 0) would be written out whole,
+    a 70 KB file growing to terabytes; the user materializes it on purpose by re-saving it cloned."""
+    for move in plan.moves:
+        info = source.tensors.get(move.src_key)
+        if info is not None and info.aliased_dims:
+            raise InputError(source.path, move.src_key,
+                             f"repeats its stored values along dims {list(info.aliased_dims)} (stride 0): "
+                             f"converting it would write all {info.numel:,} elements; to write them, re-save "
+                             "it with tensor.clone() before torch.save")
 
 
 def _target_layout(fmt: str, naming: str | None, source: Manifest) -> tuple[Scheme | None, str | None]:

@@ -37,6 +37,20 @@ def refuse_unsafe_destination(src: Path, dst: Path, force: bool) -> None:
             raise InputError(dst, None, "already exists; pass --force to replace it")
 
 
+def refuse_short_space(dst: Path, nbytes: int) -> None:
+    """Refuse before writing anything when the file system that will hold ``dst`` has fewer free bytes than
+    the output's tensors take: a half-written output fills the disk for everyone, then fails anyway."""
+    folder = next(p for p in (dst.parent, *dst.parent.parents) if p.is_dir())
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return  # nothing to measure with: the write itself reports a full disk
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise InputError(dst, None, f"the output needs {nbytes:,} bytes of tensor data but the file system holding "
+                                    f"{folder} has {free:,} free: free space or write it elsewhere")
+
+
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
