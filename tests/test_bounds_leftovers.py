@@ -138,9 +138,9 @@ def test_zero_byte_tied_copy_is_compared_in_one_step_not_row_by_row(tmp_path: Pa
 LINGUA = FIXTURES / "configs" / "lingua_params.json"
 
 
-def _with_extra(path: Path, tensor: torch.Tensor) -> Path:
+def _with_extra(path: Path, tensor: torch.Tensor, key: str = "extra") -> Path:
     state = torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True)
-    torch.save({**state, "extra": tensor}, path)
+    torch.save({**state, key: tensor}, path)
     return path
 
 
@@ -167,3 +167,11 @@ def test_output_larger_than_the_free_space_is_refused_before_anything_is_written
     assert code == 2 and err.count("\n") == 1, err
     assert f"{dst}: the output needs " in err and f"bytes of tensor data but the file system holding {out} has" in err
     assert list(out.iterdir()) == []
+
+
+def test_repeated_rotary_buffer_is_refused_before_it_is_materialized(tmp_path: Path) -> None:
+    """A dropped freqs_cis is compared with the config's: a stride-0 [2**31, 4, 2] view was copied whole (64 GB)."""
+    src = _with_extra(tmp_path / "freqs.pth", torch.ones(1, 1, 2).expand(2**31, 4, 2), "freqs_cis")
+    code, _out, err = run_cli("convert", str(src), str(tmp_path / "out.safetensors"), "--model-config", str(LINGUA))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{src}: freqs_cis: repeats its stored values along dims [0, 1] (stride 0)" in err

@@ -25,7 +25,9 @@ def refuse_unrecomputable(ckpt: Checkpoint, keys: list[str], cfg: ModelConfig | 
         if cfg is None:
             raise InputError(ckpt.manifest.path, key, "a rotary buffer is dropped only when its values are those "
                              "the config's head_dim and rope_theta give: pass --model-config")
-        why = _differs(ckpt.load(key), cfg)
+        shape = ckpt.manifest.tensors[key].shape
+        # read_rows, not load: it refuses a view with more elements than its storage before any copy
+        why = _differs(ckpt.read_rows(key, 0, shape[0]) if shape else ckpt.load(key), cfg)
         if why:
             raise InputError(ckpt.manifest.path, key, f"not the rotary buffer loaders recompute ({why}); it may "
                              "hold what the model was trained with, so it is not dropped: fix head_dim/rope_theta "
