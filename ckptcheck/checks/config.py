@@ -261,6 +261,10 @@ def _partial_layers(facts: Facts, field: str, configured: int) -> tuple[Verdict,
             "their missing tensors from the training run")
 
 
+# Relative error of rotary frequencies computed in float32 (theta ** x with x rounded), at most a few ulps.
+FREQ_COMPUTE_RTOL = 1e-5
+
+
 def _theta_from_frequencies(facts: Facts, field: str, stored: Any) -> tuple[Verdict, dict[str, object] | str | None]:
     """rope.freqs / inv_freq hold 1 / theta^(2i / head_dim): compare them with the config's theta at the
     precision they are stored in; on a mismatch, fit theta and propose the roundest value that matches."""
@@ -270,11 +274,16 @@ def _theta_from_frequencies(facts: Facts, field: str, stored: Any) -> tuple[Verd
     source = next(w.source for w in facts.witnesses if w.frequencies)
     freqs = stored.double().reshape(-1)
     hd = 2 * freqs.numel()
-    rtol = 2.0 ** -7 if stored.dtype.itemsize <= 2 else 1e-5
     exponents = torch.arange(0, hd, 2, dtype=torch.float64) / hd
+    info = torch.finfo(stored.dtype if stored.dtype.is_floating_point else torch.float64)
+    # One unit in the last place of the stored dtype (subnormals have a fixed one: the smallest step), or the
+    # float32 arithmetic of the code that computed them (a pow in float32 is off by ~1e-6 of the value).
+    rtol, smallest_step = max(info.eps, FREQ_COMPUTE_RTOL), info.smallest_normal * info.eps
 
     def matches(theta: float) -> bool:
-        return bool(torch.allclose(freqs, 1.0 / theta ** exponents, rtol=rtol, atol=0.0))
+        expected = (1.0 / theta ** exponents).to(stored.dtype).double()  # rounded as the stored values were
+        step = torch.clamp(expected.abs() * rtol, min=smallest_step)
+        return bool(((freqs - expected).abs() <= step).all())
 
     if matches(cfg.rope_theta):
         return Verdict.ok(f"{field} = {cfg.rope_theta}, as the values of {source} show",

@@ -1,0 +1,58 @@
+"""What the config attack on issue 11 found: every dimension, witness and number a config states is judged
+by one rule, and what ckptcheck itself writes passes ckptcheck's own check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptcheck.cli import main
+
+
+def _meta_state(dim: int, n_layers: int, q_rows: int, kv_rows: int, vocab: int, ffn: int, *,
+                dtype: torch.dtype = torch.bfloat16, tied: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.05).to(dtype)
+
+    sd = {"tok_embeddings.weight": r(vocab, dim)}
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        sd |= {p + "attention.wq.weight": r(q_rows, dim), p + "attention.wk.weight": r(kv_rows, dim),
+               p + "attention.wv.weight": r(kv_rows, dim), p + "attention.wo.weight": r(dim, q_rows),
+               p + "feed_forward.w1.weight": r(ffn, dim), p + "feed_forward.w2.weight": r(dim, ffn),
+               p + "feed_forward.w3.weight": r(ffn, dim),
+               p + "attention_norm.weight": torch.ones(dim, dtype=dtype), p + "ffn_norm.weight": torch.ones(dim, dtype=dtype)}
+    sd["norm.weight"] = torch.ones(dim, dtype=dtype)
+    sd["output.weight"] = sd["tok_embeddings.weight"] if tied else r(vocab, dim)
+    return sd
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize(("dtype", "theta"), [(torch.float16, 1e6), (torch.float16, 5e5), (torch.bfloat16, 1e6)])
+def test_fp16_rope_freqs_of_the_right_theta_pass(tmp_path: Path, dtype: torch.dtype, theta: float,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # head_dim 128 as in every Llama; computed in float32 as Meta's model does, then cast with the state dict:
+    # at theta >= ~2e5 the last fp16 frequencies are subnormal, where a relative tolerance fails.
+    sd = _meta_state(256, 1, 256, 256, 64, 768, dtype=dtype)
+    sd["rope.freqs"] = (1.0 / (theta ** (torch.arange(0, 128, 2).float() / 128))).to(dtype)
+    torch.save(sd, tmp_path / "consolidated.00.pth")
+    params = {"dim": 256, "n_layers": 1, "n_heads": 2, "multiple_of": 256, "ffn_dim_multiplier": 1.0,
+              "norm_eps": 1e-5, "rope_theta": theta, "vocab_size": 64}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    assert main(["check", str(tmp_path), "-v"]) == 0
+    assert f"PASS   config[rope_theta]  rope_theta = {theta}, as the values of rope.freqs [64] show" in capsys.readouterr().out
+    # one ulp off is still the stored value of that theta; another theta is not
+    params["rope_theta"] = theta * 1.01
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    assert main(["check", str(tmp_path), "-v"]) == 1
+    assert "FAIL   config[rope_theta]" in capsys.readouterr().out
