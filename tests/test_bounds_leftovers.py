@@ -175,3 +175,30 @@ def test_repeated_rotary_buffer_is_refused_before_it_is_materialized(tmp_path: P
     code, _out, err = run_cli("convert", str(src), str(tmp_path / "out.safetensors"), "--model-config", str(LINGUA))
     assert code == 2 and err.count("\n") == 1, err
     assert f"{src}: freqs_cis: repeats its stored values along dims [0, 1] (stride 0)" in err
+
+
+# -- 4. integrity verifies what the other checks read without reading it again --------------------------------
+
+
+def test_check_reads_each_data_byte_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """finite reads every weight; integrity then verifies each record's CRC-32 without reading it again
+    (it read all of them a second time: twice the data I/O).  Counted in bytes read, not timed."""
+    from ckptcheck.iostats import bytes_read
+
+    vocab = 1 << 17
+    state = torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True)
+    state["tok_embeddings.weight"] = torch.randn(vocab, 32).bfloat16()
+    state["output.weight"] = torch.randn(vocab, 32).bfloat16()
+    torch.save(state, tmp_path / "model.pth")
+    config = json.loads(LINGUA.read_text())
+    config["model"]["vocab_size"] = vocab
+    (tmp_path / "params.json").write_text(json.dumps(config))
+    data = sum(t.nbytes for t in state.values())
+    before = bytes_read()
+    if before is None:
+        pytest.skip("the kernel does not report bytes read (/proc/self/io)")
+    assert main(["check", str(tmp_path / "model.pth"), "--model-config", str(tmp_path / "params.json"), "-v"]) == 0
+    read = bytes_read() - before
+    out = capsys.readouterr().out
+    assert "PASS   integrity[data]" in out and "PASS   finite[tok_embeddings.weight]" in out, out
+    assert data <= read < 1.25 * data, (read, data)

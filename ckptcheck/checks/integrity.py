@@ -1,8 +1,9 @@
 """Is the data what was written?  Verified where the format carries checksums, said plainly where it does not.
 
 A torch.save archive keeps a CRC-32 for every storage record, and DCP's default writer stores each chunk as
-such an archive; the readers check a record's CRC on every read (rows too).  This check reads every tensor
-once (the training state's too, for a resume) so each record is checked whichever other checks ran.  safetensors and legacy torch files (and DCP
+such an archive; the readers check a record's CRC on every read (rows too).  This check verifies every tensor's
+records (the training state's too, for a resume) without building tensors, and skips those an earlier read
+checked: a ``check`` run reads each data byte once, whichever other checks ran.  safetensors and legacy torch files (and DCP
 chunks stored as raw bytes) carry no checksum: there the check is skipped with that sentence, never passed,
 and only a comparison with a reference (``ckptcheck diff``) can find a flipped bit.
 """
@@ -44,7 +45,7 @@ def _integrity(session: Session):
         tensors = [info for info in stored if info.alias_of is None]
         for info in tensors:  # a bad record raises the one-line error naming file, tensor and record
             if not differing_copies(session, info.key):  # differing Meta copies: each read to tell (see replicas)
-                session.checkpoint.load(info.key)
+                session.checkpoint.verify(info.key)
         total = sum(info.nbytes for info in tensors)
         return Verdict.ok(f"{checksum} verified: {len(tensors)} tensors, {total} bytes",
                           expected=f"{checksum} matching", obtained="all match")

@@ -411,6 +411,8 @@ class DcpCheckpoint(Checkpoint):
         # The chunk blobs read last, parsed and CRC-checked once while a tensor is read in row ranges; bounded,
         # so memory does not grow with the number of chunks (an evicted blob read again is checked again).
         self._archives: OrderedDict[tuple[str, int], TorchArchive] = OrderedDict()
+        # chunks a read has checked (their CRC-32 where they keep one), kept when their archive leaves the LRU
+        self._verified: set[tuple[str, int]] = set()
         # Every bytes entry is a pickle that dcp.load would unpickle: read each through the allowlist now,
         # so a payload anywhere in the folder makes the checkpoint unsafe, whichever checks run.
         refused: set[str] = set()
@@ -519,9 +521,18 @@ class DcpCheckpoint(Checkpoint):
             result[region] = piece
         return result
 
+    def verify(self, key: str) -> None:
+        """Each chunk not yet read: an empty row range (one element of a 0-d value), which checks the record."""
+        item = self._item(key)
+        for chunk in item.chunks:
+            if (chunk.file, chunk.start) not in self._verified:
+                self._read_chunk(item, chunk, (0, 0) if chunk.sizes else None)
+
     def _read_chunk(self, item: Item, chunk: Chunk, rows: tuple[int, int] | None,
                     out: torch.Tensor | None = None) -> torch.Tensor:
-        return read_chunk(self._handle(chunk.file), self.folder / chunk.file, item, chunk, rows, out, self._archives)
+        piece = read_chunk(self._handle(chunk.file), self.folder / chunk.file, item, chunk, rows, out, self._archives)
+        self._verified.add((chunk.file, chunk.start))
+        return piece
 
     def close(self) -> None:
         for h in self._handles.values():

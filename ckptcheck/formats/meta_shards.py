@@ -198,6 +198,11 @@ class MetaShardsCheckpoint(Checkpoint):
         return all(first_difference(first.read_rows(key, lo, hi), shard.read_rows(key, lo, hi)) is None
                    for lo, hi in row_chunks(info.shape[0], info.nbytes, COMPARE_BYTES))
 
+    def verify(self, key: str) -> None:
+        """Every shard's slice or copy of ``key``."""
+        for shard in self._shards:
+            shard.verify(key)
+
     def _replicated(self, key: str) -> TorchFileCheckpoint:
         """Shard 0, whose copy of ``key`` stands for all only when they are all the same."""
         differ = self.differing_copies(key)

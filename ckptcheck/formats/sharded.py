@@ -66,6 +66,9 @@ class ShardedCheckpoint(Checkpoint):
     def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         return self._shard(key).read_rows(key, start, stop, out)
 
+    def verify(self, key: str) -> None:
+        self._shard(key).verify(key)
+
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()

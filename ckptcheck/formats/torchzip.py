@@ -215,6 +215,10 @@ class TorchArchive:
         tensor = bytes_to_tensor(buf, ref.dtype, ref.shape, stride, big_endian=self.big_endian)
         return tensor if rows is None else tensor[rows[0]:rows[1]]
 
+    def verify(self, ref: TensorRef) -> None:
+        """The CRC-32 of ``ref``'s record, streamed without building a tensor; nothing if a read checked it."""
+        self._verify(ref.storage, None)
+
     def _verify(self, storage: StorageRef, whole: torch.Tensor | None) -> None:
         """The record's CRC-32, checked once per archive on every read path (rows and views too, not only
         whole-tensor reads): from ``whole`` when the bytes just read are the whole record, else streamed."""
@@ -370,6 +374,9 @@ class TorchFileCheckpoint(PickledCheckpoint):
 
     def _read(self, key: str, ref: TensorRef, rows: tuple[int, int] | None, out: torch.Tensor | None) -> torch.Tensor:
         return self.archive.read(key, ref, rows, out)
+
+    def verify(self, key: str) -> None:
+        self.archive.verify(self._ref(key))
 
     def close(self) -> None:
         self._f.close()
