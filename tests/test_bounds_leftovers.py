@@ -202,3 +202,39 @@ def test_check_reads_each_data_byte_once(tmp_path: Path, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert "PASS   integrity[data]" in out and "PASS   finite[tok_embeddings.weight]" in out, out
     assert data <= read < 1.25 * data, (read, data)
+
+
+# -- 5. a tensor torch cannot make is refused before it is written, never written then refused ----------------
+
+
+def _zero_element_safetensors(path: Path) -> Path:
+    """The hf fixture plus an F32 [0, 2**62, 4] tensor (no bytes): the safetensors library loads it."""
+    raw = (HF / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    end = max(v["data_offsets"][1] for k, v in header.items() if k != "__metadata__")
+    header["extra"] = {"dtype": "F32", "shape": [0, 2**62, 4], "data_offsets": [end, end]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    assert load_file(path)["extra"].shape == (0, 2**62, 4)
+    return path
+
+
+@pytest.mark.parametrize("to", ["torch", "dcp"])
+def test_zero_element_tensor_torch_cannot_make_is_refused_before_writing(tmp_path: Path, to: str,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    src = _zero_element_safetensors(tmp_path / "in.safetensors")
+    dst = tmp_path / "out"
+    assert main(["convert", str(src), str(dst), "--to", to, "--model-config", str(HF / "config.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+    assert (f"{src}: extra: shape [0, {2**62}, 4] needs strides past 64 bits, which no torch tensor holds: "
+            f"write it to safetensors (--to safetensors), not {to}") in err
+
+
+def test_zero_element_tensor_converts_to_safetensors(tmp_path: Path) -> None:
+    src = _zero_element_safetensors(tmp_path / "in.safetensors")
+    dst = tmp_path / "out.safetensors"
+    assert main(["convert", str(src), str(dst), "--model-config", str(HF / "config.json")]) == 0
+    assert load_file(dst)["extra"].shape == (0, 2**62, 4)

@@ -203,6 +203,7 @@ def convert(
         if fmt == "hf" and cfg is None:
             raise InputError(dst_p, None, "--to hf writes a config.json: pass --model-config")
         refuse_repeated_views(source.manifest, plan)
+        refuse_unrepresentable(plan, fmt, source.manifest.path)
         refuse_short_space(dst_p, plan.total_bytes)
         try:
             staging = Staging(dst_p, folder=fmt in ("dcp", "hf"))
@@ -247,6 +248,26 @@ def refuse_repeated_views(source: Manifest, plan: ConversionPlan) -> None:
                              f"repeats its stored values along dims {list(info.aliased_dims)} (stride 0): "
                              f"converting it would write all {info.numel:,} elements; to write them, re-save "
                              "it with tensor.clone() before torch.save")
+
+
+# Output formats whose files hold torch tensors, which keep int64 strides (torch refuses a shape whose
+# contiguous strides overflow: "Stride calculation overflowed"); safetensors keeps shapes only.
+TORCH_TENSOR_FORMATS = frozenset(("torch", "dcp"))
+MAX_STRIDE = (1 << 63) - 1
+
+
+def refuse_unrepresentable(plan: ConversionPlan, fmt: str, path: str) -> None:
+    """Before writing anything: a tensor torch cannot make ([0, 2**62, 4]: no elements, but its first stride
+    is 2**64) is refused for a torch or DCP output, which would be written and then unreadable."""
+    if fmt not in TORCH_TENSOR_FORMATS:
+        return
+    for move in plan.moves:
+        stride = 1
+        for size in reversed(move.shape[1:]):
+            stride *= size
+            if stride > MAX_STRIDE:
+                raise InputError(path, move.src_key, f"shape {list(move.shape)} needs strides past 64 bits, which "
+                                 f"no torch tensor holds: write it to safetensors (--to safetensors), not {fmt}")
 
 
 def _target_layout(fmt: str, naming: str | None, source: Manifest) -> tuple[Scheme | None, str | None]:
