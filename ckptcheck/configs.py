@@ -19,6 +19,7 @@ from .files import open_binary
 MAX_CONFIG_BYTES = 16 << 20
 CONFIG_NAMES = ("params.json", "config.json")
 HF_LLAMA_TYPES = ("llama", "mistral")
+ROTARY_PAIRS = "rotary embeddings turn pairs of dimensions"
 
 # The largest value of each number a config sets, by canonical name: far above every published model (so only a
 # corrupt or hostile config reaches one), and low enough that nothing computed from it is slow or large (the
@@ -71,11 +72,11 @@ class ModelConfig:
                 self._bad(name, why)
         if self.n_heads % self.n_kv_heads:
             self._bad("n_kv_heads", f"{self.n_kv_heads} does not divide n_heads={self.n_heads}")
-        if self.head_dim % 2:  # the field to edit: head_dim where stated, else the n_heads that derives it
-            pairs = "rotary embeddings turn pairs of dimensions"
+        if why := head_size_error(self.head_dim):  # the field to edit: head_dim where stated, else n_heads
             if self.states("head_dim"):
-                self._bad("head_dim", f"{self.head_dim} is odd: {pairs}")
-            self._bad("n_heads", f"dim / n_heads = {self.dim} / {self.n_heads} = {self.head_dim}, an odd head size: {pairs}")
+                self._bad("head_dim", why)
+            self._bad("n_heads", f"dim / n_heads = {self.dim} / {self.n_heads} = {self.head_dim}, an odd head size: "
+                      + ROTARY_PAIRS)
 
     def _bad(self, name: str, why: str) -> None:
         raise InputError(self.source, f"field {self.fields.get(name, name)}", why)
@@ -115,6 +116,12 @@ def count_error(name: str, value: Any) -> str | None:
     if value > LIMITS[name]:
         return f"{value} is over {LIMITS[name]}, more than any model has"
     return None
+
+
+def head_size_error(head_dim: int) -> str | None:
+    """Why ``head_dim`` is no head size (rotary embeddings turn pairs of dimensions, so it is even), or None:
+    the one rule for every head size ckptcheck reads, accepts from a flag, writes or proposes."""
+    return f"{head_dim} is odd: {ROTARY_PAIRS}" if head_dim % 2 else None
 
 
 def number_error(name: str, value: Any) -> str | None:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .configs import CONFIG_NAMES, ModelConfig, load_config
+from .configs import CONFIG_NAMES, ModelConfig, head_size_error, load_config
 from .errors import InputError
 from .infer import Inferred
 from .manifest import TensorInfo
@@ -46,7 +46,8 @@ def head_dim_witnesses(tensors: Mapping[str, TensorInfo], inferred: Inferred, ck
     if q is None or k is None:
         return []
     found = [*_from_weights(tensors, q, k), *_from_saved_configs(ckpt, tested, inferred)]
-    return [w for w in found if w.head_dim > 0 and q % w.head_dim == 0 and k % w.head_dim == 0]
+    return [w for w in found if w.head_dim > 0 and not head_size_error(w.head_dim)
+            and q % w.head_dim == 0 and k % w.head_dim == 0]
 
 
 def _from_weights(tensors: Mapping[str, TensorInfo], q: int, k: int) -> list[Witness]:

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .configs import ffn_hidden
+from .configs import ffn_hidden, head_size_error
 from .manifest import TensorInfo
 from .naming import layer_of
 
@@ -118,6 +118,8 @@ def split_heads(q_rows: int, kv_rows: int, stated: Iterable[tuple[str, str, int]
     if len(set(sizes.values())) > 1:
         raise ValueError("they disagree: " + ", ".join(f"{s} means head_dim {h}" for s, h in sizes.items()))
     head_dim = next(iter(sizes.values()))
+    if why := head_size_error(head_dim):
+        raise ValueError(f"head_dim {why}")
     if q_rows % head_dim or kv_rows % head_dim or (q_rows // head_dim) % (kv_rows // head_dim):
         raise ValueError(f"head_dim {head_dim} does not split wq's {q_rows} rows and wk's {kv_rows} rows into "
                          "whole heads, n_kv_heads dividing n_heads")

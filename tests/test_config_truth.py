@@ -56,3 +56,29 @@ def test_fp16_rope_freqs_of_the_right_theta_pass(tmp_path: Path, dtype: torch.dt
     (tmp_path / "params.json").write_text(json.dumps(params))
     assert main(["check", str(tmp_path), "-v"]) == 1
     assert "FAIL   config[rope_theta]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags", [["--head-dim", "1"], ["--n-heads", "128"], ["--n-kv-heads", "32"]])
+def test_inspect_refuses_an_odd_head_size(tmp_path: Path, flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """dim 128, 128 q rows and 32 kv rows: head_dim 1 fits the rows, but is odd; the params.json written was then
+    refused by ckptcheck's own check.  Every head size accepted goes through the one rule (head_size_error)."""
+    ckpt = tmp_path / "consolidated.00.pth"
+    torch.save(_meta_state(128, 2, 128, 32, 256, 384), ckpt)
+    assert main(["inspect", str(ckpt), "--params", "lingua", *flags]) == 2
+    assert capsys.readouterr().err.strip() == (f"ckptcheck: error: {ckpt}: the head split does not fit the weights: "
+                                               "head_dim 1 is odd: rotary embeddings turn pairs of dimensions")
+
+
+def test_head_fix_advice_never_proposes_an_odd_head_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """wq 30 rows, wk 15: the fix fell back to gcd(30, 15) = 15 and advised head_dim = 15, which the config
+    loader then refuses.  No even head size splits 15 rows: the advice says so instead."""
+    ckpt = tmp_path / "consolidated.pth"
+    torch.save(_meta_state(32, 2, 30, 15, 64, 96), ckpt)
+    config = tmp_path / "params.json"
+    config.write_text(json.dumps({"model": {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 64,
+                                            "multiple_of": 32, "norm_eps": 1e-05}}))
+    assert main(["check", str(ckpt), "--model-config", str(config), "--format", "json"]) == 1
+    repairs = {c["id"]: c["repair"] for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert repairs["config[n_heads]"] == repairs["config[n_kv_heads]"] == (
+        "no even head size splits layers.0.attention.wq.weight's 30 rows and layers.0.attention.wk.weight's 15 rows "
+        "into heads: the weights are no rotary attention a config can describe")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..corroborate import Witness, head_dim_witnesses
-from ..configs import LIMITS, ffn_hidden
+from ..configs import LIMITS, ffn_hidden, head_size_error
 from ..infer import Inferred, ffn_params, infer_dims
 from . import repairs
 from .model import Check, Verdict
@@ -312,13 +312,13 @@ def _heads(facts: Facts, name: str) -> tuple[Verdict, dict[str, object] | str | 
            + _implicit_note(cfg))
     if mismatch:
         return (Verdict.fail(why, expected=_json(configured), obtained=f"{q} / {k} rows"),
-                ZERO_SIZE if 0 in (q, k, facts.inferred.dim) else _fields(facts, _head_fix(facts)))
+                ZERO_SIZE if 0 in (q, k, facts.inferred.dim) else _head_fix(facts))
     for w in facts.witnesses:
         shown = rows // w.head_dim
         if shown != configured:
             return (Verdict.fail(f"config field {field} is {configured} but {w.source} shows head_dim "
                                  f"{w.head_dim}, so {name} = {shown}", expected=configured, obtained=shown),
-                    _fields(facts, _head_fix(facts)))
+                    _head_fix(facts))
     if facts.witnesses:
         sources = " and ".join(w.source for w in facts.witnesses)
         return Verdict.ok(f"{field} = {configured}, as {sources} shows with the q/k rows",
@@ -351,9 +351,10 @@ def _fitting_head_dims(q: int, k: int, first: int, most: int = 3) -> list[int]:
     return [first, *itertools.islice(others, most - 1)]
 
 
-def target_split(facts: Facts) -> tuple[int, int, int]:
+def target_split(facts: Facts) -> tuple[int, int, int] | None:
     """(n_heads, n_kv_heads, head_dim) a fix should state: a witness's head_dim, else the config's own
-    statements in order of how explicit they are (a stated head_dim, n_heads, n_kv_heads)."""
+    statements in order of how explicit they are (a stated head_dim, n_heads, n_kv_heads); None when no even
+    head size splits the rows."""
     cfg, q, k = facts.cfg, facts.inferred.q_rows, facts.inferred.kv_rows
     assert q is not None and k is not None
     candidates = [w.head_dim for w in facts.witnesses]
@@ -361,16 +362,20 @@ def target_split(facts: Facts) -> tuple[int, int, int]:
         candidates.append(cfg.head_dim)
     candidates += [q // cfg.n_heads if q % cfg.n_heads == 0 else 0,
                    k // cfg.n_kv_heads if k % cfg.n_kv_heads == 0 else 0, cfg.head_dim]
-    # Head sizes are even (rotary embeddings turn pairs): an odd one is no fix (configs.ModelConfig refuses it).
-    hd = next((h for h in candidates if h and h % 2 == 0 and q % h == 0 and k % h == 0), math.gcd(q, k))
-    return q // hd, k // hd, hd
+    # Only an even head size is a fix (configs.head_size_error); the largest even one that divides both, else none.
+    candidates.append(math.gcd(q, k))
+    hd = next((h for h in candidates if h and not head_size_error(h) and q % h == 0 and k % h == 0), None)
+    return None if hd is None else (q // hd, k // hd, hd)
 
 
-def _head_fix(facts: Facts) -> dict[str, object]:
-    """The head fields that change (the implicit ones they move are added by ``_fields``)."""
-    cfg = facts.cfg
-    target = dict(zip(HEADS, target_split(facts), strict=True))
-    return {name: value for name, value in target.items() if value != getattr(cfg, name)}
+def _head_fix(facts: Facts) -> dict[str, object] | str:
+    """The head fields that change, as assignments to the config's fields (``_fields``), or why none can."""
+    cfg, split = facts.cfg, target_split(facts)
+    if split is None:
+        return (f"no even head size splits {facts.q_name}'s {facts.inferred.q_rows} rows and {facts.k_name}'s "
+                f"{facts.inferred.kv_rows} rows into heads: the weights are no rotary attention a config can describe")
+    target = dict(zip(HEADS, split, strict=True))
+    return _fields(facts, {name: value for name, value in target.items() if value != getattr(cfg, name)})
 
 
 def _fields(facts: Facts, fix: dict[str, object]) -> dict[str, object] | str:
@@ -382,7 +387,7 @@ def _fields(facts: Facts, fix: dict[str, object]) -> dict[str, object] | str:
     cfg, inferred = facts.cfg, facts.inferred
     out = dict(fix)
     heads_known = inferred.q_rows is not None and inferred.kv_rows is not None
-    nq, kv, hd = target_split(facts) if heads_known else (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+    nq, kv, hd = (heads_known and target_split(facts)) or (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
     new_heads = int(out.get("n_heads", cfg.n_heads))  # type: ignore[call-overload]
     if "n_heads" in out and "n_kv_heads" not in out and not cfg.states("n_kv_heads"):
         out["n_kv_heads"] = kv
