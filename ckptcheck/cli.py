@@ -360,7 +360,7 @@ TITLES = {"meta": "Meta", "lingua": "lingua"}
 
 def _inexpressible(schema: str, params: dict[str, Any], found: dict[str, list[str]]) -> str:
     """Why a ``schema`` params.json cannot describe these weights ("" when it can): neither lingua's nor Meta's
-    Llama has biases, and Meta's params.json has no head_dim (it is always dim / n_heads)."""
+    Llama has biases, and Meta's params.json has no head_dim (it is always dim / n_heads) and no weight tying."""
     if found:
         keys = sorted(k for ks in found.values() for k in ks)
         return (f"the checkpoint holds {len(keys)} bias tensors ({', '.join(keys[:2])}, ...), which {TITLES[schema]}'s Llama "
@@ -369,6 +369,9 @@ def _inexpressible(schema: str, params: dict[str, Any], found: dict[str, list[st
     if schema == "meta" and "head_dim" in params:
         return (f"head_dim {params['head_dim']} is not dim / n_heads = {params['dim']} / {params['n_heads']}, and "
                 "Meta's params.json has no head_dim field (its ModelArgs derives it): use --params lingua")
+    if schema == "meta" and params.get("weight_tying"):
+        return ("the output weight is the embedding (tied), and Meta's params.json has no weight_tying field (its "
+                "Llama has its own output weight): use --params lingua")
     return ""
 
 

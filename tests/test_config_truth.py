@@ -82,3 +82,18 @@ def test_head_fix_advice_never_proposes_an_odd_head_size(tmp_path: Path, capsys:
     assert repairs["config[n_heads]"] == repairs["config[n_kv_heads]"] == (
         "no even head size splits layers.0.attention.wq.weight's 30 rows and layers.0.attention.wk.weight's 15 rows "
         "into heads: the weights are no rotary attention a config can describe")
+
+
+def test_inspect_meta_params_of_tied_weights_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Meta's params.json has no weight_tying: inspect --params meta wrote one without it for tied weights (exit
+    0), and ckptcheck's own check then failed config[tie_embeddings].  Refused like head_dim and biases."""
+    ckpt = tmp_path / "consolidated.pth"
+    torch.save(_meta_state(32, 2, 32, 16, 128, 96, tied=True), ckpt)
+    assert main(["inspect", str(ckpt), "--params", "meta", "--n-heads", "4"]) == 2
+    assert _error_line(capsys) == (
+        f"ckptcheck: error: {ckpt}: no params.json written: the output weight is the embedding (tied), and Meta's "
+        "params.json has no weight_tying field (its Llama has its own output weight): use --params lingua")
+    # what lingua's params.json states, ckptcheck's own check accepts
+    assert main(["inspect", str(ckpt), "--params", "lingua", "--n-heads", "4"]) == 0
+    (tmp_path / "params.json").write_text(capsys.readouterr().out)
+    assert main(["check", str(ckpt)]) == 0
