@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -241,33 +243,42 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     options = engine_options(lambda name: getattr(args, name))
     the_plan = plan(args.ckpt, args.model_config, options)
-    try:
-        results = [check.run() for check in _with_progress(the_plan.checks, args.format == "text")]
-    finally:
-        the_plan.close()
-    summary = summarize(results)
-    rows = None
-    if args.matrix:
-        from .matrix import compatibility_matrix
+    results = (check.run() for check in _with_progress(the_plan.checks, args.format == "text"))
+    # Text streams into a temporary file (a report may be many times the input's size) and reaches stdout only
+    # once every check has run: a run that ends in an input error prints its one line and no half report.
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="surrogatepass") as spool:
+        try:
+            if args.format == "json":
+                kept = list(results)
+                summary = summarize(kept)
+            else:
+                spool.write(text.opening(the_plan.checkpoint_info, the_plan.config_info))
+                summary = summarize(text.written(spool, results, verbose=args.verbose))
+                spool.write(text.closing(summary, verbose=args.verbose))
+        finally:
+            the_plan.close()
+        rows = None
+        if args.matrix:
+            from .matrix import compatibility_matrix
 
-        rows = compatibility_matrix(args.ckpt, args.model_config, options)
-    notes = the_plan.session.notes if the_plan.session else []
-    for note in notes:
-        print(f"ckptcheck: {note}", file=sys.stderr)
-    if args.format == "json":
-        doc = json_report.document(the_plan.checkpoint_info, the_plan.config_info, results, summary)
-        if rows is not None:
-            from .matrix import to_json
+            rows = compatibility_matrix(args.ckpt, args.model_config, options)
+        notes = the_plan.session.notes if the_plan.session else []
+        for note in notes:
+            print(f"ckptcheck: {note}", file=sys.stderr)
+        if args.format == "json":
+            doc = json_report.document(the_plan.checkpoint_info, the_plan.config_info, kept, summary)
+            if rows is not None:
+                from .matrix import to_json
 
-            doc["matrix"] = to_json(rows)
-        sys.stdout.write(json_report.dumps(doc))
-    else:
-        sys.stdout.write(text.render_check(the_plan.checkpoint_info, the_plan.config_info, results, summary,
-                                           verbose=args.verbose))
-        if rows is not None:
-            from .matrix import render_text
+                doc["matrix"] = to_json(rows)
+            sys.stdout.write(json_report.dumps(doc))
+        else:
+            spool.seek(0)
+            shutil.copyfileobj(spool, sys.stdout)
+            if rows is not None:
+                from .matrix import render_text
 
-            sys.stdout.write("\ncompatibility matrix\n" + render_text(rows))
+                sys.stdout.write("\ncompatibility matrix\n" + render_text(rows))
     return EXIT_OK if summary["verdict"] == "pass" else EXIT_FAIL
 
 

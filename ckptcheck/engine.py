@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -215,14 +216,17 @@ def run(plan_: Plan) -> list[CheckResult]:
     return [check.run() for check in plan_.checks]
 
 
-def summarize(results: list[CheckResult]) -> dict[str, Any]:
-    counts = Counter(r.status.value for r in results)
+def summarize(results: Iterable[CheckResult]) -> dict[str, Any]:
+    """Counts by status and category, in one pass: ``results`` may stream (the CLI keeps none of them)."""
+    counts: Counter[str] = Counter()
     by_category: dict[str, dict[str, int]] = {}
     for r in results:
-        by_category.setdefault(r.category, Counter())[r.status.value] += 1  # type: ignore[index]
+        status = r.status.value
+        counts[status] += 1
+        by_category.setdefault(r.category, Counter())[status] += 1  # type: ignore[index]
     verdict = "unsafe" if counts["unsafe"] else "fail" if counts["fail"] else "pass"
     return {
-        "verdict": verdict, "total": len(results),
+        "verdict": verdict, "total": counts.total(),
         **{s.value: counts[s.value] for s in Status},
         "by_category": {k: dict(v) for k, v in by_category.items()},
     }

@@ -54,43 +54,56 @@ class Scheme:
         return self.templates is None
 
     @cached_property
-    def _to_canonical(self) -> list[tuple[re.Pattern[str], str]]:
+    def _to_canonical(self) -> _Table:
         assert self.templates is not None
-        return [(_template_regex(s), c) for s, c in zip(self.templates, CANONICAL, strict=True)]
+        return _table(self.templates, CANONICAL)
 
     @cached_property
-    def _from_canonical(self) -> list[tuple[re.Pattern[str], str]]:
+    def _from_canonical(self) -> _Table:
         assert self.templates is not None
-        return [(_template_regex(c), s) for s, c in zip(self.templates, CANONICAL, strict=True)]
+        return _table(CANONICAL, self.templates)
 
     @cached_property
-    def _buffers(self) -> list[re.Pattern[str]]:
-        return [_template_regex(b) for b in self.buffers]
+    def _buffers(self) -> re.Pattern[str] | None:
+        return _table(self.buffers, self.buffers).pattern if self.buffers else None
 
     def to_canonical(self, key: str) -> str | None:
         if self.templates is None:
             return key
-        return _apply(self._to_canonical, key)
+        return self._to_canonical.apply(key)
 
     def from_canonical(self, key: str) -> str | None:
         if self.templates is None:
             return key
-        return _apply(self._from_canonical, key)
+        return self._from_canonical.apply(key)
 
     def is_buffer(self, key: str) -> bool:
-        return any(p.fullmatch(key) for p in self._buffers)
+        return self._buffers is not None and self._buffers.fullmatch(key) is not None
 
 
-def _template_regex(template: str) -> re.Pattern[str]:
-    return re.compile(re.escape(template).replace(re.escape("{i}"), r"([0-9]+)"))
+@dataclass(frozen=True)
+class _Table:
+    """Templates compiled into one alternation, so a key is matched once rather than once per template (a
+    checkpoint may hold 100,000 keys); the first template that matches wins, as the alternation tries them in
+    order.  Alternative ``n`` is the group ``t<n>``, its layer index (if any) the group ``i<n>``."""
+
+    pattern: re.Pattern[str]
+    targets: tuple[str, ...]
+    indexed: tuple[bool, ...]
+
+    def apply(self, key: str) -> str | None:
+        m = self.pattern.fullmatch(key)
+        if m is None:
+            return None
+        n = int(m.lastgroup[1:])  # type: ignore[index]  # the outer group closes last
+        return self.targets[n].replace("{i}", m.group(f"i{n}")) if self.indexed[n] else self.targets[n]
 
 
-def _apply(table: list[tuple[re.Pattern[str], str]], key: str) -> str | None:
-    for pattern, target in table:
-        m = pattern.fullmatch(key)
-        if m:
-            return target.replace("{i}", m.group(1)) if m.groups() else target
-    return None
+def _table(sources: tuple[str, ...], targets: tuple[str, ...]) -> _Table:
+    alternatives = "|".join(
+        f"(?P<t{n}>{re.escape(s).replace(re.escape('{i}'), f'(?P<i{n}>[0-9]+)')})" for n, s in enumerate(sources)
+    )
+    return _Table(re.compile(alternatives), tuple(targets), tuple("{i}" in s for s in sources))
 
 
 _COMMON_BUFFERS = ("rope.freqs", "rope.inv_freq", "freqs_cis", "layers.{i}.attention.inner_attention.rope.freqs")
@@ -208,13 +221,13 @@ def map_keys(keys: Iterable[str], scheme: Scheme | None = None) -> KeyMapping:
         bare, found = strip_wrappers(key)
         stripped[key] = bare
         wrappers.update(found)
+    mapped: dict[str, str] | None = None  # the detected scheme's canonical names, kept: each key maps once
     if scheme is None:
-        best, best_hits = CUSTOM, 0
+        scheme = CUSTOM
         for candidate in SCHEMES.values():
-            hits = sum(1 for bare in stripped.values() if candidate.to_canonical(bare) is not None)
-            if hits > best_hits:
-                best, best_hits = candidate, hits
-        scheme = best
+            names = {key: c for key, bare in stripped.items() if (c := candidate.to_canonical(bare)) is not None}
+            if len(names) > len(mapped or ()):
+                scheme, mapped = candidate, names
     canonical: dict[str, str] = {}
     buffers: list[str] = []
     unknown: list[str] = []
@@ -223,7 +236,7 @@ def map_keys(keys: Iterable[str], scheme: Scheme | None = None) -> KeyMapping:
         if scheme.is_buffer(bare):
             buffers.append(key)
             continue
-        c = scheme.to_canonical(bare)
+        c = mapped.get(key) if mapped is not None else scheme.to_canonical(bare)
         if c is None or c in seen:  # a second key mapping to the same canonical name is an extra
             unknown.append(key)
             continue

@@ -125,12 +125,13 @@ class CheckpointSession:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.results or not self.is_controller:
             return
+        from .engine import summarize
         from .report.document import ReportData, sort_results
         from .report.text import category_table
 
         results = sort_results(list(self.results.values()))
         terminalreporter.section("ckptcheck")
-        terminalreporter.write_line(category_table(results))
+        terminalreporter.write_line(category_table(summarize(results)["by_category"]))
         data = ReportData({}, {}, "", results, {})
         for command in data.repairs:
             terminalreporter.write_line(f"repair: {command}")

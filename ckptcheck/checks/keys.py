@@ -62,7 +62,7 @@ def plan_key_checks(session: Session) -> list[Check]:
     spec, mapping = session.spec, session.mapping
     checks: list[Check] = []
     for key in spec.tensors:
-        checks.append(Check("key_present", spec.display(key), _present(session, key)))
+        checks.append(Check("key_present", spec.display(key), _present, args=(session, key)))
     expected = set(spec.tensors)
     extras: list[tuple[str, str | None]] = []  # (stored key, canonical or None)
     for stored, canonical in mapping.canonical.items():
@@ -73,79 +73,73 @@ def plan_key_checks(session: Session) -> list[Check]:
         checks.append(Check("unexpected_key", stored, lambda: Verdict.skip(
             "a buffer (rotary frequencies) that loaders recompute and ignore")))
     for stored, canonical in sorted(extras):
-        checks.append(Check("unexpected_key", stored, _unexpected(session, stored, canonical)))
+        checks.append(Check("unexpected_key", stored, _unexpected, args=(session, stored, canonical)))
     return checks
 
 
-def _present(session: Session, key: str):
-    def evaluate() -> Verdict:
-        stored = session.mapping.stored_for(key)
-        shown = session.spec.display(key)
-        if stored is not None:
-            note = "" if stored == shown else f" (stored as {stored})"
-            return Verdict.ok(f"{shown} is present{note}", expected="present", obtained="present")
-        cfg = session.config
-        why = f"{shown} is missing"
-        embedding = session.by_canonical.get("tok_embeddings.weight")
-        if key == "output.weight" and cfg is not None and embedding is not None:
-            # An unrecognised tensor shaped like the embedding is most likely the output projection under
-            # another name: tying would throw its trained values away.
-            lookalikes = [k for k in session.mapping.unknown if session.manifest.tensors[k].shape == embedding.shape]
-            if lookalikes:
-                why += (f"; the checkpoint holds {', '.join(lookalikes[:3])}, shaped like the output projection: "
-                        f"probably {shown} under another name")
-                fix = (f"rename {lookalikes[0]} to {shown} (it is not dropped or tied away: its values are "
-                       "trained), or use the config of the model that names it so")
-            else:
-                why += (f"; the config does not tie embeddings ({cfg.field_name('tie_embeddings')} is false) "
-                        "but the checkpoint looks like it came from a tied model")
-                fix = tie_repair(session)
+def _present(session: Session, key: str) -> Verdict:
+    stored = session.mapping.stored_for(key)
+    shown = session.spec.display(key)
+    if stored is not None:
+        note = "" if stored == shown else f" (stored as {stored})"
+        return Verdict.ok(f"{shown} is present{note}", expected="present", obtained="present")
+    cfg = session.config
+    why = f"{shown} is missing"
+    embedding = session.by_canonical.get("tok_embeddings.weight")
+    if key == "output.weight" and cfg is not None and embedding is not None:
+        # An unrecognised tensor shaped like the embedding is most likely the output projection under
+        # another name: tying would throw its trained values away.
+        lookalikes = [k for k in session.mapping.unknown if session.manifest.tensors[k].shape == embedding.shape]
+        if lookalikes:
+            why += (f"; the checkpoint holds {', '.join(lookalikes[:3])}, shaped like the output projection: "
+                    f"probably {shown} under another name")
+            fix = (f"rename {lookalikes[0]} to {shown} (it is not dropped or tied away: its values are "
+                   "trained), or use the config of the model that names it so")
         else:
-            layer = layer_of(key)
-            layers = {n for k in session.by_canonical if (n := layer_of(k)) is not None}
-            if layer is not None and layer not in layers:
-                why += f"; the checkpoint has no layer {layer} at all ({len(layers)} layers present)"
-            fix = "use the checkpoint this config describes, or the config that describes this checkpoint"
-        return Verdict.fail(why, expected="present", obtained="missing", repair=fix)
+            why += (f"; the config does not tie embeddings ({cfg.field_name('tie_embeddings')} is false) "
+                    "but the checkpoint looks like it came from a tied model")
+            fix = tie_repair(session)
+    else:
+        layer = layer_of(key)
+        layers = {n for k in session.by_canonical if (n := layer_of(k)) is not None}
+        if layer is not None and layer not in layers:
+            why += f"; the checkpoint has no layer {layer} at all ({len(layers)} layers present)"
+        fix = "use the checkpoint this config describes, or the config that describes this checkpoint"
+    return Verdict.fail(why, expected="present", obtained="missing", repair=fix)
 
-    return evaluate
 
-
-def _unexpected(session: Session, stored: str, canonical: str | None):
-    def evaluate() -> Verdict:
-        spec = session.spec
-        if canonical is not None and canonical in spec.tied:
-            primary = spec.tied[canonical]
-            info = session.manifest.tensors[stored]
-            primary_stored = session.mapping.stored_for(primary)
-            if info.alias_of is not None and info.alias_of == primary_stored:
-                return Verdict.skip(f"shares its storage with {primary_stored}: the tie the config asks for")
-            field = session.config.field_name("tie_embeddings") if session.config else "weight tying"
-            message = (f"the config ties {spec.display(canonical)} to {spec.display(primary)} ({field}), "
-                       f"but the checkpoint stores a separate {stored}")
-            expected = f"absent (tied to {spec.display(primary)})"
-            if primary_stored is not None and not session.options.metadata_only \
-                    and redundant_copy(session.checkpoint, stored, primary_stored):
-                theirs = session.manifest.tensors[primary_stored].dtype
-                same = f"bit-identical to {primary_stored}" if info.dtype == theirs else (
-                    f"holding exactly the values of {primary_stored} ({info.dtype}, each value exactly "
-                    f"representable in {theirs})")
-                return Verdict.fail(
-                    f"{message}, {same}", expected=expected, obtained="a redundant copy",
-                    repair=repairs.drop_key(session, stored), details={"tied_copy_of": primary_stored, "redundant": same})
-            differs = "" if session.options.metadata_only else f" whose values differ from {primary_stored}"
+def _unexpected(session: Session, stored: str, canonical: str | None) -> Verdict:
+    spec = session.spec
+    if canonical is not None and canonical in spec.tied:
+        primary = spec.tied[canonical]
+        info = session.manifest.tensors[stored]
+        primary_stored = session.mapping.stored_for(primary)
+        if info.alias_of is not None and info.alias_of == primary_stored:
+            return Verdict.skip(f"shares its storage with {primary_stored}: the tie the config asks for")
+        field = session.config.field_name("tie_embeddings") if session.config else "weight tying"
+        message = (f"the config ties {spec.display(canonical)} to {spec.display(primary)} ({field}), "
+                   f"but the checkpoint stores a separate {stored}")
+        expected = f"absent (tied to {spec.display(primary)})"
+        if primary_stored is not None and not session.options.metadata_only \
+                and redundant_copy(session.checkpoint, stored, primary_stored):
+            theirs = session.manifest.tensors[primary_stored].dtype
+            same = f"bit-identical to {primary_stored}" if info.dtype == theirs else (
+                f"holding exactly the values of {primary_stored} ({info.dtype}, each value exactly "
+                f"representable in {theirs})")
             return Verdict.fail(
-                message + differs, expected=expected, obtained="a separate tensor",
-                repair=f"set {field} = false if the model is untied (ckptcheck repair refuses to drop {stored}: "
-                "its values would be lost)",
-                details={"tied_copy_of": primary_stored, "redundant": None if differs == "" else False},
-            )
-        message = f"{stored} is not a tensor of the configured model"
-        layer = layer_of(canonical) if canonical else None
-        if layer is not None and session.config is not None and layer >= session.config.n_layers:
-            message += f" (layer {layer}, but the config has {session.config.n_layers} layers)"
-        elif canonical is None:
-            message += f" (not a {session.mapping.scheme.title} key)" if not session.mapping.scheme.is_custom else ""
-        return Verdict.fail(message, expected="absent", obtained="present", repair=repairs.drop_key(session, stored))
-
-    return evaluate
+                f"{message}, {same}", expected=expected, obtained="a redundant copy",
+                repair=repairs.drop_key(session, stored), details={"tied_copy_of": primary_stored, "redundant": same})
+        differs = "" if session.options.metadata_only else f" whose values differ from {primary_stored}"
+        return Verdict.fail(
+            message + differs, expected=expected, obtained="a separate tensor",
+            repair=f"set {field} = false if the model is untied (ckptcheck repair refuses to drop {stored}: "
+            "its values would be lost)",
+            details={"tied_copy_of": primary_stored, "redundant": None if differs == "" else False},
+        )
+    message = f"{stored} is not a tensor of the configured model"
+    layer = layer_of(canonical) if canonical else None
+    if layer is not None and session.config is not None and layer >= session.config.n_layers:
+        message += f" (layer {layer}, but the config has {session.config.n_layers} layers)"
+    elif canonical is None:
+        message += f" (not a {session.mapping.scheme.title} key)" if not session.mapping.scheme.is_custom else ""
+    return Verdict.fail(message, expected="absent", obtained="present", repair=repairs.drop_key(session, stored))

@@ -145,9 +145,18 @@ def cast_loss(session: Session, dtype: str) -> str | None:
     return known[dtype]
 
 
+# The plain repair command, per opened checkpoint: every unexpected key names it with its own --drop, and
+# building it (paths, flags, quoting) once per key made 100,000 extra keys take seconds.
+_PLAIN: weakref.WeakKeyDictionary[Checkpoint, str] = weakref.WeakKeyDictionary()
+
+
 def drop_key(session: Session, key: str) -> str:
-    """Named explicitly: a repair drops an extra tensor only when told to (it may be one the model has)."""
-    return f"{command(session, '--drop', key)}  (drops {key})"
+    """Named explicitly: a repair drops an extra tensor only when told to (it may be one the model has).
+    The same line as ``command(session, '--drop', key)``."""
+    plain = _PLAIN.get(session.checkpoint)
+    if plain is None:
+        plain = _PLAIN[session.checkpoint] = command(session)
+    return f"{plain} --drop {shlex.quote(key)}  (drops {key})"
 
 
 def fix_config(session: Session, assignments: dict[str, object]) -> str:

@@ -62,8 +62,9 @@ class SafetensorsFile:
         data_start = 8 + n
         data_len = size - data_start
         entries: list[Entry] = []
-        for key, value in header.items():
-            entries.append(_entry(path, key, value, data_start, data_len))
+        for key in list(header):  # each parsed value freed once its entry is built: a header may hold 100,000
+            entries.append(_entry(path, key, header.pop(key), data_start, data_len))
+        del header
         ordered = sorted(entries, key=lambda e: (e.start, e.start + e.nbytes))
         cursor = data_start
         for e in ordered:
