@@ -27,13 +27,38 @@ def stored_elements(t: torch.Tensor) -> torch.Tensor:
     """The elements a view reads, flat, bounded by the storage it views and never by its own numel: a
     stride-0 dimension is read at index 0 only (every index reads the same elements), and a view whose
     strides overlap is replaced by the storage span it covers (each stored element once)."""
-    t = t[tuple(0 if s == 0 and n > 1 else slice(None) for n, s in zip(t.shape, t.stride(), strict=True))]
-    if t.is_contiguous():
-        return t.reshape(-1)
-    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) if t.numel() else 0
-    if t.numel() <= span:
-        return t.reshape(-1)
-    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (span,), (1,))
+    t = _unrepeated(t)
+    if _overlaps(t):
+        span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
+        return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (span,), (1,))
+    return t.reshape(-1)
+
+
+def view_index(t: torch.Tensor, flat: int) -> int | None:
+    """The flat index, in ``t`` as the user indexes it, where element ``flat`` of ``stored_elements(t)`` first
+    appears (its stride-0 dims at 0); None when overlapping strides made that the storage span's index."""
+    if _overlaps(_unrepeated(t)):
+        return None
+    kept = [d for d, (n, s) in enumerate(zip(t.shape, t.stride(), strict=True)) if not (s == 0 and n > 1)]
+    full = [0] * t.dim()
+    for d, i in zip(kept, unravel(flat, tuple(t.shape[d] for d in kept)), strict=True):
+        full[d] = i
+    index = 0
+    for n, i in zip(t.shape, full, strict=True):
+        index = index * n + i
+    return index
+
+
+def _unrepeated(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with each stride-0 dimension read at index 0 only."""
+    return t[tuple(0 if s == 0 and n > 1 else slice(None) for n, s in zip(t.shape, t.stride(), strict=True))]
+
+
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether ``t`` has more elements than the storage span it reads."""
+    if t.is_contiguous() or not t.numel():
+        return False
+    return t.numel() > 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))
 
 
 def unravel(flat: int, shape: tuple[int, ...]) -> list[int]:

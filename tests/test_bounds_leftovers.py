@@ -151,7 +151,7 @@ def test_repeated_view_is_refused_before_anything_is_written(tmp_path: Path) -> 
     out.mkdir()
     code, _out, err = run_cli("convert", str(src), str(out / "model.safetensors"), "--model-config", str(LINGUA))
     assert code == 2 and err.count("\n") == 1, err
-    assert (f"{src}: extra: repeats its stored values along dims [0, 1] (stride 0): converting it would write all "
+    assert (f"{src}: extra: repeats its stored values along dims [0, 1] (stride 0): copying it would write all "
             f"{2**62:,} elements; to write them, re-save it with tensor.clone() before torch.save") in err
     assert list(out.iterdir()) == []
 
@@ -238,3 +238,21 @@ def test_zero_element_tensor_converts_to_safetensors(tmp_path: Path) -> None:
     dst = tmp_path / "out.safetensors"
     assert main(["convert", str(src), str(dst), "--model-config", str(HF / "config.json")]) == 0
     assert load_file(dst)["extra"].shape == (0, 2**62, 4)
+
+
+# -- 6. finite reports positions in the tensor as the user indexes it ----------------------------------------
+
+
+def test_finite_index_of_a_stride_0_view_is_its_index_in_the_view(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A [128, 1] column repeated along dim 1 (stride 0), NaN in row 3: the first NaN is at flat index
+    3 * 32 = 96 of the tensor torch.load returns, not at 3 (its place among the stored elements)."""
+    column = torch.ones(128, 1, dtype=torch.bfloat16)
+    column[3, 0] = float("nan")
+    path = _with_extra(tmp_path / "model.pth", column.expand(128, 32), "tok_embeddings.weight")
+    loaded = torch.load(path, weights_only=True)["tok_embeddings.weight"]
+    assert loaded.stride() == (1, 0) and int(loaded.isnan().reshape(-1).nonzero()[0, 0]) == 96
+    assert main(["check", str(path), "--model-config", str(LINGUA)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL   finite[tok_embeddings.weight]" in out
+    assert "tok_embeddings.weight holds 1 NaN and 0 Inf values (first at flat index 96)" in out, out

@@ -118,7 +118,7 @@ def _bad_moment(session: Session, entries: dict[str, Any]) -> str | None:
             continue
         counts = _count_nonfinite(session, fv.key, fv.tensor)
         if counts is not None:
-            return f"{name} holds {counts[0]} NaN and {counts[1]} Inf values (first at flat index {counts[2]})"
+            return f"{name} holds {counts[0]} NaN and {counts[1]} Inf values ({counts[2]})"
         if name in SQUARED_FIELDS:
             negative = int((session.checkpoint.load(fv.key) < 0).sum())
             if negative:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .. import dtypes
-from ..bits import stored_elements, widened
+from ..bits import stored_elements, view_index, widened
 from . import repairs
 from .model import Check, Verdict
 from .shards import differing_copies
@@ -98,7 +98,7 @@ def plan_finite(session: Session) -> list[Check]:
                 return Verdict.ok(expected="finite", obtained="finite")
             nan, inf, first = bad
             return Verdict.fail(
-                f"{stored} holds {nan} NaN and {inf} Inf values (first at flat index {first})",
+                f"{stored} holds {nan} NaN and {inf} Inf values ({first})",
                 expected="all finite", obtained=f"{nan} NaN, {inf} Inf", repair=repairs.from_training(),
             )
 
@@ -107,12 +107,15 @@ def plan_finite(session: Session) -> list[Check]:
     return [Check("finite", session.spec.display(k), make(k), reads_data=True) for k in session.spec.tensors]
 
 
-def _count_nonfinite(session: Session, stored: str, info: TensorInfo) -> tuple[int, int, int] | None:
-    """Scan one tensor in bounded chunks; None when every value is finite."""
+def _count_nonfinite(session: Session, stored: str, info: TensorInfo) -> tuple[int, int, str] | None:
+    """Scan one tensor's stored elements in bounded chunks: NaN and Inf counts and where the first is, in the
+    tensor as the user indexes it; None when every value is finite."""
     import torch
 
-    flat = stored_elements(session.checkpoint.load(stored))
-    if flat.dtype.is_complex:
+    view = session.checkpoint.load(stored)
+    flat = stored_elements(view)
+    pairs = flat.dtype.is_complex  # scanned as (real, imaginary) pairs
+    if pairs:
         flat = torch.view_as_real(flat).reshape(-1)
     nan = inf = 0
     first = -1
@@ -124,4 +127,8 @@ def _count_nonfinite(session: Session, stored: str, info: TensorInfo) -> tuple[i
         inf += int(torch.isinf(part).sum())
         if first < 0:
             first = start + int((~torch.isfinite(part)).nonzero()[0, 0])
-    return None if first < 0 else (nan, inf, first)
+    if first < 0:
+        return None
+    element = first // 2 if pairs else first
+    index = view_index(view, element)
+    return nan, inf, f"first at flat index {index}" if index is not None else f"first at stored element {element}"
