@@ -17,6 +17,7 @@ from . import dtypes
 from .checks.model import Check, CheckResult, Status, Verdict
 from .configs import CONFIG_NAMES, ModelConfig, load_config
 from .errors import InputError, UnsafeInputError
+from .files import check_inside
 from .formats import Checkpoint, open_checkpoint
 from .manifest import Manifest, TensorInfo
 from .naming import CUSTOM, KeyMapping, map_keys
@@ -167,6 +168,7 @@ def resolve_config_path(ckpt: str | os.PathLike[str], config: str | os.PathLike[
     for folder in (p, p.parent) if p.is_dir() else (p.parent,):
         for name in CONFIG_NAMES:
             if (folder / name).is_file():
+                check_inside(folder / name, folder)  # found, not named: it must not lead out, as a shard must not
                 return str(folder / name)
     return None
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import check_inside
 from .formats import Checkpoint
 from .manifest import TensorInfo
 
@@ -176,6 +177,8 @@ def train_state(ckpt: Checkpoint) -> TrainState:
         ts.saved_ranks = len(writers) or None
         files = sorted(f for f in folder.iterdir() if TRAIN_STATE_RE.match(f.name))
         params = folder / "params.json"
+        for found in (*files, *([params] if params.is_file() else [])):  # found, not named: must not lead out
+            check_inside(found, folder)
         if params.is_file() and ts.saved_ranks:
             dist = read_json(params).get("distributed", {})
             tp = dist.get("tp_size", 1) if isinstance(dist, dict) else 1

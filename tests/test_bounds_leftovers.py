@@ -256,3 +256,42 @@ def test_finite_index_of_a_stride_0_view_is_its_index_in_the_view(tmp_path: Path
     out = capsys.readouterr().out
     assert "FAIL   finite[tok_embeddings.weight]" in out
     assert "tok_embeddings.weight holds 1 NaN and 0 Inf values (first at flat index 96)" in out, out
+
+
+# -- 7. files found in a checkpoint folder stay inside it, as shards do ----------------------------------------
+
+DCP = FIXTURES / "good" / "dcp"
+
+
+def _linked_out(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """The DCP fixture with ``name`` a symlink to a file outside its folder (the same JSON, moved out)."""
+    folder = Path(shutil.copytree(DCP, tmp_path / "dcp"))
+    outside = tmp_path / "elsewhere" / name
+    outside.parent.mkdir()
+    if (folder / name).exists():
+        (folder / name).rename(outside)
+    else:
+        outside.write_text('{"step": 1}')
+    (folder / name).symlink_to(outside)
+    return folder, outside
+
+
+def test_train_state_linked_out_of_the_folder_is_unsafe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder, outside = _linked_out(tmp_path, "train_state_00000.json")
+    assert main(["check", str(folder), "--model-config", str(LINGUA), "--target", "resume"]) == 1
+    out = capsys.readouterr().out
+    assert "UNSAFE optimizer_step[all]" in out, out
+    assert f"{folder}/train_state_00000.json: leads to {outside}, outside the checkpoint folder {folder}" in out
+    assert main(["convert", str(folder), str(tmp_path / "out.dcp"), "--to", "dcp"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and not (tmp_path / "out.dcp").exists()
+    assert f"unsafe: {folder}/train_state_00000.json: leads to {outside}, outside the checkpoint folder" in err
+
+
+def test_config_found_beside_linked_out_of_the_folder_is_unsafe(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    folder, outside = _linked_out(tmp_path, "params.json")
+    assert main(["check", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert f"UNSAFE safety[{folder}/params.json]" in out, out
+    assert f"{folder}/params.json: leads to {outside}, outside the checkpoint folder {folder}: refused" in out

@@ -14,6 +14,7 @@ from typing import Any
 from .. import dtypes
 from ..configs import ModelConfig, load_config, to_hf_config, to_lingua_params
 from ..errors import InputError
+from ..files import check_inside
 from ..formats import open_checkpoint
 from ..manifest import OPTIMIZER_SECTIONS, Manifest
 from ..naming import HF, Scheme
@@ -370,7 +371,10 @@ def train_state_files(manifest: Manifest) -> list[Path]:
     folder = Path(manifest.path)
     if manifest.format != "dcp" or not folder.is_dir():
         return []
-    return [f for f in sorted(folder.iterdir()) if TRAIN_STATE_RE.match(f.name) and f.is_file()]
+    found = [f for f in sorted(folder.iterdir()) if TRAIN_STATE_RE.match(f.name) and f.is_file()]
+    for f in found:  # copied into the output: a link out of the folder would carry a stranger's file
+        check_inside(f, folder)
+    return found
 
 
 def refuse_lost_state(manifest: Manifest, state_files: list[Path], fmt: str, dst: Path) -> None:
