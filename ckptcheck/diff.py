@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -13,11 +14,10 @@ from .convert.plan import build_plan
 from .convert.stream import ChunkSource, row_ranges
 from .errors import InputError
 from .formats import open_checkpoint
+from .llama import FORWARD_LIMITS, forward_bytes
 from .manifest import natural_key
 from .naming import map_keys
 
-
-MAX_TOKENS = 4096  # --forward: memory grows with tokens x vocab and tokens^2
 
 
 @dataclass
@@ -67,9 +67,9 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, config: str | 
     for flag, value in (("--atol", atol), ("--rtol", rtol)):
         if not (math.isfinite(value) and value >= 0):
             raise InputError(None, flag, f"{value} is not a tolerance: give a finite number >= 0")
-    if forward and not 1 <= tokens <= MAX_TOKENS:
-        raise InputError(None, "--tokens", f"{tokens} tokens: give 1 to {MAX_TOKENS} (the forward pass holds "
-                         "[tokens, vocab] logits and a [tokens, tokens] attention map)")
+    if forward and not 1 <= tokens <= FORWARD_LIMITS["tokens"]:
+        raise InputError(None, "--tokens", f"{tokens} tokens: give 1 to {FORWARD_LIMITS['tokens']} (the forward "
+                         "pass holds [tokens, vocab] logits and a [tokens, tokens] attention map)")
 
     config_path = resolve_config_path(a, config) or resolve_config_path(b, None)
     cfg = load_config(config_path) if config_path else None
@@ -96,7 +96,10 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, config: str | 
         if forward:
             if cfg is None:
                 raise InputError(a, None, "--forward needs the model's config: pass --model-config")
-            report.forward = _forward(ca, cb, cfg, tokens, seed, atol, rtol)
+            if any(k.status == "shape" for k in report.keys):  # not the same model: the keys say where
+                report.notes.append("forward not run: the two checkpoints' tensors have different shapes")
+            else:
+                report.forward = _forward(ca, cb, cfg, tokens, seed, atol, rtol)
     for key, why in plan_b.dropped:
         report.notes.append(f"{b}: {key} not compared ({why})")
     return report
@@ -140,8 +143,19 @@ def _forward(ca, cb, cfg: ModelConfig, n: int, seed: int, atol: float, rtol: flo
 
     from .llama import streaming_logits
 
-    vocab = cfg.vocab_size or ca.manifest.tensors[map_keys(ca.manifest.tensors).stored_for("tok_embeddings.weight")
-                                                  or "tok_embeddings.weight"].shape[0]
+    if cfg.vocab_size is None:  # left to the tokenizer: A's embedding gives it, and B's must have as many rows
+        embedding = ca.manifest.tensors.get(map_keys(ca.manifest.tensors).stored_for("tok_embeddings.weight") or "")
+        if embedding is None or len(embedding.shape) != 2:
+            raise InputError(ca.manifest.path, "tok_embeddings.weight", "missing or not a matrix, and the "
+                             "config leaves the vocabulary to the tokenizer: cannot run the reference forward")
+        cfg = dataclasses.replace(cfg, vocab_size=embedding.shape[0])
+    vocab = cfg.vocab_size
+    assert vocab is not None
+    need = forward_bytes(cfg, n, vocab)
+    if need > FORWARD_LIMITS["bytes"]:
+        raise InputError(None, "--tokens", f"{n} tokens: the reference forward would hold {need >> 20} MiB besides "
+                         f"the weights ({cfg.n_heads} heads' [tokens, tokens] scores one at a time, [tokens, {vocab}] "
+                         f"logits), over its limit of {FORWARD_LIMITS['bytes'] >> 20} MiB: give fewer tokens")
     tokens = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         la, lb = streaming_logits(ca, cfg, tokens), streaming_logits(cb, cfg, tokens)

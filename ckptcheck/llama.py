@@ -21,6 +21,24 @@ if TYPE_CHECKING:
     from .formats import Checkpoint
 
 
+# The reference forward's bounds: what it holds besides the weights (one layer's, as float32) grows with
+# tokens^2 (one head's causal scores at a time) and tokens x vocab (both checkpoints' logits), so it is
+# computed from the config before anything runs (``forward_bytes``).
+FORWARD_LIMITS = {"tokens": 4096, "bytes": 1 << 30}
+
+
+def forward_bytes(cfg: ModelConfig, tokens: int, vocab: int) -> int:
+    """The most bytes the forward of ``tokens`` tokens holds besides the weights, for two checkpoints compared:
+    one head's scores, their mask and softmax; each side's hidden states, FFN activations and logits; and the
+    difference of the logits."""
+    f32 = 4
+    scores = tokens * tokens * (3 * f32 + 1)
+    hidden = tokens * (2 * cfg.dim + cfg.n_heads * cfg.head_dim + 2 * cfg.n_kv_heads * cfg.head_dim
+                       + 3 * cfg.ffn_dim) * f32
+    logits = 4 * tokens * vocab * f32  # A's, B's, their difference and its absolute value
+    return scores + hidden + logits
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     import torch
 
@@ -51,15 +69,17 @@ def apply_rotary(x: torch.Tensor, angles: torch.Tensor, convention: str) -> torc
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention over [seq, heads, hd] with grouped KV heads; returns [seq, heads * hd]."""
+    """Causal attention over [seq, heads, hd] with grouped KV heads; returns [seq, heads * hd].  One head at a
+    time, so the scores held are [seq, seq], not [heads, seq, seq] (``forward_bytes``)."""
     import torch
 
     groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
     mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).triu(1)
-    scores = scores.masked_fill(mask, float("-inf")).softmax(-1)
-    return torch.einsum("hqk,khd->qhd", scores, v).reshape(q.shape[0], -1)
+    out = torch.empty_like(q)
+    for h in range(q.shape[1]):
+        scores = (q[:, h] @ k[:, h // groups].T) / q.shape[-1] ** 0.5
+        out[:, h] = scores.masked_fill(mask, float("-inf")).softmax(-1) @ v[:, h // groups]
+    return out.reshape(q.shape[0], -1)
 
 
 def streaming_logits(ckpt: Checkpoint, cfg: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:

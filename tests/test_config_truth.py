@@ -4,6 +4,9 @@ by one rule, and what ckptcheck itself writes passes ckptcheck's own check."""
 from __future__ import annotations
 
 import json
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,22 @@ def _meta_state(dim: int, n_layers: int, q_rows: int, kv_rows: int, vocab: int, 
     sd["norm.weight"] = torch.ones(dim, dtype=dtype)
     sd["output.weight"] = sd["tok_embeddings.weight"] if tied else r(vocab, dim)
     return sd
+
+
+def _meta_folder(folder: Path, state: dict[str, torch.Tensor], params: dict[str, object]) -> Path:
+    folder.mkdir(parents=True)
+    torch.save(state, folder / "consolidated.00.pth")
+    (folder / "params.json").write_text(json.dumps(params))
+    return folder
+
+
+def _limited_cli(*args: str, address_space: int) -> subprocess.CompletedProcess[str]:
+    """The CLI in a process whose address space is capped: an allocation past the bound fails, not the machine."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+
+    return subprocess.run([sys.executable, "-m", "ckptcheck", *args], capture_output=True, text=True,
+                          preexec_fn=limit, timeout=600)
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -97,3 +116,67 @@ def test_inspect_meta_params_of_tied_weights_is_refused(tmp_path: Path, capsys: 
     assert main(["inspect", str(ckpt), "--params", "lingua", "--n-heads", "4"]) == 0
     (tmp_path / "params.json").write_text(capsys.readouterr().out)
     assert main(["check", str(ckpt)]) == 0
+
+
+TOKENIZER_VOCAB = {"dim": 128, "multiple_of": 256, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-05, "vocab_size": -1}
+
+
+def test_diff_forward_of_different_vocabularies_is_the_key_diff_not_a_crash(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """vocab_size -1 leaves the vocabulary to the tokenizer; A has 256 rows, B 200: tokens drawn from the config's
+    (absent) vocabulary indexed past B's embedding (IndexError), and the other way the logits' widths differed
+    (size mismatch), exit 3 both.  Now the key diff's shape differences answer, exit 1, and the forward is not run."""
+    a = _meta_state(128, 2, 128, 128, 256, 512)
+    b = {**a, "tok_embeddings.weight": a["tok_embeddings.weight"][:200].clone(),
+         "output.weight": a["output.weight"][:200].clone()}
+    config = tmp_path / "params.json"
+    config.write_text(json.dumps(TOKENIZER_VOCAB))
+    for x, y in ((a, b), (b, a)):
+        torch.save(x, tmp_path / "x.pth")
+        torch.save(y, tmp_path / "y.pth")
+        assert main(["diff", str(tmp_path / "x.pth"), str(tmp_path / "y.pth"), "--model-config", str(config),
+                     "--forward"]) == 1
+        out = capsys.readouterr().out
+        assert "forward not run: the two checkpoints' tensors have different shapes" in out
+        assert out.rstrip().endswith("DIFFERENT")
+
+
+def test_diff_forward_of_an_output_wider_than_the_embedding_is_one_line(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Both sides alike, but each output weight has 200 rows for an embedding of 256: with the vocabulary left to
+    the tokenizer, the embedding's rows are the vocabulary, and the output weight is refused in one line."""
+    a = _meta_state(128, 2, 128, 128, 256, 512)
+    a["output.weight"] = a["output.weight"][:200].clone()
+    torch.save(a, tmp_path / "a.pth")
+    config = tmp_path / "params.json"
+    config.write_text(json.dumps(TOKENIZER_VOCAB))
+    assert main(["diff", str(tmp_path / "a.pth"), str(tmp_path / "a.pth"), "--model-config", str(config),
+                 "--forward"]) == 2
+    assert _error_line(capsys) == (f"ckptcheck: error: {tmp_path / 'a.pth'}: output.weight: has shape [200, 128] but "
+                                   "the config gives [256, 128]: cannot run the reference forward")
+
+
+def test_diff_forward_attention_is_bounded_by_one_head(tmp_path: Path) -> None:
+    """64 heads of size 2 in a 400 KB checkpoint: the forward held [64, tokens, tokens] scores (256 MiB at 1,024
+    tokens, 4 GiB at 4,096) and failed under a 1 GB address space.  Now one head's [tokens, tokens] at a time."""
+    ckpt = _meta_folder(tmp_path / "heads", _meta_state(128, 1, 128, 128, 16, 352),
+                        {"dim": 128, "n_layers": 1, "n_heads": 64, "n_kv_heads": 64, "vocab_size": 16,
+                         "multiple_of": 16, "norm_eps": 1e-05})
+    done = _limited_cli("diff", str(ckpt), str(ckpt), "--forward", "--tokens", "1024", address_space=1 << 30)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert done.stdout.rstrip().endswith("EQUAL")
+
+
+def test_diff_forward_logits_past_the_limit_are_refused_before_running(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """4,096 tokens of a 16,384-word vocabulary: [tokens, vocab] float32 logits for both sides and their difference
+    are 1.2 GiB from a 300 KB checkpoint.  The peak is computed from the config before anything runs
+    (llama.forward_bytes against llama.FORWARD_LIMITS) and refused in one line."""
+    ckpt = _meta_folder(tmp_path / "wide", _meta_state(8, 1, 8, 8, 16384, 32),
+                        {"dim": 8, "n_layers": 1, "n_heads": 2, "vocab_size": 16384, "multiple_of": 32})
+    assert main(["diff", str(ckpt), str(ckpt), "--forward", "--tokens", "4096"]) == 2
+    assert _error_line(capsys) == (
+        "ckptcheck: error: --tokens: 4096 tokens: the reference forward would hold 1234 MiB besides the weights (2 "
+        "heads' [tokens, tokens] scores one at a time, [tokens, 16384] logits), over its limit of 1024 MiB: give "
+        "fewer tokens")
+    assert main(["diff", str(ckpt), str(ckpt), "--forward", "--tokens", "64"]) == 0
