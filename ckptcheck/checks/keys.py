@@ -64,16 +64,13 @@ def plan_key_checks(session: Session) -> list[Check]:
     for key in spec.tensors:
         checks.append(Check("key_present", spec.display(key), _present, args=(session, key)))
     expected = set(spec.tensors)
-    extras: list[tuple[str, str | None]] = []  # (stored key, canonical or None)
-    for stored, canonical in mapping.canonical.items():
-        if canonical not in expected:
-            extras.append((stored, canonical))
-    extras += [(k, None) for k in mapping.unknown]
+    extras: dict[str, str | None] = {s: c for s, c in mapping.canonical.items() if c not in expected}  # stored: canonical
+    extras.update(dict.fromkeys(mapping.unknown))
     for stored in mapping.buffers:
         checks.append(Check("unexpected_key", stored, lambda: Verdict.skip(
             "a buffer (rotary frequencies) that loaders recompute and ignore")))
-    for stored, canonical in sorted(extras):
-        checks.append(Check("unexpected_key", stored, _unexpected, args=(session, stored, canonical)))
+    for stored in sorted(extras):
+        checks.append(Check("unexpected_key", stored, _unexpected, args=(session, stored, extras[stored])))
     return checks
 
 
