@@ -20,6 +20,10 @@ MAX_CONFIG_BYTES = 16 << 20
 CONFIG_NAMES = ("params.json", "config.json")
 HF_LLAMA_TYPES = ("llama", "mistral")
 ROTARY_PAIRS = "rotary embeddings turn pairs of dimensions"
+# The key ckptcheck adds to every config it writes, naming the config it was written from: such a file restates
+# the config it came from and is never evidence for it (``written_by_ckptcheck``; transformers keeps unknown
+# config.json keys as attributes, lingua reads only params.json's "model" section).
+PROVENANCE_KEY = "ckptcheck_written_from"
 
 # The largest value of each number a config sets, by canonical name: far above every published model (so only a
 # corrupt or hostile config reaches one), and low enough that nothing computed from it is slow or large (the
@@ -362,9 +366,20 @@ def to_lingua_params(cfg: ModelConfig, vocab_size: int | None = None) -> dict[st
     rows of the embedding written, fills in a vocabulary the config left to the tokenizer."""
     if cfg.schema == "lingua":
         if cfg.vocab_size is not None or vocab_size is None:
-            return cfg.raw
-        return {**cfg.raw, "model": {**cfg.raw["model"], "vocab_size": vocab_size}}
-    return {"model": _meta_model_fields(cfg, vocab_size)}
+            return _marked(cfg, cfg.raw)
+        return _marked(cfg, {**cfg.raw, "model": {**cfg.raw["model"], "vocab_size": vocab_size}})
+    return _marked(cfg, {"model": _meta_model_fields(cfg, vocab_size)})
+
+
+def _marked(cfg: ModelConfig, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the provenance mark: the config it was written from (the first one, when that one was
+    itself written by ckptcheck)."""
+    return {**data, PROVENANCE_KEY: cfg.raw.get(PROVENANCE_KEY, cfg.source)}
+
+
+def written_by_ckptcheck(cfg: ModelConfig) -> bool:
+    """Whether ckptcheck wrote this config (from another one): it restates that config, so it witnesses nothing."""
+    return PROVENANCE_KEY in cfg.raw
 
 
 def _meta_model_fields(cfg: ModelConfig, vocab_size: int | None) -> dict[str, Any]:
@@ -420,7 +435,7 @@ def to_hf_config(cfg: ModelConfig, dtype: str, vocab_size: int | None = None) ->
         data["torch_dtype"] = dtype
         if "dtype" in data:
             data["dtype"] = dtype
-        return data
+        return _marked(cfg, data)
     vocab = cfg.vocab_size if cfg.vocab_size is not None else vocab_size
     if vocab is None:
         raise InputError(cfg.source, "field vocab_size", "is left to the tokenizer and no embedding gives it: "
@@ -436,4 +451,4 @@ def to_hf_config(cfg: ModelConfig, dtype: str, vocab_size: int | None = None) ->
     }
     if cfg.rope_scaling is not None:
         data["rope_scaling"] = dict(cfg.rope_scaling)
-    return data
+    return _marked(cfg, data)

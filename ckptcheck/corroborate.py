@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .configs import CONFIG_NAMES, ModelConfig, head_size_error, load_config
+from .configs import CONFIG_NAMES, ModelConfig, head_size_error, load_config, written_by_ckptcheck
 from .errors import InputError
 from .infer import Inferred
 from .manifest import TensorInfo
@@ -99,9 +99,20 @@ def _from_saved_configs(ckpt: str | os.PathLike[str], tested: str | None, inferr
     out = []
     for path in saved_configs(ckpt, tested):
         cfg = _describes(path, inferred)
-        if cfg is not None and (copied is None or cfg.raw != copied):
+        if cfg is not None and (copied is None or cfg.raw != copied) and not written_by_ckptcheck(cfg):
             out.append(Witness(cfg.head_dim, f"the config saved at {path}", cfg))
     return out
+
+
+def saved_with(ckpt: Path, cfg: ModelConfig) -> bool:
+    """Whether ``cfg`` is the config the training run saved in the checkpoint's own folder (an HF folder's
+    config.json, a lingua step folder's params.json): not one ckptcheck wrote, which restates another config."""
+    folder = ckpt.parent if ckpt.name == ".metadata" or not ckpt.is_dir() else ckpt
+    try:
+        beside = Path(cfg.source).resolve().parent == folder.resolve()
+    except OSError:
+        return False
+    return beside and not written_by_ckptcheck(cfg)
 
 
 def _content(path: Path) -> dict[str, object] | None:

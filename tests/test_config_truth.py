@@ -180,3 +180,30 @@ def test_diff_forward_logits_past_the_limit_are_refused_before_running(tmp_path:
         "heads' [tokens, tokens] scores one at a time, [tokens, 16384] logits), over its limit of 1024 MiB: give "
         "fewer tokens")
     assert main(["diff", str(ckpt), str(ckpt), "--forward", "--tokens", "64"]) == 0
+
+
+def test_a_config_ckptcheck_wrote_is_never_a_witness(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """src's params.json states a wrong split (8 x 16 for weights trained as 4 x 32) that nothing confirms.  convert
+    wrote it into out/config.json, and checking out against src's params.json then counted that file as an
+    independent witness: n_heads, norm_eps and rope_theta PASSED on the config's own word.  Now the written config
+    carries the config it was written from (configs.PROVENANCE_KEY), and neither check nor convert counts it."""
+    src = _meta_folder(tmp_path / "src", _meta_state(128, 1, 128, 64, 64, 512),
+                       {"dim": 128, "n_layers": 1, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 64,
+                        "multiple_of": 256, "norm_eps": 1e-05, "rope_theta": 500000.0})
+    params = src / "params.json"
+    assert main(["convert", str(src), str(tmp_path / "out"), "--to", "hf"]) == 0
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["ckptcheck_written_from"] == str(params)
+    capsys.readouterr()
+    # (exit 1: naming[meta] fails, the output is named as Hugging Face names it, not as the params.json loads)
+    assert main(["check", str(tmp_path / "out"), "--model-config", str(params), "-v"]) == 1
+    lines = {line.split()[1]: line.split()[0] for line in capsys.readouterr().out.splitlines()
+             if line.startswith(("PASS", "SKIP", "FAIL")) and "config[" in line}
+    assert {name: lines[f"config[{name}]"] for name in ("n_heads", "n_kv_heads", "norm_eps", "rope_theta")} == {
+        "n_heads": "SKIP", "n_kv_heads": "SKIP", "norm_eps": "SKIP", "rope_theta": "SKIP"}
+    # the same rule in convert: the written config beside the output confirms no split to permute back with
+    out = tmp_path / "out"
+    assert main(["convert", str(out), str(tmp_path / "back"), "--to", "torch", "--naming", "meta"]) == 2
+    assert _error_line(capsys) == (
+        f"ckptcheck: error: {out}: permuting q/k rows assumes the config's split (n_heads 8, n_kv_heads 4, head_dim 16), "
+        "which nothing in or beside the checkpoint confirms; pass --head-dim 16 if that is the training run's head size")

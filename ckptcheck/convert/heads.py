@@ -18,7 +18,7 @@ from ..manifest import Manifest
 
 def confirm_head_split(manifest: Manifest, cfg: ModelConfig, src: Path, head_dim: int | None) -> str:
     """The source of the head split a permutation will use; InputError when nothing confirms it."""
-    from ..corroborate import head_dim_witnesses
+    from ..corroborate import head_dim_witnesses, saved_with
     from ..infer import infer_dims
     from ..naming import map_keys
 
@@ -34,20 +34,10 @@ def confirm_head_split(manifest: Manifest, cfg: ModelConfig, src: Path, head_dim
                          f"({cfg.source}) gives {cfg.head_dim}: q/k rows would be permuted with the wrong head size")
     if witnesses:
         return " and ".join(w.source for w in witnesses)
-    if _saved_with(src, cfg.source):
+    if saved_with(src, cfg):
         return f"the config saved with the checkpoint ({cfg.source})"
     if head_dim is not None:
         return "--head-dim"
     raise InputError(src, None, f"permuting q/k rows assumes the config's split (n_heads {cfg.n_heads}, n_kv_heads "
                      f"{cfg.n_kv_heads}, head_dim {cfg.head_dim}), which nothing in or beside the checkpoint "
                      f"confirms; pass --head-dim {cfg.head_dim} if that is the training run's head size")
-
-
-def _saved_with(src: Path, config: str) -> bool:
-    """Whether ``config`` is a file in the checkpoint's own folder (an HF folder's config.json, a lingua
-    step folder's params.json)."""
-    folder = src.parent if src.name == ".metadata" or not src.is_dir() else src
-    try:
-        return Path(config).resolve().parent == folder.resolve()
-    except OSError:
-        return False
