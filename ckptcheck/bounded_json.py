@@ -33,17 +33,21 @@ _KEY_QUOTE = 60
 # tried as another start: text of 8 MB of escaped quotes took hours with rescans), and what is left once
 # strings are gone.
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_DELTA = {"[": 1, "{": 1, "]": -1, "}": -1}
+_NOT_STRUCTURE = re.compile(r"[^\[\]{},]+")
+_DELTA = {"[": 1, "{": 1, "]": -1, "}": -1, ",": 0}
+# An escape of a UTF-16 surrogate: paired, Python's json joins it into one character; alone it is no Unicode
+# text, which the safetensors library's (serde) JSON reader refuses, so it is refused here as well.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class _Refused(ValueError):
     """Raised inside the parser's hooks; becomes the InputError once the parser has unwound."""
 
 
-def loads(data: bytes | str, path: str | Path, item: str | None = None) -> Any:
+def loads(data: bytes | str, path: str | Path, item: str | None = None, *, max_values: int | None = None) -> Any:
     """``data`` parsed as JSON, or ``InputError(path, item, cause)`` for text that is not UTF-8, not JSON,
-    nested deeper than ``MAX_DEPTH``, holding an integer over ``MAX_INT_DIGITS`` digits or a duplicate key.
+    nested deeper than ``MAX_DEPTH``, holding an integer over ``MAX_INT_DIGITS`` digits or a duplicate key, or
+    more than ``max_values`` values (each costs far more memory parsed than its 2 or 3 bytes of text).
     ``item`` names what the JSON is inside ``path`` (e.g. "header"), or None when it is the whole file."""
     if isinstance(data, bytes):
         try:
@@ -52,11 +56,22 @@ def loads(data: bytes | str, path: str | Path, item: str | None = None) -> Any:
             raise InputError(path, item, f"not UTF-8 text (byte {exc.start})") from None
     else:
         text = data
-    depth = nesting_depth(text)
+    skeleton = _skeleton(text)
+    depth = max(accumulate(map(_DELTA.__getitem__, skeleton)), default=0)
     if depth > MAX_DEPTH:
         raise InputError(path, item, f"JSON nested {depth} levels deep (limit {MAX_DEPTH})")
+    # Every value but the first follows a comma or opens an array or object: an upper bound, before parsing.
+    values = len(skeleton) - skeleton.count("]") - skeleton.count("}") + 1
+    if max_values is not None and values > max_values:
+        raise InputError(path, item, f"about {values} JSON values (limit {max_values})")
     try:
-        return json.loads(text, object_pairs_hook=reject_duplicate_keys, parse_int=_parse_int)
+        parsed = json.loads(text, object_pairs_hook=reject_duplicate_keys, parse_int=_parse_int)
+        if _SURROGATE_ESCAPE.search(text):
+            json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+        return parsed
+    except UnicodeEncodeError as exc:
+        raise InputError(path, item, f"invalid JSON: a lone surrogate escape (\\u{ord(exc.object[exc.start]):04x}) "
+                                     "is no Unicode text") from None
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno} column {exc.colno}"
         raise InputError(path, f"{item}, {where}" if item else where, f"invalid JSON: {exc.msg}") from None
@@ -64,11 +79,10 @@ def loads(data: bytes | str, path: str | Path, item: str | None = None) -> Any:
         raise InputError(path, item, str(exc)) from None
 
 
-def nesting_depth(text: str) -> int:
-    """The deepest nesting of arrays and objects in ``text``, brackets inside strings not counted; linear
-    time and no recursion, so it can be asked before parsing."""
-    skeleton = _NOT_BRACKET.sub("", _STRING.sub("", text))
-    return max(accumulate(map(_DELTA.__getitem__, skeleton)), default=0)
+def _skeleton(text: str) -> str:
+    """The brackets and commas of ``text``, those inside strings left out: its nesting and its number of values
+    are measured on it in linear time and without recursion, before parsing."""
+    return _NOT_STRUCTURE.sub("", _STRING.sub("", text))
 
 
 def _parse_int(digits: str) -> int:

@@ -7,7 +7,25 @@ as a check with status ``unsafe`` (exit status 1), never loaded further.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+
+# Characters a terminal or a log reader would act on instead of showing: C0/C1 controls (a newline splits the
+# one-line rule, ESC starts an ANSI sequence), the Unicode line separators, and lone surrogates (which no
+# encoder writes).  Names come from the input, so they are shown escaped, never acted on.
+_LAID_OUT = "\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff"
+_UNPRINTABLE = {False: re.compile(f"[\t\n{_LAID_OUT}]"), True: re.compile(f"[{_LAID_OUT}]")}
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str, *, lines: bool = False) -> str:
+    """``text`` with every character a reader would act on escaped (``\\n``, ``\\x1b``, ``\\ud800``);
+    ``lines``: text laid out by ckptcheck itself, whose newlines and tabs are kept."""
+    return _UNPRINTABLE[lines].sub(_escape, text)
 
 
 class CkptError(Exception):
@@ -21,7 +39,7 @@ class CkptError(Exception):
 
     def line(self) -> str:
         parts = [p for p in (self.path, self.item) if p]
-        return ": ".join([*parts, self.cause])
+        return printable(": ".join([*parts, self.cause]))
 
     def __reduce__(self) -> tuple[object, ...]:
         """Picklable as itself: torch.distributed hands a rank's exception to the other ranks pickled,

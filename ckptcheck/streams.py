@@ -2,6 +2,9 @@
 that goes away (``ckptcheck check BAD | true``, ``| head``) or a stream closed at start (``>&-``) must not
 turn a failing check into success or an internal error.
 
+Every character written is one the stream can encode and a terminal shows rather than acts on
+(``errors.printable``): names in the output come from the input, which may hold lone surrogates or ANSI escapes.
+
 Once a stream's reader is gone its file descriptor is pointed at ``os.devnull`` (what the Python docs
 recommend for SIGPIPE), and the command runs on to its own exit status with its output discarded.
 """
@@ -14,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
+from .errors import printable
+
 
 class _Guarded:
     """A text stream that discards output once its reader has gone, instead of raising."""
@@ -23,7 +28,7 @@ class _Guarded:
 
     def write(self, text: str) -> int:
         try:
-            return self._stream.write(text)
+            return self._stream.write(printable(text, lines=True))
         except (BrokenPipeError, ConnectionResetError):
             self._discard()
             return len(text)

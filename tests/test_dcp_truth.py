@@ -1,0 +1,77 @@
+"""Issue 11, engineer I: what the attack on DCP, files, shard sets and convert found.  Every input is real
+``dcp.save`` / ``torch.save`` output (the bundled fixtures) altered with torch's own classes, judged through
+the CLI as a user runs it, and, where torch decides, against torch's own reader."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+from torch.distributed.checkpoint.metadata import MetadataIndex
+
+from ckptcheck.cli import main
+
+from .test_bounds_dcp import WQ, assert_one_line, check, edit_metadata
+
+
+def rename_tensor(old: str, new: str):
+    """A metadata change: the tensor ``old`` is called ``new`` everywhere the .metadata names it."""
+    def change(meta) -> None:
+        meta.state_dict_metadata[new] = meta.state_dict_metadata.pop(old)
+        meta.storage_data = {(MetadataIndex(new, k.offset, k.index) if k.fqn == old else k): v
+                             for k, v in meta.storage_data.items()}
+        if meta.planner_data:
+            meta.planner_data.pop(old)
+            meta.planner_data[new] = ("model", new[len("model."):])
+    return change
+
+
+def flip_tensor_data(folder: Path, fqn: str) -> None:
+    """Flip one byte of the tensor data of ``fqn``'s first chunk (inside the torch.save record, so only the
+    CRC-32 tells)."""
+    meta = pickle.loads((folder / ".metadata").read_bytes())  # our fixture: trusted
+    info = next(v for k, v in meta.storage_data.items() if k.fqn == fqn)
+    path = folder / info.relative_path
+    data = bytearray(path.read_bytes())
+    blob = bytes(data[info.offset:info.offset + info.length])
+    record = next(z for z in zipfile.ZipFile(io.BytesIO(blob)).infolist() if "/data/" in z.filename)
+    name_len, extra_len = struct.unpack("<HH", blob[record.header_offset + 26:record.header_offset + 30])
+    data[info.offset + record.header_offset + 30 + name_len + extra_len] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_name_with_newline_and_ansi_escape_stays_one_escaped_line(tmp_path, capsys):
+    folder = edit_metadata(tmp_path, rename_tensor(WQ, WQ + "\n\x1b[31mFAKE: all good"))
+    flip_tensor_data(folder, WQ + "\n\x1b[31mFAKE: all good")
+    code, out, err = check(folder, capsys, "--target", "resume")
+    assert code == 2
+    assert_one_line(err, "\\x0a\\x1b[31mFAKE")
+    assert "\x1b" not in out + err
+
+
+def test_lone_surrogate_in_a_dcp_key_is_printed_escaped_not_exit_3(tmp_path, capsys):
+    folder = edit_metadata(tmp_path, rename_tensor(WQ, WQ + "\ud800"))
+    code, out, err = check(folder, capsys)
+    assert code == 1, err
+    assert "internal error" not in err
+    assert "\\ud800" in out + err
+    (out + err).encode("utf-8")
+
+
+def test_lone_surrogate_escape_in_a_safetensors_header_is_refused_like_safetensors(tmp_path, capsys):
+    from safetensors import SafetensorError, safe_open
+    header = json.dumps({"tok_embeddings.weight\\ud800": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})
+    raw = header.replace("\\\\ud800", "\\ud800").encode()
+    path = tmp_path / "sur.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(8))
+    with pytest.raises(SafetensorError, match="invalid JSON"):
+        safe_open(str(path), "pt")
+    code = main(["inspect", str(path)])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert_one_line(err, str(path), "header", "lone surrogate", "\\ud800")
