@@ -97,6 +97,15 @@ class Sized:
 
 
 @dataclass(frozen=True, slots=True)
+class TorchRefuses:
+    """A global ckptcheck reads but torch's weights_only loader refuses (``builtins.frozenset``,
+    ``torch.float``): the load goes on with ``entry`` and the global is named in ``refused``, so the verdict
+    is torch's."""
+
+    entry: Any
+
+
+@dataclass(frozen=True, slots=True)
 class Unsupported:
     """A global torch's weights_only loader reads but ckptcheck does not (a quantized tensor, an exotic
     dtype): naming it stops the load as bad input, not as an attack."""
@@ -144,6 +153,14 @@ class AttrDict(dict, metaclass=Frozen):
     ``state_dict()`` pickles its ``_metadata`` attribute with it."""
 
 
+class Record:
+    """Base of the records a reader makes of what a pickle names (a tensor, a storage): never the object, so
+    never written out as a value."""
+
+    __slots__ = ()
+    what: ClassVar[str] = "a record"
+
+
 class Unknown(metaclass=Frozen):
     """A known inert data global outside the allowlist, kept unexecuted: calling, NEWOBJ, BUILD and item
     opcodes only record their arguments.  ``find_class`` makes one subclass per global per load."""
@@ -189,9 +206,9 @@ class Unknown(metaclass=Frozen):
 BASIC_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): AttrDict,
     ("builtins", "set"): Sized(set, _length),
-    ("builtins", "frozenset"): Sized(frozenset, _length),
+    ("builtins", "frozenset"): TorchRefuses(Sized(frozenset, _length)),
     ("builtins", "complex"): Function(complex),
-    ("builtins", "slice"): Function(slice),
+    ("builtins", "slice"): TorchRefuses(Function(slice)),
     ("builtins", "bytearray"): Sized(bytearray, _length),
     ("_codecs", "encode"): Sized(_codecs_encode, _length),
 }
@@ -233,6 +250,10 @@ class _Unpickler(pickle.Unpickler):
             entry = self._allowed[py3_name(module, name)]
         except (KeyError, TypeError):
             return self._not_allowed(module, name)
+        if isinstance(entry, TorchRefuses):
+            if self._refused is not None:
+                self._refused.add(".".join(py3_name(module, name)))
+            entry = entry.entry
         if isinstance(entry, Unsupported):
             raise InputError(self._path, self._member, f"pickle global {module}.{name}: ckptcheck does not read "
                              f"{entry.what}")
@@ -462,6 +483,9 @@ def refuse_stand_ins(obj: Any, *, path: str | None, item: str | None) -> None:
     for o in _parts(obj):
         if isinstance(o, Unknown):
             raise StandInError(path, item, o.global_name)
+        if isinstance(o, Record):
+            raise StandInError(path, item, f"{o.what} inside a value", remedy="re-save the checkpoint with it "
+                               "as an entry of its own")
 
 
 def _parts(obj: Any) -> Iterator[Any]:

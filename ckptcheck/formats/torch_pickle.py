@@ -11,14 +11,16 @@ import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import dtypes
-from ..safe_pickle import BASIC_GLOBALS, MAX_RANK, Function, Sized, Unsupported, is_index, safe_loads
+from ..safe_pickle import (BASIC_GLOBALS, MAX_RANK, Function, Record, Sized, TorchRefuses, Unsupported, is_index,
+                           safe_loads)
 
 
 @dataclass(frozen=True, slots=True)
-class StorageRef:
+class StorageRef(Record):
+    what: ClassVar[str] = "a storage"
     key: str
     dtype: str
     numel: int  # in elements of dtype
@@ -28,9 +30,19 @@ class StorageRef:
     def nbytes(self) -> int:
         return self.numel * dtypes.itemsize(self.dtype)
 
+    def __reduce__(self) -> Any:
+        return StorageRef, (self.key, self.dtype, self.numel, self.location)
+
+    def __setstate__(self, state: Any) -> None:
+        """BUILD on a storage: torch's weights_only loader has nothing to set on one either."""
+        raise MalformedTensor("BUILD on a storage: torch.load refuses it")
+
 
 @dataclass(frozen=True, slots=True)
-class TensorRef:
+class TensorRef(Record):
+    """A tensor as the pickle rebuilds it; only ``_tensor`` makes one, from checked values."""
+
+    what: ClassVar[str] = "a tensor"
     storage: StorageRef
     offset: int  # in elements of dtype
     shape: tuple[int, ...]
@@ -56,6 +68,16 @@ class TensorRef:
                 return False
             expected *= n
         return True
+
+    def __reduce__(self) -> Any:
+        return TensorRef, (self.storage, self.offset, self.shape, self.stride, self.dtype)
+
+    def __setstate__(self, state: Any) -> None:
+        """BUILD on a rebuilt tensor: torch's weights_only loader runs ``tensor.set_(*state)``; so do we, on the
+        record, through the same checks as a rebuild (pickle's generic BUILD would set the fields unchecked)."""
+        new = _set(self, state)
+        for name in ("storage", "offset", "shape", "stride"):
+            object.__setattr__(self, name, getattr(new, name))
 
 
 class _Marker(str):
@@ -87,13 +109,49 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None
     if not isinstance(storage, StorageRef):
         raise MalformedTensor("tensor without a storage")
     if not is_index(offset):
-        raise MalformedTensor("bad storage offset")
+        raise MalformedTensor("bad storage offset: torch.load refuses it")
     if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)):  # torch's set_ takes both
         raise MalformedTensor("size or stride is not a tuple")
     shape, strides = _ints(tuple(size), "size"), _ints(tuple(stride), "stride")
     if len(shape) != len(strides):
         raise MalformedTensor("size and stride differ in length")
-    return TensorRef(storage, offset, shape, strides, dtype or storage.dtype)
+    ref = TensorRef(storage, offset, shape, strides, dtype or storage.dtype)
+    if ref.numel and (offset + ref.extent) * dtypes.itemsize(ref.dtype) > storage.nbytes:
+        raise MalformedTensor(f"a view of {ref.extent} elements from offset {offset} reads past its storage of "
+                              f"{storage.nbytes} bytes: torch.load refuses it")
+    return ref
+
+
+def _set(ref: TensorRef, state: Any) -> TensorRef:
+    """``tensor.set_(*state)`` on a record, for each overload torch has: () empties the tensor, (source) takes
+    all of a storage or tensor, (source, offset, size[, stride]) a view of it; anything else torch refuses."""
+    if not isinstance(state, (tuple, list)):
+        raise MalformedTensor(f"BUILD on a tensor with a {type(state).__name__} state: torch.load refuses it")
+    source = state[0] if state else ref.storage
+    if isinstance(source, TensorRef) and len(state) == 1:
+        state = (source.storage, source.offset, source.shape, source.stride)
+    source = source.storage if isinstance(source, TensorRef) else source
+    if not isinstance(source, StorageRef) or len(state) not in (0, 1, 3, 4):
+        raise MalformedTensor("BUILD on a tensor with a state tensor.set_ does not take: torch.load refuses it")
+    if source.dtype != ref.dtype:
+        raise MalformedTensor(f"BUILD sets a {ref.dtype} tensor to a {source.dtype} storage: torch.load refuses it")
+    if len(state) < 2:
+        numel = source.numel if state else 0
+        return _tensor(source, 0, (numel,), (1,), ref.dtype)
+    size = state[2]
+    stride = state[3] if len(state) == 4 else _contiguous(size)
+    return _tensor(source, state[1], size, stride, ref.dtype)
+
+
+def _contiguous(size: Any) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``size`` (what set_ uses when given none)."""
+    if not isinstance(size, (tuple, list)) or not all(is_index(n) for n in size):
+        raise MalformedTensor("size is not a tuple of non-negative integers")
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def _grad_state(ref: TensorRef, requires_grad: Any, metadata: Any = None) -> TensorRef:
@@ -159,13 +217,13 @@ def _torch_values() -> dict[tuple[str, str], Any]:
     table: dict[tuple[str, str], Any] = dict(BASIC_GLOBALS)
     for name in dtypes.ITEMSIZE:
         table[("torch", name)] = _Dtype(name)
-    for alias in ("float", "double", "half", "long", "int", "short", "cfloat", "cdouble"):
-        table[("torch", alias)] = _Dtype(dtypes.torch_global_dtype(alias) or alias)
+    for alias in ("float", "double", "half", "long", "int", "short", "cfloat", "cdouble"):  # torch names dtypes
+        table[("torch", alias)] = TorchRefuses(_Dtype(dtypes.torch_global_dtype(alias) or alias))  # canonically
     table.update({
         ("torch", "Size"): SIZE,
         ("torch.serialization", "_get_layout"): _named("strided"),
-        ("torch", "strided"): _Marker("strided"),
-        ("torch", "contiguous_format"): _Marker("contiguous_format"),
+        ("torch", "strided"): TorchRefuses(_Marker("strided")),
+        ("torch", "contiguous_format"): TorchRefuses(_Marker("contiguous_format")),
     })
     return table
 
@@ -209,6 +267,10 @@ def _allowlist() -> dict[tuple[str, str], Any]:
     table[("collections", "Counter")] = Sized(collections.Counter, lambda *args: len(args[0]) if args else 0)
     for name, dtype in dtypes.STORAGE_CLASS_DTYPE.items():
         table[("torch", name)] = table[("torch.cuda", name)] = _StorageType(dtype)  # legacy files name cuda ones
+    for module in ("torch", "torch.cuda"):  # torch names it torch.storage.UntypedStorage only
+        table[(module, "UntypedStorage")] = TorchRefuses(_StorageType("uint8"))
+    for module in ("torch.sparse", "torch.cuda.sparse"):  # no sparse bool tensor type exists
+        table[(module, "BoolTensor")] = TorchRefuses(_Marker(f"{module}.BoolTensor"))
     table[("torch.storage", "UntypedStorage")] = _StorageType("uint8")
     table[("torch.storage", "TypedStorage")] = _StorageType("uint8")
     table.update({("torch._utils", name): fn for name, fn in _REBUILDERS.items()})
@@ -329,14 +391,43 @@ def load_torch_pickle(data: bytes, *, path: str, member: str) -> TorchPickle:
 
 
 def walk(obj: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
-    """Flatten nested dicts and lists into (path, leaf) pairs, as DCP flattens a state dict."""
-    if len(prefix) > 64:
-        raise MalformedTensor(f"{'.'.join(prefix)} nests more than 64 levels deep")
+    """Flatten nested dicts, and the lists and tuples that hold a dict or a tensor, into (path, leaf) pairs,
+    as DCP flattens a state dict (and further: no tensor is left inside a value).  Two keys of one dict that
+    are equal once strings (``0`` and ``"0"``) are refused: which one a loader takes is ambiguous."""
+    if len(prefix) > MAX_NESTING:
+        raise MalformedTensor(f"{'.'.join(prefix)} nests more than {MAX_NESTING} levels deep")
     if isinstance(obj, dict) and obj:
+        names: dict[str, Any] = {}
         for k, v in obj.items():
+            other = names.setdefault(str(k), k)
+            if other is not k:
+                shown = ".".join((*prefix, str(k)))
+                raise MalformedTensor(f"{shown}: two keys flatten to this key ({other!r} and {k!r}): which one "
+                                      "a loader takes is ambiguous")
             yield from walk(v, (*prefix, str(k)))
-    elif isinstance(obj, (list, tuple)) and any(isinstance(v, (dict, list, TensorRef)) for v in obj):
+    elif isinstance(obj, (list, tuple)) and _holds_entries(obj):
         for i, v in enumerate(obj):
             yield from walk(v, (*prefix, str(i)))
+    elif isinstance(obj, (set, frozenset)) and any(isinstance(v, Record) for v in obj):
+        raise MalformedTensor(f"{'.'.join(prefix)}: a set of tensors has no order to name them by")
     else:
         yield prefix, obj
+
+
+MAX_NESTING = 64  # levels of containers a state dict may nest; real ones nest a handful
+
+
+def _holds_entries(obj: list[Any] | tuple[Any, ...]) -> bool:
+    """Whether a list or tuple holds, at any depth through lists and tuples, a dict or a tensor record."""
+    todo, seen = [obj], set[int]()
+    while todo:
+        o = todo.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        for v in o:
+            if isinstance(v, (dict, Record)):
+                return True
+            if isinstance(v, (list, tuple)):
+                todo.append(v)
+    return False
