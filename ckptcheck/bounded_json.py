@@ -60,10 +60,11 @@ def loads(data: bytes | str, path: str | Path, item: str | None = None, *, max_v
     depth = max(accumulate(map(_DELTA.__getitem__, skeleton)), default=0)
     if depth > MAX_DEPTH:
         raise InputError(path, item, f"JSON nested {depth} levels deep (limit {MAX_DEPTH})")
-    # Every value but the first follows a comma or opens an array or object: an upper bound, before parsing.
+    # Each element or member after a container's first follows a comma; counting the containers opened too
+    # bounds both (one element each at most), measured before parsing.
     values = len(skeleton) - skeleton.count("]") - skeleton.count("}") + 1
     if max_values is not None and values > max_values:
-        raise InputError(path, item, f"about {values} JSON values (limit {max_values})")
+        raise InputError(path, item, f"{values} JSON values and containers (limit {max_values})")
     try:
         parsed = json.loads(text, object_pairs_hook=reject_duplicate_keys, parse_int=_parse_int)
         if _SURROGATE_ESCAPE.search(text):

@@ -16,8 +16,10 @@ from . import bounded_json, dtypes
 from .errors import InputError
 from .files import open_binary
 
-MAX_CONFIG_BYTES = 16 << 20
 CONFIG_NAMES = ("params.json", "config.json")
+# Bounds of each kind of JSON file read whole: (bytes, values).  Real configs and training-state files are a
+# few KB; a shard index lists every tensor (a few hundred KB for the largest published models).
+JSON_LIMITS = {"config": (1 << 20, 1 << 16), "index": (16 << 20, 1 << 22)}
 HF_LLAMA_TYPES = ("llama", "mistral")
 ROTARY_PAIRS = "rotary embeddings turn pairs of dimensions"
 # The key ckptcheck adds to every config it writes, naming the config it was written from: such a file restates
@@ -166,16 +168,18 @@ def find_config(path: str | Path) -> Path:
     return p
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object file (config, index), bounded in size, nesting and digits (``bounded_json``)."""
+def read_json(path: Path, kind: str = "config") -> dict[str, Any]:
+    """A JSON object file of ``kind`` (a key of ``JSON_LIMITS``), bounded in size and number of values by that
+    kind, and in nesting and digits (``bounded_json``)."""
+    max_bytes, max_values = JSON_LIMITS[kind]
     with open_binary(path) as f:  # a FIFO or device is refused, not read forever
         size = os.fstat(f.fileno()).st_size
-        if size > MAX_CONFIG_BYTES:
-            raise InputError(path, None, f"{size} bytes is too large for a config (limit {MAX_CONFIG_BYTES})")
-        raw = f.read(MAX_CONFIG_BYTES + 1)
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise InputError(path, None, f"grew past {MAX_CONFIG_BYTES} bytes while being read (limit for a config)")
-    data = bounded_json.loads(raw, path)
+        if size > max_bytes:
+            raise InputError(path, None, f"{size} bytes is too large for {kind} JSON (limit {max_bytes})")
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise InputError(path, None, f"grew past {max_bytes} bytes while being read (limit for {kind} JSON)")
+    data = bounded_json.loads(raw, path, max_values=max_values)
     if not isinstance(data, dict):
         raise InputError(path, None, f"expected a JSON object, found {type(data).__name__}")
     return data

@@ -40,8 +40,9 @@ class Witness:
 
 
 def head_dim_witnesses(tensors: Mapping[str, TensorInfo], inferred: Inferred, ckpt: str | os.PathLike[str],
-                       tested: str | None) -> list[Witness]:
-    """Every witness of head_dim that fits the weights' q/k rows; the tested config is not its own witness."""
+                       tested: ModelConfig | None) -> list[Witness]:
+    """Every witness of head_dim that fits the weights' q/k rows; the tested config (parsed once, by the
+    caller) is not its own witness."""
     q, k = inferred.q_rows, inferred.kv_rows
     if q is None or k is None:
         return []
@@ -94,10 +95,12 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-def _from_saved_configs(ckpt: str | os.PathLike[str], tested: str | None, inferred: Inferred) -> list[Witness]:
-    copied = _content(Path(tested)) if tested else None
+def _from_saved_configs(ckpt: str | os.PathLike[str], tested: ModelConfig | None,
+                        inferred: Inferred) -> list[Witness]:
+    # A copy of the tested config beside the checkpoint is the config under test again, not evidence for it.
+    copied = tested.raw if tested else None
     out = []
-    for path in saved_configs(ckpt, tested):
+    for path in saved_configs(ckpt, tested.source if tested else None):
         cfg = _describes(path, inferred)
         if cfg is not None and (copied is None or cfg.raw != copied) and not written_by_ckptcheck(cfg):
             out.append(Witness(cfg.head_dim, f"the config saved at {path}", cfg))
@@ -113,15 +116,6 @@ def saved_with(ckpt: Path, cfg: ModelConfig) -> bool:
     except OSError:
         return False
     return beside and not written_by_ckptcheck(cfg)
-
-
-def _content(path: Path) -> dict[str, object] | None:
-    """The tested config's content: a copy of it beside the checkpoint is the config under test again, not
-    evidence that agrees with it."""
-    try:
-        return load_config(path).raw
-    except InputError:
-        return None
 
 
 def _describes(path: Path, inferred: Inferred) -> ModelConfig | None:

@@ -207,3 +207,44 @@ def test_a_config_ckptcheck_wrote_is_never_a_witness(tmp_path: Path, capsys: pyt
     assert _error_line(capsys) == (
         f"ckptcheck: error: {out}: permuting q/k rows assumes the config's split (n_heads 8, n_kv_heads 4, head_dim 16), "
         "which nothing in or beside the checkpoint confirms; pass --head-dim 16 if that is the training run's head size")
+
+
+GOOD = Path(__file__).resolve().parent.parent / "fixtures" / "good"
+META_PARAMS = Path(__file__).resolve().parent.parent / "fixtures" / "configs" / "meta_params.json"
+
+
+def test_a_config_of_many_empty_values_is_refused_before_parsing(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """16 MiB of {} (under the old 16 MiB config limit) parsed into 5.6 million dicts: ~877 MiB.  A config is
+    a few KB: 1 MiB and 65,536 values and containers at most (configs.JSON_LIMITS), the values counted on the text first."""
+    config = tmp_path / "params.json"
+    config.write_text('{"x":[' + ",".join(["{}"] * 300_000) + '],"dim":64,"n_layers":2,"n_heads":4,"vocab_size":128}')
+    assert main(["check", str(GOOD / "consolidated.pth"), "--model-config", str(config)]) == 2
+    assert _error_line(capsys) == f"ckptcheck: error: {config}: 600006 JSON values and containers (limit 65536)"
+    config.write_text(json.dumps({**json.loads(META_PARAMS.read_text()), "pad": " " * (2 << 20)}))
+    assert main(["check", str(GOOD / "consolidated.pth"), "--model-config", str(config)]) == 2
+    assert _error_line(capsys) == (f"ckptcheck: error: {config}: {config.stat().st_size} bytes is too large for "
+                                   "config JSON (limit 1048576)")
+
+
+def test_a_shard_index_has_its_own_larger_limit(tmp_path: Path) -> None:
+    """An index lists every tensor: past a config's 1 MiB it is still read (its own limit in configs.JSON_LIMITS)."""
+    import shutil
+
+    folder = tmp_path / "hf_sharded"
+    shutil.copytree(GOOD / "hf_sharded", folder)
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    index.write_text(json.dumps({**data, "metadata": {**data.get("metadata", {}), "note": " " * (2 << 20)}}))
+    assert main(["check", str(folder)]) == 0
+
+
+def test_the_config_under_test_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """corroborate parsed the tested config a second time to tell a copy of it from a witness."""
+    from ckptcheck import configs
+
+    read: list[Path] = []
+    real = configs.read_json
+    monkeypatch.setattr(configs, "read_json", lambda path, *a: read.append(Path(path)) or real(path, *a))
+    assert main(["check", str(GOOD / "consolidated.pth"), "--model-config", str(META_PARAMS)]) == 0
+    assert read.count(META_PARAMS) == 1

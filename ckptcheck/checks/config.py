@@ -96,7 +96,7 @@ def plan_config(session: Session) -> list[Check]:
         return []
     display = {c: session.spec.display(c) for c in session.by_canonical}
     inferred = infer_dims(session.by_canonical, display)
-    witnesses = head_dim_witnesses(session.manifest.tensors, inferred, session.ckpt_arg, cfg.source)
+    witnesses = head_dim_witnesses(session.manifest.tensors, inferred, session.ckpt_arg, cfg)
     values = not session.options.metadata_only
     copy_read = cfg.tie_embeddings and inferred.tied is False and values
     buffer = next((w.frequencies for w in witnesses if w.frequencies), None) if values else None

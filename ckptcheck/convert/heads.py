@@ -27,7 +27,7 @@ def confirm_head_split(manifest: Manifest, cfg: ModelConfig, src: Path, head_dim
                          f"({cfg.source}): fix the config or the flag")
     mapping = map_keys(manifest.tensors)
     inferred = infer_dims({c: manifest.tensors[s] for s, c in mapping.canonical.items()})
-    witnesses = head_dim_witnesses(manifest.tensors, inferred, src, cfg.source)
+    witnesses = head_dim_witnesses(manifest.tensors, inferred, src, cfg)
     wrong = [w for w in witnesses if w.head_dim != cfg.head_dim]
     if wrong:
         raise InputError(src, None, f"{wrong[0].source} shows head_dim {wrong[0].head_dim}, but the config "

@@ -23,7 +23,7 @@ class ShardedCheckpoint(Checkpoint):
         """``open_shard(path, inside)``: a shard's reader, refusing a file that leaves the folder ``inside``."""
         index = Path(index_path)
         self.path = str(index)
-        data = read_json(index)
+        data = read_json(index, "index")
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputError(index, "weight_map", "missing or empty")
