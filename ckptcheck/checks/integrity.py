@@ -23,7 +23,10 @@ CHECKSUMS = {"torch zip": "a CRC-32 per storage record"}
 
 
 def checksum_of(facts: dict[str, str]) -> str | None:
-    """The checksum the format keeps for the tensor data (a reader's "checksums" fact first), or None."""
+    """The checksum the format keeps for the tensor data (a reader's "checksums" fact first), or None, also
+    when the file was saved without one (the reader's "no checksums" fact says how)."""
+    if "no checksums" in facts:
+        return None
     return facts.get("checksums") or CHECKSUMS.get(facts.get("serialization", ""))
 
 
@@ -36,7 +39,8 @@ def _integrity(session: Session):
         m = session.manifest
         checksum = checksum_of(m.facts)
         if checksum is None:
-            return Verdict.skip(f"{m.format} data carries no checksum, so a corrupted byte cannot be detected "
+            why = m.facts.get("no checksums", f"{m.format} data carries no checksum")
+            return Verdict.skip(f"{why}, so a corrupted byte cannot be detected "
                                 f"from the file alone: compare it with a reference (ckptcheck diff {m.path} REFERENCE)")
         if session.options.metadata_only:
             return Verdict.skip(f"data not read (--metadata-only): {checksum} not verified")

@@ -234,8 +234,9 @@ def bytes_to_tensor(buf: torch.Tensor, dtype: str, shape: tuple[int, ...], strid
 
     from ..dtypes import itemsize, to_torch
 
-    if big_endian and itemsize(dtype) > 1:
-        buf = buf.view(-1, itemsize(dtype)).flip(-1).reshape(-1)
+    width = itemsize(dtype) // (2 if to_torch(dtype).is_complex else 1)  # torch swaps each complex part
+    if big_endian and width > 1:
+        buf = buf.view(-1, width).flip(-1).reshape(-1)
     flat = buf.view(to_torch(dtype)) if buf.numel() else torch.empty(0, dtype=to_torch(dtype))
     if stride is None:
         return flat.view(shape)

@@ -7,6 +7,7 @@ The same class reads a torch.save blob embedded in a larger file (DCP's ``.distc
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import os
@@ -36,7 +37,7 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra leng
 # What torch.load's archive reader accepts (caffe2's inline_container, torch 2.6 to 2.13): format versions,
 # byte orders, and the compression methods its zip library decompresses.
 TORCH_ZIP_VERSIONS = range(1, 11)
-BYTE_ORDERS = ("little", "big")
+BYTE_ORDERS = {b"little": False, b"big": True}  # compared as exact bytes, as torch does -> big endian
 TORCH_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
 _LEADING_INT = re.compile(r"\s*[+-]?[0-9]{1,20}")  # how the reader parses the version record (stoll)
 
@@ -96,21 +97,30 @@ class TorchArchive:
                 raise InputError(path, info.filename, "the archive holds two records of this name: which one a "
                                  "reader takes differs (torch the first, others the last)")
             names.add(info.filename)
-        pickles = [i for i in infos if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
-        if len(pickles) != 1:
-            found = "no" if not pickles else f"{len(pickles)}"
-            raise InputError(path, None, f"{found} data.pkl records; a torch.save archive has exactly one")
-        pkl = pickles[0]
-        self.prefix = pkl.filename[: -len("data.pkl")]
+        self.prefix = _record_directory(path, infos)
         self._members = {i.filename: i for i in infos}
+        pkl = self._members.get(f"{self.prefix}data.pkl")
+        if pkl is None:
+            raise InputError(path, None, f"no {self.prefix}data.pkl record (torch reads the records of the first "
+                             "member's directory only): torch.load refuses it")
+        # torch.save(..., with set_crc32_options(False)) writes CRC 0 for every record, and torch reads it
+        self.checksummed = any(i.CRC for i in infos if i.file_size)
         self.facts: dict[str, str] = {"serialization": "torch zip", "torch zip version": self._version()}
+        if not self.checksummed:
+            self.facts["no checksums"] = "saved without checksums (set_crc32_options(False))"
         byteorder = self._small_member("byteorder")
         if byteorder is not None and byteorder not in BYTE_ORDERS:
-            raise InputError(path, f"{self.prefix}byteorder", f"byte order {byteorder[:40]!r} is neither little nor "
-                             "big: torch.load refuses it")
-        self.big_endian = byteorder == "big"
+            raise InputError(path, f"{self.prefix}byteorder", f"byte order {byteorder[:40]!r} is not exactly b'little' "
+                             "or b'big': torch.load refuses it")
+        self.big_endian = BYTE_ORDERS.get(byteorder or b"little", False)
         if byteorder:
-            self.facts["byteorder"] = byteorder
+            self.facts["byteorder"] = byteorder.decode()
+        alignment = self._small_member(".storage_alignment")
+        try:
+            int(alignment or b"64")  # how torch.load parses it
+        except ValueError:
+            raise InputError(path, f"{self.prefix}.storage_alignment", f"storage alignment {alignment[:40]!r} is not "
+                             "an integer: torch.load refuses it") from None
         data = self._read_member(pkl, MAX_DATA_PKL, torch_reads=True)
         loaded = load_torch_pickle(data, path=path, member=pkl.filename)
         self.obj, self.storages, self.refused = loaded.obj, loaded.storages, loaded.refused
@@ -151,10 +161,11 @@ class TorchArchive:
         """The archive's format version, which torch's reader requires, parses as a leading integer and
         bounds (``.data/version`` wins over ``version``, as there)."""
         name = next((n for n in (".data/version", "version") if self.prefix + n in self._members), "version")
-        text = self._small_member(name)
-        if text is None:
+        raw = self._small_member(name)
+        if raw is None:
             raise InputError(self.path, f"{self.prefix}version", "the archive has no version record: torch.load "
                              "refuses it")
+        text = raw.decode("ascii", "replace").strip()
         number = _LEADING_INT.match(text)
         if number is None or int(number.group()) not in TORCH_ZIP_VERSIONS:
             raise InputError(self.path, self.prefix + name, f"format version {text[:40]!r} is not one torch reads "
@@ -171,6 +182,9 @@ class TorchArchive:
             raise InputError(self.path, info.filename, f"expands {info.file_size // info.compress_size}x: a zip bomb")
         if whole and info.file_size > limit:
             raise InputError(self.path, info.filename, f"{info.file_size} bytes exceeds the {limit} byte limit")
+        if not self.checksummed:  # zipfile checks a member's CRC only when its info has one
+            info = copy.copy(info)
+            del info.CRC
         try:
             with self._zip.open(info) as member:
                 data = member.read(limit + 1 if whole else limit)
@@ -180,11 +194,11 @@ class TorchArchive:
             raise InputError(self.path, info.filename, f"expands past the {limit} byte limit")
         return data
 
-    def _small_member(self, name: str) -> str | None:
+    def _small_member(self, name: str) -> bytes | None:
         info = self._members.get(self.prefix + name)
         if info is None:
             return None
-        return self._read_member(info, 4096, torch_reads=True).decode("ascii", "replace").strip()
+        return self._read_member(info, 4096, torch_reads=True)
 
     def _data_offset(self, storage: StorageRef) -> int:
         info = self._members[f"{self.prefix}data/{storage.key}"]
@@ -222,7 +236,7 @@ class TorchArchive:
     def _verify(self, storage: StorageRef, whole: torch.Tensor | None) -> None:
         """The record's CRC-32, checked once per archive on every read path (rows and views too, not only
         whole-tensor reads): from ``whole`` when the bytes just read are the whole record, else streamed."""
-        if storage.key in self._verified:
+        if storage.key in self._verified or not self.checksummed:
             return
         info = self._members[f"{self.prefix}data/{storage.key}"]
         crc = zlib.crc32(memoryview(whole.numpy())) if whole is not None else \
@@ -240,6 +254,15 @@ class TorchArchive:
                 raise InputError(self.path, name, f"file ends {length} bytes before the record does")
             crc, length = zlib.crc32(block[:got], crc), length - got
         return crc
+
+
+def _record_directory(path: str, infos: list[zipfile.ZipInfo]) -> str:
+    """The directory torch's reader takes every record from: the first member's, up to its first slash."""
+    first = infos[0].filename if infos else ""
+    if "/" not in first:
+        raise InputError(path, first[:80] or None, "the archive's first member is not in a directory: torch.load "
+                         "refuses it")
+    return first[: first.index("/") + 1]
 
 
 def _check_member_name(path: str, name: str) -> None:

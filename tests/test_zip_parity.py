@@ -1,0 +1,173 @@
+"""Issue 11, the torch zip container and its data at parity with torch's own reader: every case runs the CLI
+and ``torch.load(weights_only=True)`` on the same bytes, and asserts both verdicts."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptcheck.cli import main
+
+from .writers import FIXTURES
+
+GOOD = FIXTURES / "good" / "consolidated.pth"
+CONFIG = FIXTURES / "configs" / "meta_params.json"
+Records = list[tuple[str, bytes]]
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def _check(path: Path) -> tuple[int, dict[str, dict], str]:
+    code, out, err = _cli("check", str(path), "--model-config", str(CONFIG), "--format", "json")
+    return code, ({c["id"]: c for c in json.loads(out)["checks"]} if out.strip() else {}), err
+
+
+def _torch_loads(path: Path, **kwargs) -> bool:
+    try:
+        torch.load(path, weights_only=True, **kwargs)
+    except Exception:
+        return False
+    return True
+
+
+def _rewrite(tmp: Path, name: str, edit: Callable[[Records], Records], src: Path = GOOD) -> Path:
+    """A copy of ``src`` whose (name, bytes) records went through ``edit``, written by Python's zipfile."""
+    with zipfile.ZipFile(src) as zin:
+        records = edit([(i.filename, zin.read(i)) for i in zin.infolist()])
+    dst = tmp / f"{name}.pth"
+    with zipfile.ZipFile(dst, "w") as z:
+        for n, d in records:
+            z.writestr(n, d)
+    return dst
+
+
+def _sub(record: str, data: bytes) -> Callable[[Records], Records]:
+    return lambda recs: [(n, data if n.endswith("/" + record) else d) for n, d in recs]
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_file_saved_without_checksums_is_read_and_integrity_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "nocrc.pth"
+    state = torch.load(GOOD, weights_only=True)
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, path)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    with zipfile.ZipFile(path) as z:
+        assert all(i.CRC == 0 for i in z.infolist())
+    assert _torch_loads(path)
+    code, checks, err = _check(path)
+    assert code == 0, err
+    integrity = checks["integrity[data]"]
+    assert integrity["status"] == "skip"
+    assert integrity["message"].startswith("saved without checksums (set_crc32_options(False)), so a corrupted byte "
+                                           "cannot be detected")
+    assert f"ckptcheck diff {path} REFERENCE" in integrity["message"]
+
+
+def _big_endian(tmp: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
+    """``tensors`` saved as a big-endian machine writes them, each element swapped as torch swaps it back."""
+    little = tmp / f"{name}-little.pth"
+    torch.save(tensors, little)
+    # torch.save numbers storages in the order it meets them: record data/i holds the i-th tensor
+    widths = [t.element_size() // (2 if t.is_complex() else 1) for t in tensors.values()]
+
+    def swapped(recs: Records) -> Records:
+        out = []
+        for n, d in recs:
+            if n.endswith("/byteorder"):
+                d = b"big"
+            elif "/data/" in n:
+                w = widths[int(n.split("/data/")[1])]
+                d = b"".join(d[i:i + w][::-1] for i in range(0, len(d), w))
+            out.append((n, d))
+        return out
+
+    return _rewrite(tmp, name, swapped, src=little)
+
+
+def test_big_endian_complex_reads_as_torch_reads_it(tmp_path: Path) -> None:
+    """torch byteswaps a complex element as two floats; swapping it whole exchanged real and imaginary."""
+    import ckptcheck.formats as formats
+
+    values = {name: (torch.arange(6) * 3 - 5).to(getattr(torch, name)) for name in (
+        "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8")}
+    values["complex64"] = torch.tensor([1 + 2j, 3 - 4j, -0.5 + 8j], dtype=torch.complex64)
+    values["complex128"] = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex128)
+    path = _big_endian(tmp_path, "big", values)
+    theirs = torch.load(path, weights_only=True)
+    ckpt = formats.open_checkpoint(str(path))
+    try:
+        for key, want in values.items():
+            assert torch.equal(theirs[key], want), key  # the oracle: torch reads it back as saved
+            assert torch.equal(ckpt.load(key), want), key
+    finally:
+        ckpt.close()
+    from safetensors.torch import load_file
+
+    src = _big_endian(tmp_path, "c64", {"w": values["complex64"]})
+    out = tmp_path / "out.safetensors"
+    code, _, err = _cli("convert", str(src), str(out))
+    assert code == 0, err
+    assert torch.equal(load_file(out)["w"], values["complex64"])
+
+
+# (case, edit, item, cause): torch.load refuses each, and so does check, with this one line
+CONTAINER_REFUSED = [
+    ("byteorder_newline", _sub("byteorder", b"little\n"), "consolidated/byteorder",
+     "byte order b'little\\n' is not exactly b'little' or b'big': torch.load refuses it"),
+    ("byteorder_space", _sub("byteorder", b" little"), "consolidated/byteorder",
+     "byte order b' little' is not exactly b'little' or b'big': torch.load refuses it"),
+    ("storage_alignment_abc", _sub(".storage_alignment", b"abc"), "consolidated/.storage_alignment",
+     "storage alignment b'abc' is not an integer: torch.load refuses it"),
+    ("first_member_other_dir", lambda r: [("zzz/README", b"hi"), *r], None,
+     "no zzz/data.pkl record (torch reads the records of the first member's directory only): torch.load refuses it"),
+    ("deep_prefix", lambda r: [("a/" + n, d) for n, d in r], None,
+     "no a/data.pkl record (torch reads the records of the first member's directory only): torch.load refuses it"),
+    ("no_prefix_dir", lambda r: [(n.split("/", 1)[1], d) for n, d in r], "data.pkl",
+     "the archive's first member is not in a directory: torch.load refuses it"),
+]
+
+
+@pytest.mark.parametrize(("case", "edit", "item", "cause"), CONTAINER_REFUSED, ids=[c[0] for c in CONTAINER_REFUSED])
+def test_zip_container_torch_refuses_is_refused(tmp_path: Path, case: str, edit, item: str | None,
+                                                cause: str) -> None:
+    path = _rewrite(tmp_path, case, edit)
+    assert not _torch_loads(path)
+    code, _, err = _check(path)
+    where = f"{path}: {item}: " if item else f"{path}: "
+    assert (code, _one_line(err)) == (2, f"ckptcheck: error: {where}{cause}")
+
+
+# torch.load reads each of these: the version record is parsed like stoll, the alignment like int()
+CONTAINER_READ = [
+    ("version_with_junk", _sub("version", b"3 junk")),
+    ("storage_alignment_spaced", _sub(".storage_alignment", b" 64\n")),
+    ("storage_alignment_negative", _sub(".storage_alignment", b"-64")),
+]
+
+
+@pytest.mark.parametrize(("case", "edit"), CONTAINER_READ, ids=[c[0] for c in CONTAINER_READ])
+def test_zip_container_torch_reads_is_read(tmp_path: Path, case: str, edit) -> None:
+    path = _rewrite(tmp_path, case, edit)
+    assert _torch_loads(path)
+    code, _, err = _check(path)
+    assert code == 0, err
