@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 
 from ckptcheck.cli import main
 
+from .writers import FIXTURES
 from .test_bounds_dcp import WQ, assert_one_line, check, edit_metadata
 
 
@@ -75,3 +76,49 @@ def test_lone_surrogate_escape_in_a_safetensors_header_is_refused_like_safetenso
     out, err = capsys.readouterr()
     assert code == 2
     assert_one_line(err, str(path), "header", "lone surrogate", "\\ud800")
+
+
+def save_adamw_dcp(folder: Path, betas: tuple[float, float]) -> tuple[object, object]:
+    """A real dcp.save of the fixture model and an AdamW stepped twice with 0-dim tensor betas."""
+    import shutil
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = nn.Module()
+    for key, value in torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True).items():
+        *mods, leaf = key.split(".")
+        module = root
+        for name in mods:
+            if not hasattr(module, name):
+                module.add_module(name, nn.Module())
+            module = getattr(module, name)
+        module.register_parameter(leaf, nn.Parameter(value.float().clone()))
+    opt = torch.optim.AdamW(root.parameters(), betas=(torch.tensor(0.9), torch.tensor(0.999)))
+    for _ in range(2):
+        sum((p ** 2).sum() for p in root.parameters()).backward()
+        opt.step()
+    opt.param_groups[0]["betas"] = tuple(torch.tensor(b) for b in betas)  # AdamW refuses 1.5 only when built
+    model_state, optim_state = get_state_dict(root, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(folder))
+    shutil.copy(FIXTURES / "good" / "dcp" / "params.json", folder)
+    (folder / "train_state_00000.json").write_text(json.dumps(
+        {"step": 2, "acc_step": 0, "data_loader_state": {}, "scheduler": {"last_epoch": 2}}))
+    return root, opt
+
+
+@pytest.mark.parametrize(("betas", "code"), [((0.9, 0.999), 0), ((0.9, 1.5), 1)])
+def test_tensor_betas_are_read_through_their_data(tmp_path, capsys, betas, code):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    folder = tmp_path / "dcp"
+    root, opt = save_adamw_dcp(folder, betas)
+    state = dict(zip(("model", "optim"), get_state_dict(root, opt), strict=True))
+    dcp.load(state, checkpoint_id=str(folder))  # torch's own reader resumes it: the judge
+    got = main(["check", str(folder), "--target", "resume"])
+    out, err = capsys.readouterr()
+    assert got == code, out
+    if code:
+        assert "group 0 betas is (0.89999997" in out and "1.5), not two numbers in [0, 1)" in out

@@ -21,7 +21,7 @@ from ..manifest import Manifest, TensorInfo
 from ..safe_pickle import MAX_RANK, Frozen, Function, Sized, is_index, safe_loads
 from ..files import open_binary
 from .base import Checkpoint, bytes_to_tensor, check_rows, read_exact, row_span, split_sections
-from .torch_pickle import TORCH_VALUES, _Dtype, weights_only_facts
+from .torch_pickle import TORCH_VALUES, TensorRef, _Dtype, weights_only_facts
 from .torchzip import ZIP_MAGIC, TorchArchive, single_tensor_ref
 
 if TYPE_CHECKING:
@@ -456,8 +456,14 @@ class DcpCheckpoint(Checkpoint):
         return f.read(4) == ZIP_MAGIC
 
     def load_value(self, key: str) -> Any:
-        """A bytes entry: DCP stores each as a torch.save blob, read here through the allowlist."""
-        return self._archive(key).obj
+        """A bytes entry: DCP stores each as a torch.save blob, read here through the allowlist.  A one-element
+        tensor in it, alone or in a tuple or list (AdamW's documented tensor lr and betas), is read as its
+        number, as torch's optimizer uses it."""
+        archive = self._archive(key)
+        obj = archive.obj
+        if isinstance(obj, (tuple, list)):
+            return type(obj)(_number_of(archive, key, v) for v in obj)
+        return _number_of(archive, key, obj)
 
     def _archive(self, key: str) -> TorchArchive:
         item = self._bytes_items.get(key)
@@ -584,3 +590,9 @@ def _read_chunk(f: BinaryIO, where: str, item: Item, chunk: Chunk, rows: tuple[i
     size = dtypes.itemsize(dtype)
     buf = read_exact(f, chunk.start + first * size, count * size, path=where, item=item.fqn, out=out)
     return bytes_to_tensor(buf, dtype, shape)
+
+
+def _number_of(archive: TorchArchive, key: str, value: Any) -> Any:
+    if isinstance(value, TensorRef) and value.numel == 1:
+        return archive.read(key, value).item()
+    return value
