@@ -26,8 +26,8 @@ from .errors import InputError
 MAX_DEPTH = 64
 # No dimension, offset or count in a checkpoint needs more digits (2**128 has 39).
 MAX_INT_DIGITS = 40
-# Longest key quoted in a duplicate-key message.
-_KEY_QUOTE = 60
+# Longest text of an input value quoted in a message (a wrong value can be a whole nested document).
+QUOTE_CHARS = 60
 
 # A JSON string literal, or an unterminated one running to the end of the text (so that no later quote is
 # tried as another start: text of 8 MB of escaped quotes took hours with rescans), and what is left once
@@ -98,7 +98,12 @@ def reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            shown = k if len(k) <= _KEY_QUOTE else k[:_KEY_QUOTE] + "..."
-            raise _Refused(f"duplicate key {shown!r}")
+            raise _Refused(f"duplicate key {shown(k)}")
         out[k] = v
     return out
+
+
+def shown(value: Any) -> str:
+    """An input value for a message: its repr, cut to ``QUOTE_CHARS``; the one place values are quoted."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import bounded_json, dtypes
+from .bounded_json import shown
 from .errors import InputError
 from .files import open_binary
 
@@ -22,6 +23,17 @@ CONFIG_NAMES = ("params.json", "config.json")
 JSON_LIMITS = {"config": (1 << 20, 1 << 16), "index": (16 << 20, 1 << 22)}
 HF_LLAMA_TYPES = ("llama", "mistral")
 ROTARY_PAIRS = "rotary embeddings turn pairs of dimensions"
+# Meta's vocab_size that leaves the vocabulary to the tokenizer.
+META_TOKENIZER_VOCAB = -1
+# transformers' default RoPE needs no parameters besides theta.
+HF_PLAIN_ROPE = "default"
+# Meta's use_scaled_rope: Llama 3.1's frequency scaling, as transformers names it.
+LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192}
+# Rotary scaling parameters that are numbers (transformers' rope_parameters); lists of numbers are LongRoPE's
+# factors; any other parameter is a flag, a name or null.
+ROPE_NUMBERS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
 # The key ckptcheck adds to every config it writes, naming the config it was written from: such a file restates
 # the config it came from and is never evidence for it (``written_by_ckptcheck``; transformers keeps unknown
 # config.json keys as attributes, lingua reads only params.json's "model" section).
@@ -116,7 +128,7 @@ class ModelConfig:
 def count_error(name: str, value: Any) -> str | None:
     """Why ``value`` is no valid integer ``name`` (a positive JSON integer up to ``LIMITS[name]``), or None."""
     if not isinstance(value, int) or isinstance(value, bool):
-        return f"must be an integer, got {_shown(value)}"
+        return f"must be an integer, got {shown(value)}"
     if value <= 0:
         return f"must be a positive integer, got {value}"
     if value > LIMITS[name]:
@@ -133,18 +145,12 @@ def head_size_error(head_dim: int) -> str | None:
 def number_error(name: str, value: Any) -> str | None:
     """Why ``value`` is no valid number ``name`` (positive, finite, up to ``LIMITS[name]``), or None."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return f"must be a number, got {_shown(value)}"
+        return f"must be a number, got {shown(value)}"
     if not math.isfinite(value) or value <= 0:
         return f"must be a positive finite number, got {value}"
     if value > LIMITS[name]:
         return f"{value} is over {LIMITS[name]:g}, more than any model has"
     return None
-
-
-def _shown(value: Any) -> str:
-    """A JSON value for a message, cut short: a wrong type can be a whole nested document."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -235,7 +241,7 @@ class _Fields:
         value = self.data.get(name, default)
         if isinstance(value, bool):
             return value
-        raise self._err(name, f"must be true or false, got {_shown(value)}")
+        raise self._err(name, f"must be true or false, got {shown(value)}")
 
 
 def _heads(f: _Fields, dim: int, dim_field: str, heads_field: str, kv_field: str) -> tuple[int, int, int]:
@@ -293,19 +299,21 @@ def _from_hf(path: Path, data: dict[str, Any]) -> ModelConfig:
     if model_type is not None and model_type not in HF_LLAMA_TYPES:
         raise InputError(
             path, "field model_type",
-            f"{_shown(model_type)} is not a Llama-family architecture ({', '.join(HF_LLAMA_TYPES)}); "
+            f"{shown(model_type)} is not a Llama-family architecture ({', '.join(HF_LLAMA_TYPES)}); "
             "describe other models with --model-factory",
         )
     dim = f.count("hidden_size", "dim")
     n_heads, n_kv, head_dim = _heads(f, dim, "hidden_size", "num_attention_heads", "num_key_value_heads")
-    dtype_name = data.get("torch_dtype", data.get("dtype"))
+    # transformers 4 writes torch_dtype, 5 writes dtype: the first one stated (a null states nothing).
+    dtype_field = next((name for name in ("torch_dtype", "dtype") if data.get(name) is not None), "torch_dtype")
+    dtype_name = data.get(dtype_field)
     rope_field, rope_theta, scaling = _hf_rope(f, data)
     dtype = None
     if dtype_name is not None:
         try:
             dtype = dtypes.canonical(str(dtype_name))
         except InputError:
-            raise f._err("torch_dtype", f"unknown dtype {_shown(dtype_name)}") from None
+            raise f._err(dtype_field, f"unknown dtype {shown(dtype_name)}") from None
     return ModelConfig(
         source=str(path), schema="hf", dim=dim,
         n_layers=f.count("num_hidden_layers", "n_layers"),
@@ -328,12 +336,6 @@ def _from_hf(path: Path, data: dict[str, Any]) -> ModelConfig:
     )
 
 
-# Meta's vocab_size that leaves the vocabulary to the tokenizer.
-META_TOKENIZER_VOCAB = -1
-# transformers' default RoPE needs no parameters besides theta.
-HF_PLAIN_ROPE = "default"
-
-
 def _hf_rope(f: _Fields, data: dict[str, Any]) -> tuple[str, float, dict[str, Any] | None]:
     """(the field theta is read from, rope_theta, scaling or None), as transformers reads them: 4.x wrote
     top-level rope_theta and rope_scaling, 5.x writes one rope_parameters {rope_theta, rope_type, ...}.
@@ -341,13 +343,13 @@ def _hf_rope(f: _Fields, data: dict[str, Any]) -> tuple[str, float, dict[str, An
     name = "rope_scaling" if data.get("rope_scaling") else "rope_parameters"
     params = data.get(name) or {}
     if not isinstance(params, dict):
-        raise f._err(name, f"must be an object, got {_shown(params)}")
+        raise f._err(name, f"must be an object, got {shown(params)}")
     sub = _Fields(f.path, params, name + ".")
     theta_field = name + ".rope_theta" if params.get("rope_theta") is not None else "rope_theta"
     theta = (sub if theta_field != "rope_theta" else f).number(theta_field.split(".")[-1], "rope_theta", 10000.0)
     kind = params.get("rope_type", params.get("type", HF_PLAIN_ROPE))
     if not isinstance(kind, str):
-        raise sub._err("rope_type", f"must be a string, got {_shown(kind)}")
+        raise sub._err("rope_type", f"must be a string, got {shown(kind)}")
     for key, value in params.items():
         _scaling_value(sub, key, value)
     scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "type")} | {"rope_type": kind}
@@ -355,12 +357,11 @@ def _hf_rope(f: _Fields, data: dict[str, Any]) -> tuple[str, float, dict[str, An
 
 
 def _scaling_value(f: _Fields, key: str, value: Any) -> None:
-    """A rotary scaling parameter (factor, low_freq_factor, original_max_position_embeddings, LongRoPE's
-    factor lists, ...) is a positive finite number, a list of them, a flag, a name or null."""
-    numbers = value if isinstance(value, list) else [value]
-    for number in numbers:
-        if number is None or isinstance(number, (bool, str)) and not isinstance(value, list):
-            continue
+    """A rotary scaling parameter is a positive finite number (``ROPE_NUMBERS``: factor, low_freq_factor, ...,
+    a boolean is none), a list of them (LongRoPE's factors: no nulls), or else a flag, a name or null."""
+    if value is None or isinstance(value, (bool, str)) and key not in ROPE_NUMBERS:
+        return
+    for number in value if isinstance(value, list) else [value]:
         if why := number_error("rope_scaling", number):
             raise f._err(key, why)
 
@@ -423,11 +424,6 @@ def scaling_as_meta(cfg: ModelConfig) -> dict[str, Any]:
                              "(Meta's use_scaled_rope is Llama 3.1's scaling only); write --to hf or safetensors")
         out["use_scaled_rope"] = True
     return out
-
-
-# Meta's use_scaled_rope: Llama 3.1's frequency scaling, as transformers names it.
-LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 8192}
 
 
 def to_hf_config(cfg: ModelConfig, dtype: str, vocab_size: int | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bounded_json import shown
 from .files import check_inside
 from .formats import Checkpoint
 from .manifest import TensorInfo
@@ -203,4 +204,4 @@ def _record_step(ts: TrainState, value: Any, where: str) -> None:
     if whole and value >= 0:
         ts.step = int(value)
     else:
-        ts.bad_step = f"{where} = {repr(value)[:40] if isinstance(value, (int, float, str, bool)) else type(value).__name__}"
+        ts.bad_step = f"{where} = {shown(value) if isinstance(value, (int, float, str, bool)) else type(value).__name__}"

@@ -248,3 +248,71 @@ def test_the_config_under_test_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(configs, "read_json", lambda path, *a: read.append(Path(path)) or real(path, *a))
     assert main(["check", str(GOOD / "consolidated.pth"), "--model-config", str(META_PARAMS)]) == 0
     assert read.count(META_PARAMS) == 1
+
+
+LLAMA31_8B = {"dim": 4096, "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "n_heads": 32, "n_kv_heads": 8,
+              "n_layers": 32, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True, "vocab_size": 128256}
+LLAMA31_70B = {"dim": 8192, "ffn_dim_multiplier": 1.3, "multiple_of": 4096, "n_heads": 64, "n_kv_heads": 8,
+               "n_layers": 80, "norm_eps": 1e-05, "vocab_size": 128256, "rope_theta": 500000.0, "use_scaled_rope": True}
+LLAMA31_8B_TRANSFORMERS5 = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+    "dtype": "bfloat16", "eos_token_id": 128001, "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
+    "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_parameters": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                        "original_max_position_embeddings": 8192, "rope_theta": 500000.0, "rope_type": "llama3"},
+    "tie_word_embeddings": False, "transformers_version": "5.0.0", "use_cache": True, "vocab_size": 128256}
+MISTRAL_7B = {
+    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+    "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.34.0.dev0", "use_cache": True, "vocab_size": 32000}
+
+
+@pytest.mark.parametrize(("name", "data", "expected"), [
+    ("params.json", LLAMA31_8B, (4096, 32, 32, 8, 128, 14336, 128256, None)),
+    ("params.json", LLAMA31_70B, (8192, 80, 64, 8, 128, 28672, 128256, None)),
+    ("config.json", LLAMA31_8B_TRANSFORMERS5, (4096, 32, 32, 8, 128, 14336, 128256, "bfloat16")),
+    ("config.json", MISTRAL_7B, (4096, 32, 32, 8, 128, 14336, 32000, "bfloat16")),
+])
+def test_published_configs_load_as_their_models(tmp_path: Path, name: str, data: dict[str, object],
+                                                expected: tuple[object, ...]) -> None:
+    """Real published configs (as their repositories ship them) are read without a refusal, as their models."""
+    from ckptcheck.configs import LLAMA3_ROPE_SCALING, load_config
+
+    (tmp_path / name).write_text(json.dumps(data))
+    cfg = load_config(tmp_path / name)
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim, cfg.vocab_size,
+            cfg.dtype) == expected
+    assert cfg.rope_scaling == (None if data is MISTRAL_7B else LLAMA3_ROPE_SCALING)
+
+
+HF_SMALL = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 128, "vocab_size": 128}
+
+
+@pytest.mark.parametrize(("change", "item", "cause"), [
+    ({"rope_scaling": {"rope_type": "linear", "factor": True}}, "field rope_scaling.factor",
+     "must be a number, got True"),
+    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0, None], "long_factor": [1.0, 2.0]}},
+     "field rope_scaling.short_factor", "must be a number, got None"),
+    ({"torch_dtype": None, "dtype": "float99"}, "field dtype", "unknown dtype 'float99'"),
+    ({"torch_dtype": "x" * 100}, "field torch_dtype", f"unknown dtype {repr('x' * 100)[:60]}..."),
+])
+def test_config_values_are_judged_by_their_field(tmp_path: Path, change: dict[str, object], item: str, cause: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A boolean rotary factor and a null in LongRoPE's factors passed; `torch_dtype: null` hid the stated
+    `dtype` (transformers 5's name) from the dtype check.  Quoted values are cut in one place (bounded_json.shown)."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({**HF_SMALL, **change}))
+    assert main(["check", str(GOOD / "hf"), "--model-config", str(config)]) == 2
+    assert _error_line(capsys) == f"ckptcheck: error: {config}: {item}: {cause}"
+
+
+def test_a_dtype_stated_under_transformers_5s_name_is_the_config_dtype(tmp_path: Path) -> None:
+    from ckptcheck.configs import load_config
+
+    (tmp_path / "config.json").write_text(json.dumps({**HF_SMALL, "torch_dtype": None, "dtype": "float16"}))
+    assert load_config(tmp_path / "config.json").dtype == "float16"
