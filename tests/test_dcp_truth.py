@@ -122,3 +122,35 @@ def test_tensor_betas_are_read_through_their_data(tmp_path, capsys, betas, code)
     assert got == code, out
     if code:
         assert "group 0 betas is (0.89999997" in out and "1.5), not two numbers in [0, 1)" in out
+
+
+def test_meta_shards_named_out_of_meta_order_are_refused(tmp_path, capsys):
+    """Four real shards named 00, 01, 002, 03: int() orders them 0..3, Meta's loader gives rank 1 '002'."""
+    import torch
+
+    from ckptcheck.formats.meta_shards import split_dim
+    state = torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True)
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    names = ["consolidated.00.pth", "consolidated.01.pth", "consolidated.002.pth", "consolidated.03.pth"]
+    for rank, name in enumerate(names):
+        torch.save({k: v.clone() if (d := split_dim(k, tuple(v.shape), 32, 4)) is None else v.chunk(4, d)[rank].clone()
+                    for k, v in state.items()}, folder / name)
+    assert sorted(folder.glob("*.pth"))[1].name == "consolidated.002.pth"  # Meta's loader, llama/generation.py
+    code = main(["check", str(folder), "--model-config", str(FIXTURES / "good" / "meta_mp" / "params.json")])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert_one_line(err, str(folder / "consolidated.002.pth"), "numbered 2", "loads it as rank 1")
+
+
+def test_other_pth_beside_meta_shards_is_refused(tmp_path, capsys):
+    import shutil
+
+    import torch
+    folder = tmp_path / "meta_mp"
+    shutil.copytree(FIXTURES / "good" / "meta_mp", folder)
+    torch.save({}, folder / "extra.pth")
+    code = main(["check", str(folder)])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert_one_line(err, str(folder / "extra.pth"), "beside model-parallel shards", "load it as a shard")

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 # Bytes compared per step when checking a replicated tensor's copies: bounds memory, not the tensor.
 COMPARE_BYTES = 1 << 26
 MAX_DIM = (1 << 63) - 1  # torch's int64 sizes
-SHARD_RE = re.compile(r"^consolidated\.([0-9]+)\.pth$")
-_OTHER_DIGITS = re.compile(r"^consolidated\.\d+\.pth$")  # \d: any Unicode decimal digit
+# A shard's name; \d (any Unicode decimal digit) so that a name int() would misread is found and refused.
+SHARD_RE = re.compile(r"^consolidated\.(\d+)\.pth$")
 _SPLIT_DIM = {
     "layers.{i}.attention.wq.weight": 0, "layers.{i}.attention.wk.weight": 0,
     "layers.{i}.attention.wv.weight": 0, "layers.{i}.feed_forward.w1.weight": 0,
@@ -56,15 +56,24 @@ def split_dim(canonical_key: str | None, shape: tuple[int, ...], model_dim: int 
 
 
 def shard_files(folder: Path) -> list[Path]:
-    """The shard files, in order; a name numbered in other decimal digits ("consolidated.١.pth") is refused:
-    int() reads it as a shard number, Meta's loader (sorted file names) does not."""
-    found = []
-    for p in folder.iterdir():
-        if m := SHARD_RE.match(p.name):
-            found.append((int(m.group(1)), p))
-        elif _OTHER_DIGITS.match(p.name):
+    """The shard files in the order Meta's loader takes them, ``sorted(Path(dir).glob("*.pth"))[rank]`` with
+    the count asserted equal to the world size, or [] when the folder holds no shard.  Each rank's file must
+    be numbered its rank: a name sorting elsewhere ("002" before "01"), numbered in other digits ("١", which
+    int() reads as 1) or another *.pth beside the shards would make Meta's loader load a different file, or
+    fail, so it is refused by name rather than read in an order Meta's loader does not."""
+    files = sorted(folder.glob("*.pth"))
+    if not any(SHARD_RE.match(p.name) for p in files):
+        return []
+    for rank, p in enumerate(files):
+        if not (m := SHARD_RE.match(p.name)):
+            raise InputError(p, None, "a *.pth file beside model-parallel shards: Meta's loader takes "
+                                      "sorted(glob('*.pth'))[rank], so it would load it as a shard")
+        if not m.group(1).isascii():
             raise InputError(p, None, "numbered in digits other than ASCII 0-9: not a model-parallel shard name")
-    return [p for _, p in sorted(found)]
+        if int(m.group(1)) != rank:
+            raise InputError(p, None, f"numbered {int(m.group(1))}, but Meta's loader (sorted(glob('*.pth'))[rank]) "
+                                      f"loads it as rank {rank}: the shard names are not in Meta's order")
+    return files
 
 
 class MetaShardsCheckpoint(Checkpoint):
@@ -74,9 +83,6 @@ class MetaShardsCheckpoint(Checkpoint):
         self.folder = Path(folder)
         self.path = str(folder)
         files = shard_files(self.folder)
-        numbers = [int(SHARD_RE.match(p.name).group(1)) for p in files]  # type: ignore[union-attr]
-        if numbers != list(range(len(files))):
-            raise InputError(self.folder, None, f"model-parallel shards are not numbered 00..{len(files) - 1:02d}: {numbers}")
         self._shards: list[TorchFileCheckpoint] = []
         try:
             for p in files:
@@ -202,6 +208,9 @@ class MetaShardsCheckpoint(Checkpoint):
         """Every shard's slice or copy of ``key``."""
         for shard in self._shards:
             shard.verify(key)
+
+    def records(self, key: str) -> dict[str, int]:
+        return {name: n for shard in self._shards for name, n in shard.records(key).items()}
 
     def _replicated(self, key: str) -> TorchFileCheckpoint:
         """Shard 0, whose copy of ``key`` stands for all only when they are all the same."""
