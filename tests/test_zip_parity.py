@@ -171,3 +171,48 @@ def test_zip_container_torch_reads_is_read(tmp_path: Path, case: str, edit) -> N
     assert _torch_loads(path)
     code, _, err = _check(path)
     assert code == 0, err
+
+
+def _flip_last_byte(src: Path, dst: Path, record: str) -> None:
+    """``dst``: ``src`` with the last byte of ``record``'s data flipped (its CRC-32 left as it was)."""
+    dst.write_bytes(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = z.getinfo(record)
+    with open(dst, "r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        at = info.header_offset + 30 + name_len + extra_len + info.file_size - 1
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 1]))
+
+
+@pytest.mark.parametrize("extra", ["ema", "extra"])
+def test_integrity_verifies_every_record_not_only_the_model(tmp_path: Path, extra: str) -> None:
+    """A corrupt record outside the model (an EMA copy, a lingua extra tensor) failed no check under the
+    default target, yet integrity passed claiming every storage record verified."""
+    state = torch.load(GOOD, weights_only=True)
+    src = tmp_path / "src.pth"
+    torch.save({"model": state, extra: {"norm.weight": state["norm.weight"].clone() + 1}}, src)
+    with zipfile.ZipFile(src) as z:
+        last = max((n for n in z.namelist() if "/data/" in n), key=lambda n: int(n.rsplit("/", 1)[1]))
+    bad = tmp_path / "bad.pth"
+    _flip_last_byte(src, bad, last)
+    assert _torch_loads(bad)  # torch.load checks no CRC: only we can tell
+    code, _, err = _check(bad)
+    assert (code, _one_line(err)) == (2, f"ckptcheck: error: {bad}: {last}: bad CRC-32: the record is corrupted")
+
+
+def test_integrity_counts_record_bytes_once_not_view_bytes(tmp_path: Path) -> None:
+    """Two views of one 40-float storage are one record of 160 bytes, not two tensors of their view sizes."""
+    state = torch.load(GOOD, weights_only=True)
+    whole = torch.arange(40, dtype=torch.float32)
+    path = tmp_path / "views.pth"
+    torch.save({**state, "a": whole[10:20], "b": whole[20:22]}, path)
+    assert _torch_loads(path)
+    code, checks, err = _check(path)
+    assert code == 1 and not err  # "a" and "b" are keys the model lacks; the data is all there
+    records = {i.filename: i.file_size for i in zipfile.ZipFile(path).infolist() if "/data/" in i.filename}
+    assert checks["integrity[data]"]["message"] == (f"a CRC-32 per storage record verified: {len(records)} records, "
+                                                    f"{sum(records.values())} bytes")

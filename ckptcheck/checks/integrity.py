@@ -1,11 +1,13 @@
 """Is the data what was written?  Verified where the format carries checksums, said plainly where it does not.
 
 A torch.save archive keeps a CRC-32 for every storage record, and DCP's default writer stores each chunk as
-such an archive; the readers check a record's CRC on every read (rows too).  This check verifies every tensor's
-records (the training state's too, for a resume) without building tensors, and skips those an earlier read
-checked: a ``check`` run reads each data byte once, whichever other checks ran.  safetensors and legacy torch files (and DCP
-chunks stored as raw bytes) carry no checksum: there the check is skipped with that sentence, never passed,
-and only a comparison with a reference (``ckptcheck diff``) can find a flipped bit.
+such an archive; the readers check a record's CRC on every read (rows too).  This check verifies the records
+of every tensor the file holds (training state and an EMA copy too, whatever the target) without building
+tensors, counts each record once in its own bytes, and skips those an earlier read checked: a ``check`` run
+reads each data byte once, whichever other checks ran.  safetensors and legacy torch files (and DCP chunks
+stored as raw bytes, and torch files saved with ``set_crc32_options(False)``) carry no checksum: there the
+check is skipped with that sentence, never passed, and only a comparison with a reference (``ckptcheck diff``)
+can find a flipped bit.
 """
 
 from __future__ import annotations
@@ -44,14 +46,12 @@ def _integrity(session: Session):
                                 f"from the file alone: compare it with a reference (ckptcheck diff {m.path} REFERENCE)")
         if session.options.metadata_only:
             return Verdict.skip(f"data not read (--metadata-only): {checksum} not verified")
-        resume = "optimizer_state" in session.suite.categories  # training state matters to a resume only
-        stored = (*m.tensors.values(), *(m.extra_tensors.values() if resume else ()))
-        tensors = [info for info in stored if info.alias_of is None]
-        for info in tensors:  # a bad record raises the one-line error naming file, tensor and record
-            if not differing_copies(session, info.key):  # differing Meta copies: each read to tell (see replicas)
-                session.checkpoint.verify(info.key)
-        total = sum(info.nbytes for info in tensors)
-        return Verdict.ok(f"{checksum} verified: {len(tensors)} tensors, {total} bytes",
+        records: dict[str, int] = {}
+        for key in (*m.tensors, *m.extra_tensors):  # every tensor the file holds (an EMA copy too): a bad
+            if not differing_copies(session, key):  # record raises the line naming file, tensor and record
+                session.checkpoint.verify(key)  # differing Meta copies: each read to tell (see replicas)
+            records.update(session.checkpoint.records(key))
+        return Verdict.ok(f"{checksum} verified: {len(records)} records, {sum(records.values())} bytes",
                           expected=f"{checksum} matching", obtained="all match")
 
     return evaluate

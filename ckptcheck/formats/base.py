@@ -94,6 +94,13 @@ class Checkpoint(ABC):
         integrity check then reads no byte that the other checks read.  This fallback reads the tensor."""
         self.load(key)
 
+    def records(self, key: str) -> dict[str, int]:
+        """The checksummed records that hold ``key``'s data, named uniquely across the checkpoint, with their
+        sizes: what ``verify`` checks, counted once however many tensors view it.  This fallback: one record
+        per tensor, of the tensor's size (a DCP chunk set, a safetensors entry)."""
+        info = self.manifest.tensors.get(key) or self.manifest.extra_tensors.get(key)
+        return {f"{self.manifest.path}:{key}": info.nbytes if info is not None else 0}
+
     def close(self) -> None:
         """Release open files; a closed checkpoint can still describe itself."""
 

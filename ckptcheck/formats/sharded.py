@@ -69,6 +69,9 @@ class ShardedCheckpoint(Checkpoint):
     def verify(self, key: str) -> None:
         self._shard(key).verify(key)
 
+    def records(self, key: str) -> dict[str, int]:
+        return self._shard(key).records(key)
+
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()

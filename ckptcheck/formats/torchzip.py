@@ -401,6 +401,10 @@ class TorchFileCheckpoint(PickledCheckpoint):
     def verify(self, key: str) -> None:
         self.archive.verify(self._ref(key))
 
+    def records(self, key: str) -> dict[str, int]:
+        storage = self._ref(key).storage
+        return {f"{self.path}:{self.archive.prefix}data/{storage.key}": storage.nbytes}
+
     def close(self) -> None:
         self._f.close()
 
