@@ -287,19 +287,25 @@ def hf_folder_cases(draw: st.DrawFn) -> Case:
     kind = draw(st.sampled_from(["shard-header", "shard-header", "shard-header", "move-key", "copy-key",
                                  "cast-shard", "tie", "torch-dtype", "drop-file", "single-beside"]))
     which = draw(st.sampled_from([0, 1]))
+    must_refuse = ""
     if kind == "shard-header":
         data, sub, detail = draw(header_mutation(files[f"hf/{HF_SHARDS[which]}"]))
         files[f"hf/{HF_SHARDS[which]}"] = data
         kind, detail = f"shard.{sub}", f"{HF_SHARDS[which]}: {detail}"
     elif kind in ("move-key", "copy-key"):
         key = draw(st.sampled_from(sorted(shards[which])))
-        other = shards[1 - which]
-        other[key] = draw(st.sampled_from([shards[which][key], torch.zeros_like(shards[which][key])]))
+        zeros = draw(st.booleans())
+        shards[1 - which][key] = torch.zeros_like(shards[which][key]) if zeros else shards[which][key]
         if kind == "move-key":
             del shards[which][key]
+        elif zeros and shards[which][key].any():
+            # transformers loads every shard file whole: which of the two differing copies it keeps is not
+            # the index's to say
+            must_refuse = "a tensor held by two shards with different values"
         for n, tensors in zip(HF_SHARDS, shards):
             files[f"hf/{n}"] = _save_safetensors(tensors)
-        detail = f"{key} {'moved' if kind == 'move-key' else 'copied'} into {HF_SHARDS[1 - which]} (index unchanged)"
+        detail = (f"{key} {'moved' if kind == 'move-key' else 'copied'}{' as zeros' if zeros else ''} into "
+                  f"{HF_SHARDS[1 - which]} (index unchanged)")
     elif kind == "cast-shard":
         dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.float8_e4m3fn, torch.int8]))
         files[f"hf/{HF_SHARDS[which]}"] = _save_safetensors({k: v.to(dtype) for k, v in shards[which].items()})
@@ -320,7 +326,7 @@ def hf_folder_cases(draw: st.DrawFn) -> Case:
     cmd = draw(TORCH_DATA_COMMANDS)
     oracle = tuple(("safetensors", n) for n in files if n.endswith(".safetensors"))
     return Case("hf-folder", f"hf.{kind}", detail, (*files.items(), *reference_files(cmd)), command(cmd, "hf"),
-                oracle_for(cmd, oracle))
+                oracle_for(cmd, oracle), must_refuse if cmd == "check" else "")
 
 
 # --- torch zip: records and data.pkl opcodes -----------------------------------------------------------
