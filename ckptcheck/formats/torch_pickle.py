@@ -115,11 +115,7 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: str | None
     shape, strides = _ints(tuple(size), "size"), _ints(tuple(stride), "stride")
     if len(shape) != len(strides):
         raise MalformedTensor("size and stride differ in length")
-    ref = TensorRef(storage, offset, shape, strides, dtype or storage.dtype)
-    if ref.numel and (offset + ref.extent) * dtypes.itemsize(ref.dtype) > storage.nbytes:
-        raise MalformedTensor(f"a view of {ref.extent} elements from offset {offset} reads past its storage of "
-                              f"{storage.nbytes} bytes: torch.load refuses it")
-    return ref
+    return TensorRef(storage, offset, shape, strides, dtype or storage.dtype)  # bounds: torchzip.check_ref
 
 
 def _set(ref: TensorRef, state: Any) -> TensorRef:
@@ -405,7 +401,7 @@ def walk(obj: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ..
                 raise MalformedTensor(f"{shown}: two keys flatten to this key ({other!r} and {k!r}): which one "
                                       "a loader takes is ambiguous")
             yield from walk(v, (*prefix, str(k)))
-    elif isinstance(obj, (list, tuple)) and _holds_entries(obj):
+    elif isinstance(obj, (list, tuple)) and _holds_entries(obj, prefix):
         for i, v in enumerate(obj):
             yield from walk(v, (*prefix, str(i)))
     elif isinstance(obj, (set, frozenset)) and any(isinstance(v, Record) for v in obj):
@@ -417,11 +413,13 @@ def walk(obj: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ..
 MAX_NESTING = 64  # levels of containers a state dict may nest; real ones nest a handful
 
 
-def _holds_entries(obj: list[Any] | tuple[Any, ...]) -> bool:
+def _holds_entries(obj: list[Any] | tuple[Any, ...], prefix: tuple[str, ...]) -> bool:
     """Whether a list or tuple holds, at any depth through lists and tuples, a dict or a tensor record."""
-    todo, seen = [obj], set[int]()
+    todo, seen = [(obj, len(prefix))], set[int]()
     while todo:
-        o = todo.pop()
+        o, depth = todo.pop()
+        if depth > MAX_NESTING:
+            raise MalformedTensor(f"{'.'.join(prefix)} nests more than {MAX_NESTING} levels deep")
         if id(o) in seen:
             continue
         seen.add(id(o))
@@ -429,5 +427,5 @@ def _holds_entries(obj: list[Any] | tuple[Any, ...]) -> bool:
             if isinstance(v, (dict, Record)):
                 return True
             if isinstance(v, (list, tuple)):
-                todo.append(v)
+                todo.append((v, depth + 1))
     return False
