@@ -52,7 +52,7 @@ def _check(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
 
 
 def _torch_refuses(path: Path) -> str:
-    with pytest.raises((pickle.UnpicklingError, RuntimeError, TypeError)) as info:
+    with pytest.raises((pickle.UnpicklingError, RuntimeError, TypeError, AttributeError)) as info:
         torch.load(path, weights_only=True)
     return str(info.value)
 
@@ -164,3 +164,35 @@ def test_allowlist_matches_torch_weights_only_globals() -> None:
     assert sorted(torch_allows - set(ours)) == []
     basic = {f"{m}.{n}" for (m, n), v in BASIC_GLOBALS.items() if not isinstance(v, TorchRefuses)}
     assert basic <= torch_allows
+
+
+class _FromType:
+    """A tensor pickled through torch._tensor._rebuild_from_type_v2 with a chosen type and state."""
+
+    def __init__(self, t: torch.Tensor, new_type: Any, state: Any) -> None:
+        self.t, self.new_type, self.state = t, new_type, state
+
+    def __reduce__(self) -> Any:
+        ts = torch.storage.TypedStorage(wrap_storage=self.t.untyped_storage(), dtype=self.t.dtype, _internal=True)
+        args = (ts, 0, tuple(self.t.shape), self.t.stride(), False, collections.OrderedDict())
+        return torch._tensor._rebuild_from_type_v2, (torch._utils._rebuild_tensor_v2, self.new_type, args, self.state)
+
+
+@pytest.mark.parametrize("new_type, state, cause", [
+    (torch.Size, {}, "not a tensor class"), (collections.OrderedDict, {}, "not a tensor class"),
+    (torch.Tensor, 5, "tensor state is a int"), (torch.Tensor, [1, 2], "tensor state is a list")])
+def test_rebuild_from_type_takes_its_type_and_state_as_torch_does(tmp_path: Path, capsys, new_type, state,
+                                                                  cause) -> None:
+    path = _save(tmp_path, {"norm.weight": _FromType(SD["norm.weight"].clone(), new_type, state)})
+    _torch_refuses(path)
+    code, out = _check(path, capsys)
+    assert code == 2 and cause in out and str(path) in out and len(out.strip().splitlines()) == 1
+
+
+def test_rebuild_from_type_as_parameter_with_attributes_loads(tmp_path: Path, capsys) -> None:
+    weight = torch.nn.Parameter(SD["norm.weight"].clone(), requires_grad=False)
+    weight.note = "kept"
+    path = _save(tmp_path, {"norm.weight": weight})
+    assert torch.load(path, weights_only=True)["norm.weight"].note == "kept"
+    code, out = _check(path, capsys)
+    assert code == 0, out

@@ -190,10 +190,32 @@ _REBUILDERS = {
 }
 
 
+# The allowlisted types torch's ``as_subclass`` takes: only these inherit from torch.Tensor.
+_TENSOR_CLASSES = frozenset(("Tensor", "Parameter"))
+
+
 def _rebuild_from_type_v2(func, new_type, args, state):
+    """torch rebuilds with ``func``, turns the result into ``new_type`` (``as_subclass``: a Tensor class
+    only) and sets ``state`` as attributes (``torch._utils._set_obj_state``)."""
     if func not in _REBUILDERS.values() or not isinstance(args, tuple):
         raise MalformedTensor("tensor subclass rebuilt by an unexpected function")
-    return func(*args)
+    if not (type(new_type) is _Marker and new_type in _TENSOR_CLASSES):
+        raise MalformedTensor("tensor rebuilt as a type that is not a tensor class: torch.load refuses it")
+    parts = state if isinstance(state, tuple) else (state, None)
+    if len(parts) != 2 or any(part and not isinstance(part, dict) for part in parts):
+        raise MalformedTensor(f"tensor state is a {type(state).__name__}, not attributes: torch.load refuses it")
+    for name in (k for part in parts if part for k in part):
+        if not isinstance(name, str):
+            raise MalformedTensor(f"tensor attribute named by a {type(name).__name__}: torch.load refuses it")
+        if name.startswith("_") or name in _TENSOR_FIELDS:
+            raise MalformedTensor(f"tensor attribute {name[:40]!r} would change the tensor torch loads: ckptcheck "
+                                  "does not read it")
+    return func(*args)  # other attributes (``param.note = ...``) are not the tensor's values
+
+
+# Tensor attributes setattr changes the tensor itself through (its data, autograd state, views of it).
+_TENSOR_FIELDS = frozenset(("data", "grad", "requires_grad", "names", "shape", "dtype", "device", "layout",
+                            "real", "imag", "T", "mT", "H", "mH", "is_leaf", "grad_fn", "retains_grad"))
 
 
 def _size(*args: Any) -> tuple[int, ...]:
