@@ -549,8 +549,9 @@ def test_diff_arguments_out_of_range_are_one_line(args, flag, capsys) -> None:
 
 
 def _cells(tmp: Path, duplicate: bool) -> Path:
-    """wq stored as 1,024 one-element chunks of raw bytes (a 32 x 32 grid, more than the 512 chunks that are
-    compared pairwise); ``duplicate``: the last cell replaced by a second copy of the first."""
+    """wq stored as 1,024 one-element chunks, each a torch.save blob as DCP writes it (a 32 x 32 grid, more than
+    the 512 chunks that are compared pairwise); ``duplicate``: the last cell replaced by a second copy of the
+    first."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
     with open_checkpoint(FIXTURES / "good" / "dcp") as good:
@@ -563,10 +564,16 @@ def _cells(tmp: Path, duplicate: bool) -> Path:
         meta.state_dict_metadata[WQ].chunks = [ChunkStorageMetadata(torch.Size(c), torch.Size([1, 1])) for c in cells]
         for key in [k for k in meta.storage_data if k.fqn == WQ]:
             del meta.storage_data[key]
-        for n, c in enumerate(cells):
-            meta.storage_data[MetadataIndex(WQ, torch.Size(c))] = _StorageInfo("cells.distcp", 4 * n, 4)
+        for c, start, blob in zip(cells, starts, blobs, strict=True):
+            meta.storage_data[MetadataIndex(WQ, torch.Size(c))] = _StorageInfo("cells.distcp", start, len(blob))
+    blobs = []
+    for i, j in cells:
+        buffer = io.BytesIO()
+        torch.save(wq[i:i + 1, j:j + 1].float().clone(), buffer)
+        blobs.append(buffer.getvalue())
+    starts = [sum(len(b) for b in blobs[:n]) for n in range(len(blobs))]
     folder = edit_metadata(tmp, change)
-    (folder / "cells.distcp").write_bytes(b"".join(wq[c].float().numpy().tobytes() for c in cells))
+    (folder / "cells.distcp").write_bytes(b"".join(blobs))
     return folder
 
 

@@ -154,3 +154,52 @@ def test_other_pth_beside_meta_shards_is_refused(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 2
     assert_one_line(err, str(folder / "extra.pth"), "beside model-parallel shards", "load it as a shard")
+
+
+def _torch_reader_refuses(folder: Path) -> None:
+    """torch's own verdict: dcp.load's default FileSystemReader reads every key of the folder."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    with pytest.raises(CheckpointException, match="torch.load|load"):
+        _load_state_dict_from_keys(checkpoint_id=str(folder))
+
+
+def test_dcp_tensor_chunk_of_raw_bytes_is_refused_as_torch_refuses_it(tmp_path, capsys):
+    """wq's chunk replaced by its raw bytes (the metadata pointing at them): FileSystemReader torch.load()s it."""
+    from ckptcheck.formats import open_checkpoint
+    with open_checkpoint(FIXTURES / "good" / "dcp") as good:
+        raw = good.load("layers.0.attention.wq.weight").contiguous().numpy().tobytes()
+    places = {}
+
+    def change(meta) -> None:
+        key = next(k for k in meta.storage_data if k.fqn == WQ)
+        info = meta.storage_data[key]
+        places["file"] = info.relative_path
+        info.offset, info.length = places["start"], len(raw)
+    places["start"] = (FIXTURES / "good" / "dcp" / "__0_0.distcp").stat().st_size
+    folder = edit_metadata(tmp_path, change)
+    assert places["file"] == "__0_0.distcp"
+    with open(folder / places["file"], "ab") as f:
+        f.write(raw)
+    _torch_reader_refuses(folder)
+    code, out, err = check(folder, capsys)
+    assert code == 2
+    assert_one_line(err, str(folder / "__0_0.distcp"), WQ, f"(byte {places['start']}) is not a torch.save blob",
+                    "FileSystemReader")
+
+
+def test_dcp_saved_as_safetensors_is_named_not_called_overlapping(tmp_path, capsys):
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
+    folder = tmp_path / "st"
+    state = torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True)
+    dcp.save({"model": state}, storage_writer=FileSystemWriter(
+        str(folder), serialization_format=SerializationFormat.SAFETENSORS))
+    _torch_reader_refuses(folder)
+    code = main(["check", str(folder), "--model-config", str(FIXTURES / "good" / "meta_mp" / "params.json")])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert_one_line(err, str(folder / "__0_0.distcp"), "a safetensors file", "SerializationFormat.SAFETENSORS",
+                    "FileSystemReader")
+    assert "overlap" not in err

@@ -20,7 +20,7 @@ from ..errors import InputError, UnsafeInputError
 from ..manifest import Manifest, TensorInfo
 from ..safe_pickle import MAX_RANK, Frozen, Function, Sized, is_index, safe_loads
 from ..files import open_binary
-from .base import Checkpoint, bytes_to_tensor, check_rows, read_exact, row_span, split_sections
+from .base import Checkpoint, check_rows, split_sections
 from .torch_pickle import TORCH_VALUES, TensorRef, _Dtype, weights_only_facts
 from .torchzip import ZIP_MAGIC, TorchArchive, single_tensor_ref
 
@@ -320,6 +320,12 @@ def _tensor_item(folder: Path, where: str, fqn: str, path: tuple[str, ...], entr
     return Item(fqn, path, TensorInfo(fqn, size, str(dtype)), tuple(chunks))
 
 
+# dcp.save(storage_writer=FileSystemWriter(..., serialization_format=SerializationFormat.SAFETENSORS)) writes
+# each storage file as one safetensors file, every chunk at offset 0 of its data; FileSystemReader reads none.
+SAFETENSORS_FORM = ("a safetensors file (dcp.save with SerializationFormat.SAFETENSORS): torch's FileSystemReader, "
+                    "which dcp.load uses by default, torch.load()s every chunk and cannot read it")
+
+
 def _chunk(folder: Path, where: str, fqn: str, offsets: tuple[int, ...], sizes: tuple[int, ...],
            info: _StorageInfo, file_sizes: dict[str, int]) -> Chunk:
     rel = info.__dict__.get("relative_path")
@@ -346,8 +352,11 @@ def _chunk(folder: Path, where: str, fqn: str, offsets: tuple[int, ...], sizes: 
                 raise InputError(folder / rel, None, f"storage file for {fqn} is missing")
             with open_binary(folder / rel, folder) as f:  # regular files inside the folder only (no FIFO, device, link out)
                 file_sizes[rel] = os.fstat(f.fileno()).st_size
+                head = f.read(9)
         except OSError as exc:  # a name too long for the file system, a folder on the path that is a file...
             raise InputError(where, fqn, f"storage file {rel[:80]!r} cannot be opened ({exc.strerror or exc})") from None
+        if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < file_sizes[rel]:
+            raise InputError(folder / rel, None, SAFETENSORS_FORM)
     if start + length > file_sizes[rel]:
         raise InputError(
             folder / rel, fqn, f"bytes {start}..{start + length} lie past the end of the {file_sizes[rel]} byte file",
@@ -419,13 +428,14 @@ class DcpCheckpoint(Checkpoint):
         try:
             for key in self._bytes_items:
                 refused.update(self._archive(key).refused)
-            chunks = sorted((c for it in self._items.values() for c in it.chunks), key=lambda c: (c.file, c.start))
-            blobs = bool(chunks) and all(self._is_blob(c) for c in chunks)
+            for item in self._items.values():
+                for chunk in item.chunks:
+                    self._check_blob(item.fqn, chunk)
         except BaseException:
             self.close()
             raise
         facts.update(weights_only_facts(refused))
-        if blobs:
+        if self._items:
             facts["checksums"] = "a CRC-32 per chunk (each a torch.save record)"
         files = tuple(sorted({str(self.folder / c.file) for it in items.values() for c in it.chunks}))
         self.manifest = Manifest(
@@ -449,11 +459,14 @@ class DcpCheckpoint(Checkpoint):
             closing.close()
         return h
 
-    def _is_blob(self, chunk: Chunk) -> bool:
-        """Whether a chunk is stored as a torch.save blob (DCP's default writer), which keeps a CRC-32."""
+    def _check_blob(self, fqn: str, chunk: Chunk) -> None:
+        """A tensor chunk is a torch.save blob (which keeps a CRC-32): torch's FileSystemReader torch.load()s
+        every one, so dcp.load refuses a chunk of raw bytes, and so does this reader."""
         f = self._handle(chunk.file)
         f.seek(chunk.start)
-        return f.read(4) == ZIP_MAGIC
+        if f.read(4) != ZIP_MAGIC:
+            raise InputError(self.folder / chunk.file, fqn, f"chunk at {list(chunk.offsets)} (byte {chunk.start}) is "
+                             "not a torch.save blob: torch's FileSystemReader torch.load()s every tensor chunk")
 
     def load_value(self, key: str) -> Any:
         """A bytes entry: DCP stores each as a torch.save blob, read here through the allowlist.  A one-element
@@ -550,8 +563,8 @@ class DcpCheckpoint(Checkpoint):
 def read_chunk(f: BinaryIO, where: str | os.PathLike[str], item: Item, chunk: Chunk,
                rows: tuple[int, int] | None = None, out: torch.Tensor | None = None,
                archives: OrderedDict[tuple[str, int], TorchArchive] | None = None) -> torch.Tensor:
-    """A chunk, or rows of it, from its open data file: a torch.save blob (DCP's default, its record's
-    CRC-32 checked on every read, rows too) or raw bytes (safetensors items, which carry no checksum).
+    """A chunk, or rows of it, from its open data file: a torch.save blob (its record's CRC-32 checked on
+    every read, rows too; the reader refused any other chunk when it opened the checkpoint).
     ``archives`` keeps each blob's parsed archive across reads, so its CRC is checked once.  Never
     unpickles with torch; errors name the tensor and the chunk."""
     assert item.info is not None
@@ -566,30 +579,20 @@ def _read_chunk(f: BinaryIO, where: str, item: Item, chunk: Chunk, rows: tuple[i
                 out: torch.Tensor | None, archives: OrderedDict[tuple[str, int], TorchArchive]) -> torch.Tensor:
     assert item.info is not None
     dtype = item.info.dtype
-    shape = (rows[1] - rows[0], *chunk.sizes[1:]) if rows else chunk.sizes
     place = (chunk.file, chunk.start)
     archive = archives.get(place)
     if archive is None:
-        f.seek(chunk.start)
-        if f.read(4) == ZIP_MAGIC:
-            archive = archives[place] = TorchArchive(f, path=f"{where}@{chunk.start}", base=chunk.start,
-                                                     length=chunk.length)
-            while len(archives) > MAX_OPEN_ARCHIVES:
-                archives.popitem(last=False)
+        archive = archives[place] = TorchArchive(f, path=f"{where}@{chunk.start}", base=chunk.start,
+                                                 length=chunk.length)
+        while len(archives) > MAX_OPEN_ARCHIVES:
+            archives.popitem(last=False)
     else:
         archives.move_to_end(place)
-    if archive is not None:
-        ref = single_tensor_ref(archive, item.fqn)
-        if ref.shape != chunk.sizes or ref.dtype != dtype:
-            raise InputError(where, item.fqn, f"chunk holds {ref.dtype}{list(ref.shape)}, metadata says "
-                             f"{dtype}{list(chunk.sizes)}")
-        return archive.read(item.fqn, ref, rows, out)
-    if chunk.length != math.prod(chunk.sizes) * dtypes.itemsize(dtype):
-        raise InputError(where, item.fqn, "chunk is neither a torch.save blob nor raw tensor bytes")
-    first, count = row_span(chunk.sizes, *rows) if rows else (0, math.prod(chunk.sizes))
-    size = dtypes.itemsize(dtype)
-    buf = read_exact(f, chunk.start + first * size, count * size, path=where, item=item.fqn, out=out)
-    return bytes_to_tensor(buf, dtype, shape)
+    ref = single_tensor_ref(archive, item.fqn)
+    if ref.shape != chunk.sizes or ref.dtype != dtype:
+        raise InputError(where, item.fqn, f"chunk holds {ref.dtype}{list(ref.shape)}, metadata says "
+                         f"{dtype}{list(chunk.sizes)}")
+    return archive.read(item.fqn, ref, rows, out)
 
 
 def _number_of(archive: TorchArchive, key: str, value: Any) -> Any:
