@@ -17,9 +17,18 @@ ITEMSIZE: dict[str, int] = {
     "int64": 8, "int32": 4, "int16": 2, "int8": 1,
     "uint64": 8, "uint32": 4, "uint16": 2, "uint8": 1,
     "bool": 1,
+    # read where torch reads them (the packed ones in ``NO_ARITHMETIC``)
+    "complex32": 4, "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1,
+    "bits16": 2, "bits8": 1, "bits1x8": 1, "bits2x4": 1, "bits4x2": 1,
 }
 
-FLOATING = frozenset(n for n in ITEMSIZE if n.startswith(("float", "bfloat", "complex")))
+# What torch lets require grad (``is_floating_point`` or ``is_complex``).
+GRADIENT = frozenset(n for n in ITEMSIZE if n.startswith(("float", "bfloat", "complex")))
+# Dtypes torch stores and loads but computes nothing on (no ``copy_``, no comparison): read, never cast nor
+# scanned for values.
+NO_ARITHMETIC = frozenset(("float4_e2m1fn_x2", "bits16", "bits8", "bits1x8", "bits2x4", "bits4x2"))
+# Floating dtypes whose values ckptcheck reads, compares and casts.
+FLOATING = GRADIENT - NO_ARITHMETIC
 
 # torch attribute names that are aliases of the canonical ones (torch.float is float32, ...).
 _TORCH_ALIASES = {

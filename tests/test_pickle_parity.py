@@ -196,3 +196,20 @@ def test_rebuild_from_type_as_parameter_with_attributes_loads(tmp_path: Path, ca
     assert torch.load(path, weights_only=True)["norm.weight"].note == "kept"
     code, out = _check(path, capsys)
     assert code == 0, out
+
+
+@pytest.mark.parametrize("name", ["complex32", "float8_e8m0fnu", "float4_e2m1fn_x2", "bits8", "bits16"])
+def test_dtypes_torch_loads_are_read_not_refused(tmp_path: Path, capsys, name: str) -> None:
+    dtype = getattr(torch, name)
+    weight = torch.zeros(32 * dtype.itemsize, dtype=torch.uint8).view(dtype)
+    path = _save(tmp_path, {"norm.weight": weight})
+    assert torch.load(path, weights_only=True)["norm.weight"].dtype == dtype
+    assert open_checkpoint(path).manifest.tensors["norm.weight"].dtype == name
+    code, out = _check(path, capsys)
+    assert code == 1 and "internal error" not in out and "does not read" not in out  # a bfloat16 was expected
+
+
+def test_quantization_scheme_value_is_read_as_torch_reads_it(tmp_path: Path, capsys) -> None:
+    path = _save(tmp_path, {"qscheme": torch.per_tensor_affine})
+    assert torch.load(path, weights_only=True)["qscheme"] is torch.per_tensor_affine
+    assert _check(path, capsys)[0] == 0

@@ -155,7 +155,7 @@ def _grad_state(ref: TensorRef, requires_grad: Any, metadata: Any = None) -> Ten
     for floating and complex dtypes; metadata, when there is any, a dict."""
     if not isinstance(requires_grad, bool):
         raise MalformedTensor(f"requires_grad is a {type(requires_grad).__name__}, not a bool: torch.load refuses it")
-    if requires_grad and ref.dtype not in dtypes.FLOATING:
+    if requires_grad and ref.dtype not in dtypes.GRADIENT:
         raise MalformedTensor(f"a {ref.dtype} tensor that requires grad: torch.load refuses it (only floating and "
                               "complex tensors can)")
     if metadata and not isinstance(metadata, dict):
@@ -257,14 +257,13 @@ _UNSUPPORTED = {
         ("wrapper_subclass", "tensor subclasses"), ("device_tensor_from_cpu_tensor", "device-specific tensors"),
         ("device_tensor_from_numpy", "device-specific tensors"), ("meta_tensor_no_storage", "meta tensors"))},
     **{("torch", f"{q}Storage"): "quantized storages" for q in ("QInt32", "QInt8", "QUInt2x4", "QUInt4x2", "QUInt8")},
-    **{("torch", d): f"tensors of dtype torch.{d}" for d in (
-        "bits16", "bits1x8", "bits2x4", "bits4x2", "bits8", "complex32", "float4_e2m1fn_x2", "float8_e8m0fnu",
+    **{("torch", d): f"tensors of dtype torch.{d}" for d in (  # torch.save cannot write the sub-byte ints
         "qint32", "qint8", "quint2x4", "quint4x2", "quint8", *(f"int{n}" for n in range(1, 8)),
         *(f"uint{n}" for n in range(1, 8)))},
-    **{("torch", q): "quantized tensors" for q in (
-        "per_channel_affine", "per_channel_affine_float_qparams", "per_channel_symmetric", "per_tensor_affine",
-        "per_tensor_symmetric")},
 }
+# Quantization schemes: names torch's loader allows as values (only a quantized tensor needs more).
+_QSCHEMES = ("per_channel_affine", "per_channel_affine_float_qparams", "per_channel_symmetric", "per_tensor_affine",
+             "per_tensor_symmetric")
 # torch's legacy tensor type objects (torch.FloatTensor, torch.cuda.sparse.HalfTensor): names, no data.
 _TENSOR_TYPES = ("BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int", "Long", "Short")
 
@@ -279,6 +278,7 @@ def _device(kind: Any = "cpu", index: Any = None) -> str:
 
 def _allowlist() -> dict[tuple[str, str], Any]:
     table = dict(TORCH_VALUES)
+    table.update({("torch", q): _Marker(q) for q in _QSCHEMES})
     table.update({key: Unsupported(what) for key, what in _UNSUPPORTED.items() if key not in table})
     for module in ("torch", "torch.cuda", "torch.sparse", "torch.cuda.sparse"):
         table.update({(module, f"{kind}Tensor"): _Marker(f"{module}.{kind}Tensor") for kind in _TENSOR_TYPES})
