@@ -185,7 +185,9 @@ def cmd_repair(args: argparse.Namespace) -> int:
             still = [r for r in outcome.after if r.status.value in ("fail", "unsafe")]
             skipped = [r.id for r in outcome.after if r.status.value == "skip"]
             print(f"re-checked {args.dst}: "
-                  + tally(len(outcome.after) - len(still) - len(skipped), len(outcome.after), skipped))
+                  + tally(len(outcome.after) - len(still) - len(skipped), len(outcome.after), skipped)
+                  + (f"; {len(still)} fail: {', '.join(r.id for r in still[:8])}{' ...' if len(still) > 8 else ''}"
+                     if still else ""))
             for r in still:
                 print(f"FAIL   {r.id}")
                 print("\n".join("       " + line for line in failure_lines(r)))

@@ -156,6 +156,12 @@ def plan_repair(the_plan: Plan, results: list[CheckResult], dst: str | os.PathLi
         rp.steps.append("INITIALISE optimizer state: AdamW at step 0 with zero moments for every parameter, "
                         "replacing whatever optimizer state the input has")
     state_files = [f.name for f in train_state_files(manifest)]
+    if init_optimizer_state and state_files:
+        # The fresh optimizer is at step 0, so a train state saying step N cannot travel with it (the output
+        # would fail optimizer_step); without it the output's train_state checks fail where the input's passed.
+        rp.steps.append(f"leave the train state behind ({', '.join(state_files)}: its step disagrees with the "
+                        "fresh optimizer's step 0), so the output has no scheduler or data-loader state: a run "
+                        "resumed from it restarts its schedule and its data")
     if weights_only and (manifest.sections or state_files):
         rp.steps.append(f"leave the training state behind ({', '.join([*manifest.sections, *state_files])}; "
                         "--weights-only)")

@@ -203,3 +203,21 @@ def test_dcp_saved_as_safetensors_is_named_not_called_overlapping(tmp_path, caps
     assert_one_line(err, str(folder / "__0_0.distcp"), "a safetensors file", "SerializationFormat.SAFETENSORS",
                     "FileSystemReader")
     assert "overlap" not in err
+
+
+def test_init_optimizer_state_repair_says_it_leaves_the_train_state_and_counts_what_still_fails(tmp_path, capsys):
+    """The input passes train_state and fails optimizer_groups (betas 1.5); the fresh optimizer leaves the train
+    state behind, which the plan says and the re-check summary counts and names (it said only '... pass')."""
+    src, dst = tmp_path / "dcp", tmp_path / "out"
+    save_adamw_dcp(src, (0.9, 1.5))
+    assert main(["check", str(src), "--target", "resume"]) == 1
+    out, _ = capsys.readouterr()
+    assert "FAIL   optimizer_groups[all]" in out and "FAIL   train_state" not in out, out
+    assert "--init-optimizer-state  (writes fresh AdamW state at step 0 and leaves the train state behind" in out
+    code = main(["repair", str(src), str(dst), "--target", "resume", "--init-optimizer-state"])
+    out, err = capsys.readouterr()
+    assert code == 1, out + err
+    assert "repair: leave the train state behind (train_state_00000.json: its step disagrees with the fresh " \
+           "optimizer's step 0), so the output has no scheduler or data-loader state" in out, out
+    line = next(x for x in out.splitlines() if x.startswith("re-checked"))
+    assert line.endswith("; 2 fail: train_state[scheduler], train_state[data_loader]"), line

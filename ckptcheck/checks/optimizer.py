@@ -261,6 +261,7 @@ def _ranks(session: Session):
 def _init_repair(session: Session) -> str | None:
     from .repairs import command
 
-    return f"{command(session)} --init-optimizer-state  (writes fresh AdamW state at step 0)"
+    return (f"{command(session)} --init-optimizer-state  (writes fresh AdamW state at step 0 and leaves the train "
+            "state behind: a run resumed from it restarts its schedule and its data)")
 
 
