@@ -22,6 +22,23 @@ from typing import Any, ClassVar
 
 from .errors import InputError, StandInError, UnsafeInputError
 
+# The limits on one pickle, together.  Sizes come from the file wherever it can say more (``allowance``).
+MAX_PICKLE_BYTES = 1 << 30  # a pickle read whole: the file holding it is read into memory (2x its size at most)
+PER_BYTE = 2  # objects or elements a pickle may make per byte of it: the memory contract is twice the input
+BASELINE = 1 << 16  # what any pickle may make besides: a tiny one still holds a dict of a few tensors
+STRING_WEIGHT = 64  # bytes of a string or bytes value that count as one object when expanded
+MAX_UNKNOWN_GLOBALS = 256  # distinct refused globals in one pickle; a real checkpoint names a handful
+MAX_INDEX = (1 << 63) - 1  # a size, offset or count: what fits torch's int64
+MAX_RANK = 64  # dimensions of a tensor a pickle may declare; torch itself allows 64
+MAX_INT_BITS = 8192  # Python refuses to print an int of more than 4300 digits (about 14000 bits)
+MAX_SCAN_OPCODES = 1 << 22  # opcodes one scan follows (a few seconds); no unloaded checkpoint pickle nears it
+
+
+def allowance(size: int) -> int:
+    """Objects (or elements) a pickle of ``size`` bytes may make, counting shared references each time."""
+    return PER_BYTE * size + BASELINE
+
+
 # The only globals outside a reader's allowlist a pickle may name: classes known to be inert data that
 # torch's weights_only loader still refuses, so safe to pass to ``torch.serialization.add_safe_globals``.
 # Every other global is unsafe, whatever its name: code that runs hides under any module (``pydoc.pipepager``,
@@ -117,7 +134,7 @@ class _Budget:
     """Elements a load may allocate through ``Sized`` constructors: proportional to the pickle's bytes."""
 
     def __init__(self, size: int) -> None:
-        self.left = 2 * size + (1 << 16)
+        self.left = allowance(size)
 
     def charge(self, n: int) -> None:
         self.left -= n
@@ -213,10 +230,6 @@ BASIC_GLOBALS: dict[tuple[str, str], Any] = {
     ("_codecs", "encode"): Sized(_codecs_encode, _length),
 }
 
-MAX_PICKLE_BYTES = 1 << 30
-MAX_UNKNOWN_GLOBALS = 256  # distinct refused globals in one pickle; a real checkpoint names a handful
-MAX_INDEX = (1 << 63) - 1
-MAX_RANK = 64  # dimensions of a tensor a pickle may declare; torch itself allows 64
 
 
 def is_index(value: Any) -> bool:
@@ -354,7 +367,6 @@ def _load(unpickler: _Unpickler, path: str, member: str) -> Any:
         raise InputError(path, member, f"malformed pickle ({type(exc).__name__}: {_short(exc)})") from None
 
 
-MAX_INT_BITS = 8192  # Python refuses to print an int of more than 4300 digits (about 14000 bits)
 
 
 def _check_ints(obj: Any) -> None:
@@ -370,7 +382,7 @@ def _check_expanded_size(obj: Any, size: int) -> None:
     pickle a byte or more, so a checkpoint's object tree, with every shared object counted at every place it
     is reached, is about its size.  Forty nested ``{"a": d, "b": d}`` take 2 KB and expand to 2**40 paths,
     which any walk, ``str()`` or report of the object would follow.  Strings weigh by their length."""
-    limit = 2 * size + (1 << 16)
+    limit = allowance(size)
     expanded: dict[int, int] = {}
     todo: list[tuple[Any, bool]] = [(obj, False)]
     open_: set[int] = set()
@@ -389,7 +401,7 @@ def _check_expanded_size(obj: Any, size: int) -> None:
         if key in open_:
             raise InputError(None, None, "a container in the pickle contains itself")
         if isinstance(o, (str, bytes, bytearray)):
-            expanded[key] = 1 + len(o) // 64
+            expanded[key] = 1 + len(o) // STRING_WEIGHT
             continue
         open_.add(key)
         todo.append((o, True))
@@ -406,7 +418,7 @@ def _check_expansion(stream: Any, size: int, *, path: str, member: str, opcodes:
     stack value is a cell holding its expanded size; the memo and DUP share cells, so a reference counts
     the whole object again.  ``size``: the pickle's bytes, or those left in the file it is read from.
     ``opcodes``: filled with the names of the opcodes followed."""
-    limit = 2 * size + (1 << 16)
+    limit = allowance(size)
     values: list[list[int]] = []
     marks: list[int] = []
     memo: dict[int, list[int]] = {}
@@ -436,7 +448,7 @@ def _check_expansion(stream: Any, size: int, *, path: str, member: str, opcodes:
                     popped.append(values.pop())
                 if name == "STOP":
                     return
-                own = len(arg) // 64 if isinstance(arg, (str, bytes)) else 0
+                own = len(arg) // STRING_WEIGHT if isinstance(arg, (str, bytes)) else 0
                 if name in _MUTATORS:
                     cell = popped.pop()  # the object below the items
                     cell[0] += sum(c[0] for c in popped)
@@ -533,6 +545,8 @@ def looks_like_pickle(head: bytes) -> bool:
     is not a zip archive): they parse, up to a STOP or the end of ``head``."""
     if not head or head[:1] not in _FIRST_OPCODES:
         return False
+    if head[:2] in _PROTO_HEADS:  # what torch.save and pickle.dumps write first: a pickle, whatever follows
+        return True
     try:
         for op, _arg, _pos in pickletools.genops(io.BytesIO(head)):
             if op.name == "STOP":
@@ -544,6 +558,7 @@ def looks_like_pickle(head: bytes) -> bool:
 
 # What pickle.dumps writes first, by protocol: PROTO (2+), or a protocol 0/1 value or container opcode.
 _FIRST_OPCODES = frozenset(bytes([c]) for c in b"\x80(}])cNIJKLMFGSTUVX\x88\x89")
+_PROTO_HEADS = frozenset(bytes([0x80, n]) for n in range(2, pickle.HIGHEST_PROTOCOL + 1))
 
 
 def torch_would_unpickle(head: bytes) -> bool:
@@ -571,8 +586,6 @@ def _scan_all(data: bytes, *, path: str, member: str, allowed: Mapping[tuple[str
 
 
 _VALUE = object()  # anything but a string the scan needs to know
-# Opcodes one scan follows (a few seconds): no checkpoint pickle that is never loaded comes near it.
-MAX_SCAN_OPCODES = 1 << 22
 _STRING_OPS = frozenset(("STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
                          "BINUNICODE8"))
 

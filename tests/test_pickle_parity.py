@@ -213,3 +213,19 @@ def test_quantization_scheme_value_is_read_as_torch_reads_it(tmp_path: Path, cap
     path = _save(tmp_path, {"qscheme": torch.per_tensor_affine})
     assert torch.load(path, weights_only=True)["qscheme"] is torch.per_tensor_affine
     assert _check(path, capsys)[0] == 0
+
+
+def test_non_tensor_blob_past_64_mb_is_read_as_torch_reads_it(tmp_path: Path, capsys) -> None:
+    """The bound on data.pkl is the memory contract (the file's own size), not a fixed 64 MB."""
+    path = _save(tmp_path, {"sampler_state": b"x" * (70 << 20)})
+    assert len(torch.load(path, weights_only=True)["sampler_state"]) == 70 << 20
+    code, out = _check(path, capsys)
+    assert code == 0, out
+
+
+def test_a_protocol_head_is_a_pickle_whatever_follows() -> None:
+    """One way to tell a pickle member from other bytes (there were two: a list of heads, and parsing)."""
+    from ckptcheck.safe_pickle import looks_like_pickle
+
+    assert all(looks_like_pickle(bytes([0x80, n]) + b"\xff\xff") for n in range(2, pickle.HIGHEST_PROTOCOL + 1))
+    assert not looks_like_pickle(b"\x80\x07\xff")

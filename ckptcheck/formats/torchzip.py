@@ -22,15 +22,15 @@ from ..dtypes import itemsize
 from ..errors import InputError
 from ..manifest import Manifest, TensorInfo
 from ..files import open_binary
+from ..safe_pickle import MAX_PICKLE_BYTES
 from .base import Checkpoint, bytes_to_tensor, check_rows, read_exact, row_span, split_sections
 from .torch_pickle import StorageRef, TensorRef, load_torch_pickle, opcode_facts, walk, weights_only_facts
 
 if TYPE_CHECKING:
     import torch
 
-MAX_DATA_PKL = 64 << 20  # data.pkl of a 70B checkpoint with optimizer state is a few MB
+MAX_DATA_PKL = MAX_PICKLE_BYTES  # one limit for a pickle read whole, wherever it is (safe_pickle's table)
 MAX_RATIO = 200  # a compressed member expanding more than this is treated as a zip bomb
-PICKLE_HEADS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 ZIP_MAGIC = b"PK\x03\x04"
 CRC_BLOCK = 1 << 20  # a record read in parts is CRC-checked by streaming it in blocks of this size
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, then name and extra lengths at offset 26
@@ -153,7 +153,7 @@ class TorchArchive:
             if info is main or info.filename in storages or info.file_size < 2:
                 continue
             head = self._read_member(info, 64, whole=False)
-            if head[:2] in PICKLE_HEADS or looks_like_pickle(head) or info.filename.endswith((".pkl", ".pickle")):
+            if looks_like_pickle(head) or info.filename.endswith((".pkl", ".pickle")):
                 scan_globals(self._read_member(info, MAX_DATA_PKL), path=self.path, member=info.filename,
                              allowed=TORCH_ALLOWLIST)
 
