@@ -221,3 +221,18 @@ def test_init_optimizer_state_repair_says_it_leaves_the_train_state_and_counts_w
            "optimizer's step 0), so the output has no scheduler or data-loader state" in out, out
     line = next(x for x in out.splitlines() if x.startswith("re-checked"))
     assert line.endswith("; 2 fail: train_state[scheduler], train_state[data_loader]"), line
+
+
+def test_symlink_out_of_the_folder_is_unsafe_with_a_why_about_paths(tmp_path, capsys):
+    import shutil
+    folder = tmp_path / "dcp"
+    shutil.copytree(FIXTURES / "good" / "dcp", folder)
+    (folder / "__0_0.distcp").rename(tmp_path / "outside.distcp")
+    (folder / "__0_0.distcp").symlink_to(tmp_path / "outside.distcp")
+    code = main(["check", str(folder)])
+    out, _ = capsys.readouterr()
+    assert code == 1
+    assert f"UNSAFE safety[{folder / '__0_0.distcp'}]" in out
+    why = next(x for x in out.splitlines() if x.strip().startswith("why:"))
+    assert "a path that leads outside the checkpoint folder makes the loader read files the checkpoint does not own" \
+        in why, why

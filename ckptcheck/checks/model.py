@@ -110,7 +110,8 @@ class Check:
 
 # Why each category matters, said once and shown with every failure of it.
 WHY: dict[str, str] = {
-    "safety": "a pickle that names code outside the allowlist runs that code the moment torch.load opens it",
+    "safety": "a pickle that names code outside the allowlist runs that code the moment torch.load opens it; a "
+              "path that leads outside the checkpoint folder makes the loader read files the checkpoint does not own",
     "version": "the torch that loads the checkpoint must be able to read its serialization and layout, "
     "the way training reads it (memory-mapped, lazily, or through DCP)",
     "naming": "loaders match tensors by name: under another naming a strict load fails and a lenient one "

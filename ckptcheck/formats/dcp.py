@@ -28,11 +28,22 @@ if TYPE_CHECKING:
     import torch
 
 METADATA_NAME = ".metadata"
-MAX_METADATA = 512 << 20
-MAX_RELATIVE_PATH = 4096
-MAX_OPEN_ARCHIVES = 64  # parsed chunk blobs a reader keeps (the chunks of the tensors being read)
-MAX_OPEN_FILES = 64  # data files a reader keeps open
-MAX_CHUNKS_FOR_OVERLAP_CHECK = 512  # pairwise for layouts that are no grid; above it, refused
+# The reader's bounds: name -> (value, why).
+LIMITS: dict[str, tuple[int, str]] = {
+    "metadata bytes": (512 << 20, ".metadata is one pickle read whole; a 100,000-tensor run's is tens of MB"),
+    "relative path": (4096, "a storage file name is a path inside the folder: Linux's PATH_MAX"),
+    "open archives": (64, "parsed chunk blobs kept while a tensor is read in row ranges, so memory does not grow "
+                          "with the number of chunks"),
+    "open files": (64, "data files kept open: a DCP written by thousands of ranks has more files than a process "
+                       "may hold open"),
+    "pairwise overlap chunks": (512, "chunks of a layout that is no grid are compared pairwise (quadratic); a "
+                                     "tensor with more is refused"),
+}
+MAX_METADATA = LIMITS["metadata bytes"][0]
+MAX_RELATIVE_PATH = LIMITS["relative path"][0]
+MAX_OPEN_ARCHIVES = LIMITS["open archives"][0]
+MAX_OPEN_FILES = LIMITS["open files"][0]
+MAX_CHUNKS_FOR_OVERLAP_CHECK = LIMITS["pairwise overlap chunks"][0]
 
 
 class _Record(metaclass=Frozen):
@@ -306,7 +317,7 @@ def _tensor_item(folder: Path, where: str, fqn: str, path: tuple[str, ...], entr
             raise InputError(where, fqn, f"chunk {i} has offsets/sizes of the wrong rank")
         if not all(is_index(v) for v in (*offsets, *sizes)):
             raise InputError(where, fqn, f"chunk {i} has offsets/sizes that are not non-negative 64-bit integers")
-        if any(o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, size, strict=True)):
+        if any(o + s > n for o, s, n in zip(offsets, sizes, size, strict=True)):
             raise InputError(where, fqn, f"chunk {i} at {list(offsets)} of size {list(sizes)} lies outside {list(size)}")
         info = by_index.get((fqn, offsets))
         if info is None:
