@@ -118,6 +118,25 @@ def saved_with(ckpt: Path, cfg: ModelConfig) -> bool:
     return beside and not written_by_ckptcheck(cfg)
 
 
+def written_with_split(ckpt: Path, cfg: ModelConfig) -> Path | None:
+    """A config ckptcheck wrote in the checkpoint's own folder with ``cfg``'s head split: the split ckptcheck
+    permuted these weights' q/k rows with, so permuting them back with it restores them exactly.  It confirms
+    a conversion's permutation, never a check's verdict (it restates the config it was written from)."""
+    folder = ckpt.parent if ckpt.name == ".metadata" or not ckpt.is_dir() else ckpt
+    split = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+    for name in CONFIG_NAMES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            saved = load_config(path)
+        except InputError:
+            continue
+        if written_by_ckptcheck(saved) and (saved.n_heads, saved.n_kv_heads, saved.head_dim) == split:
+            return path
+    return None
+
+
 def _describes(path: Path, inferred: Inferred) -> ModelConfig | None:
     """The saved config when it describes these weights: every dimension the weights show must match (a
     config of another model, or of another size of this one, witnesses nothing)."""

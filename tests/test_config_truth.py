@@ -186,7 +186,7 @@ def test_a_config_ckptcheck_wrote_is_never_a_witness(tmp_path: Path, capsys: pyt
     """src's params.json states a wrong split (8 x 16 for weights trained as 4 x 32) that nothing confirms.  convert
     wrote it into out/config.json, and checking out against src's params.json then counted that file as an
     independent witness: n_heads, norm_eps and rope_theta PASSED on the config's own word.  Now the written config
-    carries the config it was written from (configs.PROVENANCE_KEY), and neither check nor convert counts it."""
+    carries the config it was written from (configs.PROVENANCE_KEY), and check never counts it."""
     src = _meta_folder(tmp_path / "src", _meta_state(128, 1, 128, 64, 64, 512),
                        {"dim": 128, "n_layers": 1, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 64,
                         "multiple_of": 256, "norm_eps": 1e-05, "rope_theta": 500000.0})
@@ -201,9 +201,19 @@ def test_a_config_ckptcheck_wrote_is_never_a_witness(tmp_path: Path, capsys: pyt
              if line.startswith(("PASS", "SKIP", "FAIL")) and "config[" in line}
     assert {name: lines[f"config[{name}]"] for name in ("n_heads", "n_kv_heads", "norm_eps", "rope_theta")} == {
         "n_heads": "SKIP", "n_kv_heads": "SKIP", "norm_eps": "SKIP", "rope_theta": "SKIP"}
-    # the same rule in convert: the written config beside the output confirms no split to permute back with
+    # convert may permute back with it: it is the split ckptcheck permuted these rows with, so the round trip
+    # restores src's weights bit for bit (a conversion's question is the layout, not whether the config is right)
     out = tmp_path / "out"
-    assert main(["convert", str(out), str(tmp_path / "back"), "--to", "torch", "--naming", "meta"]) == 2
+    assert main(["convert", str(out), str(tmp_path / "back.pth"), "--to", "torch", "--naming", "meta"]) == 0
+    original = torch.load(src / "consolidated.00.pth", weights_only=True)
+    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], original[k]) for k in original)
+    # a config ckptcheck wrote with another split confirms nothing
+    hf = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**hf, "num_attention_heads": 4, "num_key_value_heads": 2}))
+    assert main(["convert", str(out), str(tmp_path / "back2.pth"), "--to", "torch", "--naming", "meta",
+                 "--model-config", str(params)]) == 2
     assert _error_line(capsys) == (
         f"ckptcheck: error: {out}: permuting q/k rows assumes the config's split (n_heads 8, n_kv_heads 4, head_dim 16), "
         "which nothing in or beside the checkpoint confirms; pass --head-dim 16 if that is the training run's head size")

@@ -4,7 +4,8 @@ The weights show n_heads × head_dim, not the split: a config with twice the hea
 fits the same shapes, and a permutation with the wrong head size scrambles every query and key.  So a
 conversion that permutes goes ahead only when the split is witnessed (a rotary buffer, a per-head
 norm, a config saved with the checkpoint: ``corroborate``; the config used, when it is the one saved in the
-checkpoint's own folder, as save_pretrained and lingua save it) or the user confirms it (``--head-dim``).
+checkpoint's own folder, as save_pretrained and lingua save it; the config ckptcheck wrote beside weights it
+permuted, which undoes that permutation exactly) or the user confirms it (``--head-dim``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ..manifest import Manifest
 
 def confirm_head_split(manifest: Manifest, cfg: ModelConfig, src: Path, head_dim: int | None) -> str:
     """The source of the head split a permutation will use; InputError when nothing confirms it."""
-    from ..corroborate import head_dim_witnesses, saved_with
+    from ..corroborate import head_dim_witnesses, saved_with, written_with_split
     from ..infer import infer_dims
     from ..naming import map_keys
 
@@ -36,6 +37,9 @@ def confirm_head_split(manifest: Manifest, cfg: ModelConfig, src: Path, head_dim
         return " and ".join(w.source for w in witnesses)
     if saved_with(src, cfg):
         return f"the config saved with the checkpoint ({cfg.source})"
+    written = written_with_split(src, cfg)
+    if written is not None:
+        return f"the split ckptcheck converted these weights with ({written})"
     if head_dim is not None:
         return "--head-dim"
     raise InputError(src, None, f"permuting q/k rows assumes the config's split (n_heads {cfg.n_heads}, n_kv_heads "
