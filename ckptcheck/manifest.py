@@ -18,7 +18,8 @@ class TensorInfo:
     dtype: str
     # Another key whose bytes this tensor shares (a tied weight saved by torch.save), if any.
     alias_of: str | None = None
-    # Dimensions (of size > 1) along which the stored view has stride 0: its elements repeat one value there.
+    # Dimensions (of size > 1) along which the stored view reads elements it already read (stride 0, or a
+    # stride overlapping the smaller ones): set only when it has more elements than the storage it spans.
     aliased_dims: tuple[int, ...] = ()
 
     @property

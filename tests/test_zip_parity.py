@@ -133,9 +133,9 @@ def test_big_endian_complex_reads_as_torch_reads_it(tmp_path: Path) -> None:
 # (case, edit, item, cause): torch.load refuses each, and so does check, with this one line
 CONTAINER_REFUSED = [
     ("byteorder_newline", _sub("byteorder", b"little\n"), "consolidated/byteorder",
-     "byte order b'little\\n' is not exactly b'little' or b'big': torch.load refuses it"),
+     "byte order 'little\\n' is neither little nor big: torch.load refuses it (it compares the exact bytes)"),
     ("byteorder_space", _sub("byteorder", b" little"), "consolidated/byteorder",
-     "byte order b' little' is not exactly b'little' or b'big': torch.load refuses it"),
+     "byte order ' little' is neither little nor big: torch.load refuses it (it compares the exact bytes)"),
     ("storage_alignment_abc", _sub(".storage_alignment", b"abc"), "consolidated/.storage_alignment",
      "storage alignment b'abc' is not an integer: torch.load refuses it"),
     ("first_member_other_dir", lambda r: [("zzz/README", b"hi"), *r], None,
@@ -216,3 +216,63 @@ def test_integrity_counts_record_bytes_once_not_view_bytes(tmp_path: Path) -> No
     records = {i.filename: i.file_size for i in zipfile.ZipFile(path).infolist() if "/data/" in i.filename}
     assert checks["integrity[data]"]["message"] == (f"a CRC-32 per storage record verified: {len(records)} records, "
                                                     f"{sum(records.values())} bytes")
+
+
+def test_overlapping_stride_weight_fails_shape_as_convert_refuses_it(tmp_path: Path) -> None:
+    """A weight whose strides overlap ((V, D) with strides (1, 1)) reads V*D elements from V+D-1 stored: it
+    passed check (only stride 0 failed shape) while convert refused it.  One rule now: more elements than
+    the storage span holds is aliasing, for both."""
+    state = torch.load(GOOD, weights_only=True)
+    emb = state["tok_embeddings.weight"]
+    stored = torch.cat([emb.reshape(-1), emb.reshape(-1)])
+    state["tok_embeddings.weight"] = stored.as_strided(emb.shape, (1, 1))
+    path = tmp_path / "overlap.pth"
+    torch.save(state, path)
+    assert torch.load(path, weights_only=True)["tok_embeddings.weight"].stride() == (1, 1)  # torch loads the view
+    code, checks, err = _check(path)
+    assert code == 1 and not err
+    failed = sorted(k for k, c in checks.items() if c["status"] == "fail")
+    assert failed == ["shape[tok_embeddings.weight]"]
+    assert checks["shape[tok_embeddings.weight]"]["message"].startswith(
+        f"tok_embeddings.weight of shape {list(emb.shape)} repeats its stored values along dims [0] (stride 0 or "
+        "overlapping strides)")
+    out = tmp_path / "out.safetensors"
+    code, _, err = _cli("convert", str(path), str(out))
+    assert (code, _one_line(err)) == (2, f"ckptcheck: error: {path}: tok_embeddings.weight: repeats its stored "
+                                         f"values along dims [0] (stride 0 or overlapping strides): copying it would "
+                                         f"write all {emb.numel():,} elements; to write them, re-save it with "
+                                         "tensor.clone() before torch.save")
+    assert not out.exists()
+
+
+def _located(tmp: Path, location: str) -> Path:
+    """The good checkpoint with every storage tagged ``location`` instead of "cpu"."""
+    def retag(recs: Records) -> Records:
+        new = b"X" + len(location).to_bytes(4, "little") + location.encode()
+        return [(n, d.replace(b"X\x03\x00\x00\x00cpu", new) if n.endswith("/data.pkl") else d) for n, d in recs]
+
+    return _rewrite(tmp, "loc_" + location.replace(":", "_"), retag)
+
+
+# Tags no device restores: plain torch.load refuses each (default_restore_location), so do we.
+REFUSED_LOCATIONS = ["bogus", "CPU", "cuda:x", "cpu:0", "vulkan", "fpga", "hip", "meta:1"]
+# Tags torch.load restores on the machine that has the device; read here as map_location="cpu" reads them.
+READ_LOCATIONS = ["cpu", "cuda", "cuda:1", "mps", "xpu:0", "hpu", "mtia:2", "privateuseone:0"]
+
+
+@pytest.mark.parametrize("location", REFUSED_LOCATIONS)
+def test_storage_location_no_device_restores_is_refused(tmp_path: Path, location: str) -> None:
+    path = _located(tmp_path, location)
+    assert not _torch_loads(path)
+    code, _, err = _check(path)
+    assert code == 2
+    assert _one_line(err).endswith(f"storage location {location!r} names no device torch knows: torch.load refuses "
+                                   "it)"), err
+
+
+@pytest.mark.parametrize("location", READ_LOCATIONS)
+def test_storage_location_of_a_device_is_read(tmp_path: Path, location: str) -> None:
+    path = _located(tmp_path, location)
+    assert _torch_loads(path, map_location="cpu")
+    code, _, err = _check(path)
+    assert code == 0, err

@@ -38,8 +38,9 @@ def plan_shape(session: Session) -> list[Check]:
                 dims = list(info.aliased_dims)
                 return Verdict.fail(
                     f"{session.spec.display(key)} of shape {_fmt(got)} repeats its stored values along dims {dims} "
-                    "(stride 0): every index there reads the same elements, which no trained weight does",
-                    expected="one stored value per element", obtained=f"stride 0 along dims {dims}",
+                    "(stride 0 or overlapping strides): indices there read elements other indices read, which no "
+                    "trained weight does",
+                    expected="one stored value per element", obtained=f"stored values repeated along dims {dims}",
                     repair=repairs.from_training(),
                 )
             if len(want) == len(got) and all(w is None or w == g for w, g in zip(want, got, strict=True)):

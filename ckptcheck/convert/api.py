@@ -246,7 +246,8 @@ def refuse_repeated_views(source: Manifest, plan: ConversionPlan) -> None:
         info = source.tensors.get(move.src_key)
         if info is not None and info.aliased_dims:
             raise InputError(source.path, move.src_key,
-                             f"repeats its stored values along dims {list(info.aliased_dims)} (stride 0): "
+                             f"repeats its stored values along dims {list(info.aliased_dims)} (stride 0 or overlapping "
+                             "strides): "
                              f"copying it would write all {info.numel:,} elements; to write them, re-save "
                              "it with tensor.clone() before torch.save")
 

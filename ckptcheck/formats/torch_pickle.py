@@ -304,11 +304,13 @@ def _allowlist() -> dict[tuple[str, str], Any]:
 TORCH_ALLOWLIST = _allowlist()
 
 
-# Storage locations torch.load can restore (its package registry, and torch.device's device types): any
-# other tag it refuses.  A GPU location is read on a CPU-only machine too, as torch.load(map_location=) does.
-_DEVICE_TYPES = ("cpu", "cuda", "mps", "meta", "xpu", "hpu", "mtia", "xla", "lazy", "ipu", "maia", "ve", "vulkan",
-                 "hip", "fpga", "ideep", "mkldnn", "opengl", "opencl", "privateuseone")
-_LOCATION = re.compile(rf"(?:{'|'.join(_DEVICE_TYPES)})(?::[0-9]{{1,9}})?")
+# Storage locations torch.load restores (torch.serialization's package registry, default_restore_location):
+# these tags exactly, and a registered backend alone or with a device index; any other tag plain torch.load
+# refuses ("cpu:0", "vulkan", "meta:1" too).  A GPU location is read on a CPU-only machine, as
+# torch.load(map_location="cpu") does; a map_location would load any tag, but a tag no device has is damage.
+_EXACT_LOCATIONS = ("cpu", "meta")
+_INDEXED_LOCATIONS = ("cuda", "mps", "xpu", "hpu", "mtia", "privateuseone")
+_LOCATION = re.compile(rf"{'|'.join(_EXACT_LOCATIONS)}|(?:{'|'.join(_INDEXED_LOCATIONS)})(?::[0-9]{{1,9}})?")
 
 
 class StorageTable:

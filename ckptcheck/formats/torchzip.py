@@ -110,8 +110,9 @@ class TorchArchive:
             self.facts["no checksums"] = "saved without checksums (set_crc32_options(False))"
         byteorder = self._small_member("byteorder")
         if byteorder is not None and byteorder not in BYTE_ORDERS:
-            raise InputError(path, f"{self.prefix}byteorder", f"byte order {byteorder[:40]!r} is not exactly b'little' "
-                             "or b'big': torch.load refuses it")
+            shown = byteorder[:40].decode("ascii", "replace")
+            raise InputError(path, f"{self.prefix}byteorder", f"byte order {shown!r} is neither little nor big: "
+                             "torch.load refuses it (it compares the exact bytes)")
         self.big_endian = BYTE_ORDERS.get(byteorder or b"little", False)
         if byteorder:
             self.facts["byteorder"] = byteorder.decode()
@@ -292,6 +293,22 @@ def check_ref(path: str, key: str, ref: TensorRef) -> None:
                          f"of {ref.storage.nbytes} bytes: torch.load refuses it")
 
 
+def aliased_dims(ref: TensorRef) -> tuple[int, ...]:
+    """The dims along which a view reads stored elements it already read, when it has more elements than the
+    storage it spans (the one rule for check and convert): a stride-0 dim, or one whose stride steps inside
+    the span of the dims with smaller strides (overlapping strides).  An interleaved view that reads each
+    stored element at most once aliases nothing."""
+    if ref.numel <= ref.extent:
+        return ()
+    dims, span = [], 1
+    # innermost first (ties: the later dim), each dim checked against the span of those before it
+    for s, _, d in sorted((s, -d, d) for d, (n, s) in enumerate(zip(ref.shape, ref.stride, strict=True)) if n > 1):
+        if s < span:
+            dims.append(d)
+        span += (ref.shape[d] - 1) * s
+    return tuple(sorted(dims))
+
+
 def _spelled(p: tuple[str, ...]) -> str:
     """A flattened entry's path as nested keys, so that two spellings of one dotted key can be told apart."""
     return "".join(f"[{k!r}]" for k in p)[:200]
@@ -321,8 +338,8 @@ def tensor_entries(obj: Any, *, path: str, member: str,
             view = (leaf.storage.key, leaf.offset, leaf.shape, leaf.stride)
             alias = first_view.setdefault(view, dotted)
             refs[dotted] = leaf
-            repeated = tuple(d for d, (n, s) in enumerate(zip(leaf.shape, leaf.stride, strict=True)) if s == 0 and n > 1)
-            entries.append((p, TensorInfo(dotted, leaf.shape, leaf.dtype, None if alias == dotted else alias, repeated)))
+            entries.append((p, TensorInfo(dotted, leaf.shape, leaf.dtype, None if alias == dotted else alias,
+                                          aliased_dims(leaf))))
         else:
             entries.append((p, None))
     return entries, refs
@@ -366,11 +383,11 @@ class PickledCheckpoint(Checkpoint):
         stored value per element: a 70 KB file would write gigabytes.  ``load`` still returns the view, for
         the checks that report it."""
         ref = self._ref(key)
-        if ref.numel > ref.extent:
-            repeated = [d for d, (n, s) in enumerate(zip(ref.shape, ref.stride, strict=True)) if s == 0 and n > 1]
-            how = f"along dims {repeated} (stride 0)" if repeated else f"(overlapping strides {list(ref.stride)})"
-            raise InputError(self.path, key, f"repeats its stored values {how}: copying it would write {ref.numel} "
-                             f"elements from {ref.extent} stored; re-save it from training")
+        dims = aliased_dims(ref)
+        if dims:
+            how = "stride 0" if all(ref.stride[d] == 0 for d in dims) else f"overlapping strides {list(ref.stride)}"
+            raise InputError(self.path, key, f"repeats its stored values along dims {list(dims)} ({how}): copying "
+                             f"it would write {ref.numel} elements from {ref.extent} stored; re-save it from training")
         return self._read(key, ref, (start, stop), out)
 
     def load_value(self, key: str) -> Any:
