@@ -236,3 +236,15 @@ def test_symlink_out_of_the_folder_is_unsafe_with_a_why_about_paths(tmp_path, ca
     why = next(x for x in out.splitlines() if x.strip().startswith("why:"))
     assert "a path that leads outside the checkpoint folder makes the loader read files the checkpoint does not own" \
         in why, why
+
+
+@pytest.mark.parametrize("suffix", [".md", ".html"])
+def test_lone_surrogate_in_a_key_is_written_escaped_to_a_report_file(tmp_path, capsys, suffix):
+    """The report files were written as UTF-8 without escaping: a lone surrogate in a key was exit 3."""
+    folder = edit_metadata(tmp_path, rename_tensor(WQ, WQ + "\ud800"))
+    report = tmp_path / f"r{suffix}"
+    code = main(["report", str(folder), "--model-config", str(FIXTURES / "good" / "meta_mp" / "params.json"),
+                 "-o", str(report)])
+    _, err = capsys.readouterr()
+    assert code == 1, err
+    assert "\\ud800" in report.read_text(encoding="utf-8")

@@ -74,7 +74,7 @@ def write(data: ReportData, path: str | os.PathLike[str]) -> str:
     """Render by the file's suffix (.md, .html, .json) and write it atomically."""
     from pathlib import Path
 
-    from ..errors import InputError
+    from ..errors import InputError, printable
 
     p = Path(path)
     suffix = p.suffix.lower()
@@ -89,6 +89,6 @@ def write(data: ReportData, path: str | os.PathLike[str]) -> str:
     text = render(data)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_text(printable(text, lines=True), encoding="utf-8")  # names from the input, shown, never acted on
     os.replace(tmp, p)
     return str(p)
