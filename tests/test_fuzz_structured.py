@@ -59,6 +59,7 @@ _CASE = Case("torch", "m", "d", (("x.pth", b"0" * 1000),), ("check", "{case}/x.p
 @pytest.mark.parametrize(("rc", "stderr", "memory", "case", "symptom"), [
     (3, "ckptcheck: internal error: RecursionError: deep (rerun with --debug)\n", 0, _CASE, "exit 3 (RecursionError)"),
     ("hang", "", 0, _CASE, "no outcome within"),
+    ("slow", "", 0, _CASE, "over 20 s of CPU"),
     ("crash", "", 0, _CASE, "the worker died"),
     (2, "Traceback (most recent call last):\nckptcheck: error: x: y: z\n", 0, _CASE, "traceback on stderr"),
     (2, "ckptcheck: error: x: y: z\nframe #0: c10::Error\n", 0, _CASE, "traceback on stderr"),

@@ -49,7 +49,7 @@ def _run(job: dict) -> dict:
     os.dup2(err, 2)
     _reset_peak()
     before = _status("VmRSS")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         rc: int | str = main(job["argv"])
     except SystemExit as exc:  # argparse's own exit
@@ -64,8 +64,8 @@ def _run(job: dict) -> dict:
         os.dup2(saved[1], 2)
         for fd in (out, err, *saved):
             os.close(fd)
-    seconds = time.perf_counter() - start
-    return {"rc": rc, "seconds": seconds, "rss_before": before, "peak": _status("VmHWM")}
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"rc": rc, "seconds": seconds, "cpu": cpu, "rss_before": before, "peak": _status("VmHWM")}
 
 
 def _oracle(job: dict) -> dict:
