@@ -229,3 +229,13 @@ def test_a_protocol_head_is_a_pickle_whatever_follows() -> None:
 
     assert all(looks_like_pickle(bytes([0x80, n]) + b"\xff\xff") for n in range(2, pickle.HIGHEST_PROTOCOL + 1))
     assert not looks_like_pickle(b"\x80\x07\xff")
+
+
+@pytest.mark.parametrize("value, cause", [({torch.ones(2): 1}, "a tensor used as a key"),
+                                          ({torch.ones(2), torch.zeros(2)}, "a set of tensors")],
+                         ids=["tensor_key", "tensor_set"])
+def test_tensors_where_no_entry_can_be_named_are_refused(tmp_path: Path, capsys, value, cause) -> None:
+    path = _save(tmp_path, {"extra": value})
+    assert len(torch.load(path, weights_only=True)["extra"]) == len(value)
+    code, out = _check(path, capsys)
+    assert code == 2 and cause in out and str(path) in out and "TensorRef" not in out and "StorageRef" not in out

@@ -419,6 +419,8 @@ def walk(obj: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ..
     if isinstance(obj, dict) and obj:
         names: dict[str, Any] = {}
         for k, v in obj.items():
+            if isinstance(k, Record):
+                raise MalformedTensor(f"{'.'.join(prefix) or 'the state dict'}: {k.what} used as a key names no entry")
             other = names.setdefault(str(k), k)
             if other is not k:
                 shown = ".".join((*prefix, str(k)))
