@@ -276,3 +276,20 @@ def test_storage_location_of_a_device_is_read(tmp_path: Path, location: str) -> 
     assert _torch_loads(path, map_location="cpu")
     code, _, err = _check(path)
     assert code == 0, err
+
+
+def test_deflated_storage_record_is_refused_saying_torch_reads_it(tmp_path: Path) -> None:
+    """Not yet read (streaming decompression is left for later): the line no longer claims torch never
+    writes such a file, since a re-zipping tool does and torch.load reads it."""
+    with zipfile.ZipFile(GOOD) as zin:
+        records = [(i.filename, zin.read(i)) for i in zin.infolist()]
+    path = tmp_path / "deflated.pth"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for n, d in records:
+            z.writestr(n, d)
+    assert _torch_loads(path)
+    code, _, err = _check(path)
+    assert (code, _one_line(err)) == (2, f"ckptcheck: error: {path}: consolidated/data/0: storage record is "
+                                         "compressed (zip method 8): ckptcheck reads stored records only, though "
+                                         "torch.load reads deflated ones; re-save it with torch.save, which never "
+                                         "compresses")

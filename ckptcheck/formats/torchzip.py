@@ -137,7 +137,9 @@ class TorchArchive:
                     f"record holds {info.file_size} bytes, data.pkl declares {storage.nbytes}",
                 )
             if info.compress_type != zipfile.ZIP_STORED:
-                raise InputError(path, f"{self.prefix}data/{key}", "storage record is compressed; torch never does that")
+                raise InputError(path, f"{self.prefix}data/{key}", f"storage record is compressed (zip method "
+                                 f"{info.compress_type}): ckptcheck reads stored records only, though torch.load "
+                                 "reads deflated ones; re-save it with torch.save, which never compresses")
             if info.header_offset + info.file_size > size:  # validated before anything is allocated for it
                 raise InputError(path, f"{self.prefix}data/{key}",
                                  f"record of {info.file_size} bytes cannot fit in a {size} byte file")
