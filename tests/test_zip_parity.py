@@ -293,3 +293,30 @@ def test_deflated_storage_record_is_refused_saying_torch_reads_it(tmp_path: Path
                                          "compressed (zip method 8): ckptcheck reads stored records only, though "
                                          "torch.load reads deflated ones; re-save it with torch.save, which never "
                                          "compresses")
+
+
+def test_complex128_is_no_safetensors_dtype(tmp_path: Path) -> None:
+    """safetensors has C64 but no C128: a header naming C128 is refused as the safetensors library refuses it, and
+    convert of a complex128 tensor to safetensors is refused before anything is written (it wrote "C128", a file
+    the library cannot read)."""
+    import struct
+
+    import safetensors.torch
+
+    header = json.dumps({"a": {"dtype": "C128", "shape": [1], "data_offsets": [0, 16]}}).encode()
+    odd = tmp_path / "c128.safetensors"
+    odd.write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    with pytest.raises(Exception, match="C128"):
+        safetensors.torch.load_file(odd)
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        assert main(["inspect", str(odd)]) == 2
+    assert "C128" in err.getvalue() and len(err.getvalue().strip().splitlines()) == 1
+    src = tmp_path / "c.pth"
+    torch.save({"a": torch.tensor([1 + 2j], dtype=torch.complex128)}, src)
+    out = tmp_path / "out.safetensors"
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        assert main(["convert", str(src), str(out), "--to", "safetensors"]) == 2
+    assert "safetensors has no complex128 dtype" in err.getvalue()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth", "c128.safetensors"]  # nothing written
