@@ -27,6 +27,11 @@ MAX_PICKLE_BYTES = 1 << 30  # a pickle read whole: the file holding it is read i
 PER_BYTE = 2  # objects or elements a pickle may make per byte of it: the memory contract is twice the input
 BASELINE = 1 << 16  # what any pickle may make besides: a tiny one still holds a dict of a few tensors
 STRING_WEIGHT = 64  # bytes of a string or bytes value that count as one object when expanded
+# Memory a pickle's new objects may take per byte of it (each charged about what CPython allocates for it:
+# OBJECT_BYTES, plus a string's length): a real torch data.pkl makes about 7 bytes per byte, one byte of
+# EMPTY_LIST makes a 56-byte list, and every object costs the checks that walk it as much again.
+MADE_PER_BYTE = 16
+OBJECT_BYTES = 64
 MAX_UNKNOWN_GLOBALS = 256  # distinct refused globals in one pickle; a real checkpoint names a handful
 MAX_INDEX = (1 << 63) - 1  # a size, offset or count: what fits torch's int64
 MAX_RANK = 64  # dimensions of a tensor a pickle may declare; torch itself allows 64
@@ -410,6 +415,9 @@ def _check_expanded_size(obj: Any, size: int) -> None:
 
 # Opcodes that add to the object below them on the stack rather than make a new one.
 _MUTATORS = frozenset(("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"))
+# Opcodes whose value makes no new object, or none the pickle can multiply: singletons, cached small ints, and
+# globals (the class or function itself); the mutators grow an existing object by a pointer per item.
+_CACHED = _MUTATORS | {"BININT1", "NONE", "NEWTRUE", "NEWFALSE", "EMPTY_TUPLE", "GLOBAL", "STACK_GLOBAL"}
 
 
 def _check_expansion(stream: Any, size: int, *, path: str, member: str, opcodes: set[str] | None = None) -> None:
@@ -419,6 +427,7 @@ def _check_expansion(stream: Any, size: int, *, path: str, member: str, opcodes:
     the whole object again.  ``size``: the pickle's bytes, or those left in the file it is read from.
     ``opcodes``: filled with the names of the opcodes followed."""
     limit = allowance(size)
+    made, made_limit = 0, MADE_PER_BYTE * size + OBJECT_BYTES * BASELINE
     values: list[list[int]] = []
     marks: list[int] = []
     memo: dict[int, list[int]] = {}
@@ -449,6 +458,12 @@ def _check_expansion(stream: Any, size: int, *, path: str, member: str, opcodes:
                 if name == "STOP":
                     return
                 own = len(arg) // STRING_WEIGHT if isinstance(arg, (str, bytes)) else 0
+                if name not in _CACHED:
+                    made += OBJECT_BYTES + (len(arg) if isinstance(arg, (str, bytes)) else 0)
+                    if made > made_limit:
+                        raise InputError(path, member, f"the pickle makes objects of more than {made_limit} bytes "
+                                         f"from {size} bytes, far more than a checkpoint makes: refused before "
+                                         "loading it")
                 if name in _MUTATORS:
                     cell = popped.pop()  # the object below the items
                     cell[0] += sum(c[0] for c in popped)

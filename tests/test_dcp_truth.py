@@ -248,3 +248,27 @@ def test_lone_surrogate_in_a_key_is_written_escaped_to_a_report_file(tmp_path, c
     _, err = capsys.readouterr()
     assert code == 1, err
     assert "\\ud800" in report.read_text(encoding="utf-8")
+
+
+def test_pickle_of_empty_list_opcodes_is_refused_before_it_allocates(tmp_path, capsys):
+    """A real torch.save of {"x": []} whose list is spliced into 300,000 EMPTY_LIST opcodes, one byte each:
+    300 KB of pickle made 300,000 lists (a 10 MB one took over 2 GB).  Refused by the memory its objects
+    would take, counted on the opcodes before loading."""
+    import torch
+    buffer = io.BytesIO()
+    torch.save({"x": []}, buffer)
+    source = zipfile.ZipFile(buffer)
+    name = next(n for n in source.namelist() if n.endswith("data.pkl"))
+    pkl = source.read(name)
+    at = pkl.index(b"]")
+    pkl = pkl[:at] + b"](" + b"]" * 300_000 + b"e" + pkl[at + 1:]
+    path = tmp_path / "amp.pth"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as out:
+        for info in source.infolist():
+            out.writestr(info.filename, pkl if info.filename == name else source.read(info.filename))
+    assert len(torch.load(path, weights_only=True)["x"]) == 300_000  # torch builds every one
+    code = main(["inspect", str(path)])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert_one_line(err, str(path), "data.pkl", "the pickle makes objects of more than",
+                    "far more than a checkpoint makes: refused before loading it")
