@@ -306,3 +306,35 @@ def test_config_found_beside_linked_out_of_the_folder_is_unsafe(tmp_path: Path,
     out = capsys.readouterr().out
     assert f"UNSAFE safety[{folder}/params.json]" in out, out
     assert f"{folder}/params.json: leads to {outside}, outside the checkpoint folder {folder}: refused" in out
+
+
+def test_a_shard_holding_what_the_index_maps_elsewhere_or_leaves_out(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """transformers' from_pretrained loads every shard file whole: a copy of lm_head.weight (zeros) added to the
+    other shard is what the model ends with, and a tensor the index does not list is loaded too.  Both passed,
+    since only the index's mapping was read; now the copy is one line (exit 2) and the unlisted tensor is part
+    of the checkpoint (an unexpected key: exit 1)."""
+    from safetensors.torch import save_file
+
+    index = json.loads((FIXTURES / "good" / "hf_sharded" / "model.safetensors.index.json").read_text())
+    home = index["weight_map"]["lm_head.weight"]
+    other = next(name for name in set(index["weight_map"].values()) if name != home)
+    for case in ("copy", "unlisted"):
+        folder = tmp_path / case
+        shutil.copytree(FIXTURES / "good" / "hf_sharded", folder)
+        shard = load_file(folder / other)
+        head = load_file(folder / home)["lm_head.weight"]
+        key = "lm_head.weight" if case == "copy" else "extra.weight"
+        save_file({**shard, key: torch.zeros_like(head)}, folder / other)
+        assert key in load_file(folder / other)  # what a loader reading the shard whole gets
+        capsys.readouterr()
+        if case == "copy":
+            assert main(["check", str(folder)]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err == [f"ckptcheck: error: {folder / other}: lm_head.weight: also held by {home}, where "
+                           "model.safetensors.index.json maps it: loaders that read every shard whole keep whichever "
+                           "copy they read last"]
+        else:
+            assert main(["check", str(folder), "-v"]) == 1
+            assert any(line.startswith("FAIL") and "extra.weight" in line
+                       for line in capsys.readouterr().out.splitlines())

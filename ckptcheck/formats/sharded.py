@@ -41,6 +41,7 @@ class ShardedCheckpoint(Checkpoint):
                 if key not in self._shards[shard].manifest.tensors:
                     raise InputError(shard, key, f"listed in {index.name} but absent from this shard")
                 self._owner[key] = self._shards[shard]
+            self._adopt_unlisted(index)
         except BaseException:
             self.close()
             raise
@@ -53,6 +54,19 @@ class ShardedCheckpoint(Checkpoint):
         self.manifest = Manifest(
             path=self.path, format=format_name, tensors=tensors, files=(self.path, *self._shards), facts=facts,
         )
+
+    def _adopt_unlisted(self, index: Path) -> None:
+        """Loaders that read every shard whole (transformers' from_pretrained) load what a shard holds, not what
+        the index lists: a tensor the index leaves out is part of the checkpoint, and one the index maps to
+        another shard is two copies of which the loader keeps whichever it reads last."""
+        for path, shard in self._shards.items():
+            for key in shard.manifest.tensors:
+                owner = self._owner.setdefault(key, shard)
+                if owner is not shard:
+                    other = next(p for p, s in self._shards.items() if s is owner)
+                    raise InputError(path, key, f"also held by {Path(other).name}, where {index.name} maps it: "
+                                                "loaders that read every shard whole keep whichever copy they "
+                                                "read last")
 
     def _shard(self, key: str) -> Checkpoint:
         shard = self._owner.get(key)
