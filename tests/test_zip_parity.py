@@ -138,8 +138,8 @@ CONTAINER_REFUSED = [
      "byte order ' little' is neither little nor big: torch.load refuses it (it compares the exact bytes)"),
     ("storage_alignment_abc", _sub(".storage_alignment", b"abc"), "consolidated/.storage_alignment",
      "storage alignment b'abc' is not an integer: torch.load refuses it"),
-    ("first_member_other_dir", lambda r: [("zzz/README", b"hi"), *r], None,
-     "no zzz/data.pkl record (torch reads the records of the first member's directory only): torch.load refuses it"),
+    ("first_member_other_dir", lambda r: [("zzz/README", b"hi"), *r], "consolidated/data.pkl",
+     "a record outside the archive's directory zzz/: torch.load refuses it"),
     ("deep_prefix", lambda r: [("a/" + n, d) for n, d in r], None,
      "no a/data.pkl record (torch reads the records of the first member's directory only): torch.load refuses it"),
     ("no_prefix_dir", lambda r: [(n.split("/", 1)[1], d) for n, d in r], "data.pkl",
@@ -320,3 +320,22 @@ def test_complex128_is_no_safetensors_dtype(tmp_path: Path) -> None:
         assert main(["convert", str(src), str(out), "--to", "safetensors"]) == 2
     assert "safetensors has no complex128 dtype" in err.getvalue()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth", "c128.safetensors"]  # nothing written
+
+
+def test_a_record_outside_the_archive_directory_is_refused_as_torch_refuses(tmp_path: Path) -> None:
+    """torch's reader refuses an archive holding any member outside the first member's directory ("file in
+    archive is not in a subdirectory"); a record other/junk added beside the records passed with exit 0."""
+    src = tmp_path / "a.pth"
+    torch.save({"tok_embeddings.weight": torch.zeros(2, 2)}, src)
+    bad = tmp_path / "b.pth"
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(bad, "w") as out:
+        for info in z.infolist():
+            out.writestr(info, z.read(info))
+        out.writestr("other/junk", b"x")
+    with pytest.raises(Exception, match="not in a subdirectory"):
+        torch.load(bad, weights_only=True)
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        assert main(["inspect", str(bad)]) == 2
+    assert err.getvalue().strip() == (f"ckptcheck: error: {bad}: other/junk: a record outside the archive's "
+                                      "directory a/: torch.load refuses it")

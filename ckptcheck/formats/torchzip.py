@@ -260,12 +260,17 @@ class TorchArchive:
 
 
 def _record_directory(path: str, infos: list[zipfile.ZipInfo]) -> str:
-    """The directory torch's reader takes every record from: the first member's, up to its first slash."""
+    """The directory torch's reader takes every record from: the first member's, up to its first slash; every
+    member must lie in it."""
     first = infos[0].filename if infos else ""
     if "/" not in first:
         raise InputError(path, first[:80] or None, "the archive's first member is not in a directory: torch.load "
                          "refuses it")
-    return first[: first.index("/") + 1]
+    prefix = first[: first.index("/") + 1]
+    stray = next((info.filename for info in infos if not info.filename.startswith(prefix)), None)
+    if stray is not None:  # torch's reader checks every member's directory when it opens the archive
+        raise InputError(path, stray[:80], f"a record outside the archive's directory {prefix}: torch.load refuses it")
+    return prefix
 
 
 def _check_member_name(path: str, name: str) -> None:
