@@ -52,7 +52,7 @@ def _check(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
 
 
 def _torch_refuses(path: Path) -> str:
-    with pytest.raises((pickle.UnpicklingError, RuntimeError, TypeError, AttributeError)) as info:
+    with pytest.raises((pickle.UnpicklingError, RuntimeError, TypeError, AttributeError, KeyError)) as info:
         torch.load(path, weights_only=True)
     return str(info.value)
 
@@ -239,3 +239,30 @@ def test_tensors_where_no_entry_can_be_named_are_refused(tmp_path: Path, capsys,
     assert len(torch.load(path, weights_only=True)["extra"]) == len(value)
     code, out = _check(path, capsys)
     assert code == 2 and cause in out and str(path) in out and "TensorRef" not in out and "StorageRef" not in out
+
+
+
+class _Call:
+    """Pickles as a call of ``fn`` with ``args`` (a REDUCE), as a crafted file would hold it."""
+
+    def __init__(self, fn: Any, args: tuple[Any, ...]) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("args", [(), ("torch.strided_x",), ("torch.strided", 1)])
+def test_get_layout_called_as_torch_cannot_is_refused(tmp_path: Path, capsys, args: tuple[Any, ...]) -> None:
+    """The fuzzer swapped a tensor's backward-hooks OrderedDict global for torch.serialization._get_layout: torch
+    calls it with no argument (TypeError) and refuses the file; ckptcheck's stand-in answered "strided" to any
+    call and passed it.  Now only one string naming a torch layout is taken, as torch's own lookup takes it."""
+    import torch.serialization
+
+    bad = _save(tmp_path, {"extra": _Call(torch.serialization._get_layout, args)})
+    assert _torch_refuses(bad)
+    code, out = _check(bad, capsys)
+    assert code == 2 and "names no torch layout: torch.load refuses it" in out
+    good = _save(tmp_path, {"extra": _Call(torch.serialization._get_layout, ("torch.strided",))})
+    torch.load(good, weights_only=True)
+    assert _check(good, capsys)[0] == 0

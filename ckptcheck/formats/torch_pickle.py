@@ -226,8 +226,16 @@ def _size(*args: Any) -> tuple[int, ...]:
 SIZE = Sized(_size, lambda *args: len(args[0]) if args else 0)
 
 
-def _named(marker: str) -> Function:
-    return Function(lambda *_args: marker)
+def _get_layout(*args: Any) -> str:
+    """torch.serialization._get_layout(name): one string naming a torch layout ("torch.strided"), as torch's
+    own lookup takes it; anything else makes torch.load raise, so it is refused here too."""
+    import torch
+
+    layouts = {str(v) for v in vars(torch).values() if isinstance(v, torch.layout)}
+    if len(args) != 1 or not isinstance(args[0], str) or args[0] not in layouts:
+        raise MalformedTensor(f"torch.serialization._get_layout{tuple(args)!r:.60} names no torch layout: "
+                              "torch.load refuses it")
+    return args[0].removeprefix("torch.")
 
 
 def _torch_values() -> dict[tuple[str, str], Any]:
@@ -239,7 +247,7 @@ def _torch_values() -> dict[tuple[str, str], Any]:
         table[("torch", alias)] = TorchRefuses(_Dtype(dtypes.torch_global_dtype(alias) or alias))  # canonically
     table.update({
         ("torch", "Size"): SIZE,
-        ("torch.serialization", "_get_layout"): _named("strided"),
+        ("torch.serialization", "_get_layout"): Function(_get_layout),
         ("torch", "strided"): TorchRefuses(_Marker("strided")),
         ("torch", "contiguous_format"): TorchRefuses(_Marker("contiguous_format")),
     })
