@@ -4,8 +4,8 @@ A torch.save archive keeps a CRC-32 for every storage record, and DCP's default 
 such an archive; the readers check a record's CRC on every read (rows too).  This check verifies the records
 of every tensor the file holds (training state and an EMA copy too, whatever the target) without building
 tensors, counts each record once in its own bytes, and skips those an earlier read checked: a ``check`` run
-reads each data byte once, whichever other checks ran.  safetensors and legacy torch files (and DCP chunks
-stored as raw bytes, and torch files saved with ``set_crc32_options(False)``) carry no checksum: there the
+reads each data byte once, whichever other checks ran.  safetensors and legacy torch files (and torch files
+saved with ``set_crc32_options(False)``) carry no checksum: there the
 check is skipped with that sentence, never passed, and only a comparison with a reference (``ckptcheck diff``)
 can find a flipped bit.
 """
