@@ -263,6 +263,9 @@ def test_get_layout_called_as_torch_cannot_is_refused(tmp_path: Path, capsys, ar
     assert _torch_refuses(bad)
     code, out = _check(bad, capsys)
     assert code == 2 and "names no torch layout: torch.load refuses it" in out
+    from ckptcheck.formats.torch_pickle import LAYOUTS
+
+    assert {str(v) for v in vars(torch).values() if isinstance(v, torch.layout)} == LAYOUTS
     good = _save(tmp_path, {"extra": _Call(torch.serialization._get_layout, ("torch.strided",))})
     torch.load(good, weights_only=True)
     assert _check(good, capsys)[0] == 0

@@ -226,13 +226,16 @@ def _size(*args: Any) -> tuple[int, ...]:
 SIZE = Sized(_size, lambda *args: len(args[0]) if args else 0)
 
 
+# The names torch.serialization._get_layout looks up (str() of each torch.layout; a parity test pins them to
+# torch's): kept as data so reading DCP metadata imports no torch.
+LAYOUTS = frozenset({"torch.strided", "torch.sparse_coo", "torch.sparse_csr", "torch.sparse_csc", "torch.sparse_bsr",
+                     "torch.sparse_bsc", "torch._mkldnn", "torch.jagged"})
+
+
 def _get_layout(*args: Any) -> str:
     """torch.serialization._get_layout(name): one string naming a torch layout ("torch.strided"), as torch's
     own lookup takes it; anything else makes torch.load raise, so it is refused here too."""
-    import torch
-
-    layouts = {str(v) for v in vars(torch).values() if isinstance(v, torch.layout)}
-    if len(args) != 1 or not isinstance(args[0], str) or args[0] not in layouts:
+    if len(args) != 1 or not isinstance(args[0], str) or args[0] not in LAYOUTS:
         raise MalformedTensor(f"torch.serialization._get_layout{tuple(args)!r:.60} names no torch layout: "
                               "torch.load refuses it")
     return args[0].removeprefix("torch.")
