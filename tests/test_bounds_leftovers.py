@@ -15,22 +15,11 @@ from safetensors.torch import load_file
 
 from ckptcheck.cli import main
 
-from .writers import FIXTURES
+from .writers import FIXTURES, torch_refuses
 
 MP = FIXTURES / "good" / "meta_mp"
 HF = FIXTURES / "good" / "hf"
 OPCODES = "FRAME, MEMOIZE, SHORT_BINUNICODE, STACK_GLOBAL"
-
-
-def torch_refuses(path: Path) -> str | None:
-    """``torch.load(weights_only=True)`` in a memory-limited process: its error output, or None."""
-    code = (
-        "import resource, sys, torch\n"
-        "resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\n"
-        "torch.load(sys.argv[1], weights_only=True)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
-    return None if proc.returncode == 0 else proc.stderr.strip() or "?"
 
 
 def fails(out: str) -> list[str]:

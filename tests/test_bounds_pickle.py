@@ -17,7 +17,7 @@ import torch
 
 from ckptcheck.cli import main
 
-from .writers import CONFIGS, FIXTURES
+from .writers import CONFIGS, FIXTURES, torch_refuses
 
 LINGUA = CONFIGS / "lingua_params.json"
 GOOD = torch.load(FIXTURES / "good" / "consolidated.pth", weights_only=True)
@@ -92,17 +92,6 @@ def run_check(path: Path, *args: str, config: Path = LINGUA) -> tuple[int, str, 
     proc = subprocess.run([sys.executable, "-c", code, "check", str(path), "--model-config", str(config), *args],
                           capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
-
-
-def torch_refuses(path: Path) -> str | None:
-    """``torch.load(weights_only=True)`` in a memory-limited process: its error output, or None."""
-    code = (
-        "import resource, sys, torch\n"
-        "resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\n"
-        "torch.load(sys.argv[1], weights_only=True)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
-    return None if proc.returncode == 0 else proc.stderr.strip() or "?"
 
 
 def with_target(path: Path, tensor: object, records: dict[str, bytes] | None = None, **kwargs: object) -> Path:

@@ -269,3 +269,15 @@ def test_get_layout_called_as_torch_cannot_is_refused(tmp_path: Path, capsys, ar
     good = _save(tmp_path, {"extra": _Call(torch.serialization._get_layout, ("torch.strided",))})
     torch.load(good, weights_only=True)
     assert _check(good, capsys)[0] == 0
+
+
+def test_device_called_without_a_name_is_refused_as_torch_refuses(tmp_path: Path, capsys) -> None:
+    """The campaign's last class: torch.device() with no argument (a global swapped into a tensor's backward
+    hooks) makes torch.load raise; the stand-in defaulted to "cpu" and passed it."""
+    bad = _save(tmp_path, {"extra": _Call(torch.device, ())})
+    assert _torch_refuses(bad)
+    code, out = _check(bad, capsys)
+    assert code == 2 and "_device() missing 1 required positional argument" in out
+    good = _save(tmp_path, {"extra": _Call(torch.device, ("cpu",))})
+    torch.load(good, weights_only=True)
+    assert _check(good, capsys)[0] == 0

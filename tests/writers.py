@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -90,3 +92,14 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def named(state: dict[str, torch.Tensor], scheme: Scheme, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return in_scheme(state, scheme, cfg)
+
+
+def torch_refuses(path: Path) -> str | None:
+    """``torch.load(weights_only=True)`` in a memory-limited process: its error output, or None."""
+    code = (
+        "import resource, sys, torch\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (3 << 29, 3 << 29))\n"
+        "torch.load(sys.argv[1], weights_only=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    return None if proc.returncode == 0 else proc.stderr.strip() or "?"

@@ -279,9 +279,9 @@ _QSCHEMES = ("per_channel_affine", "per_channel_affine_float_qparams", "per_chan
 _TENSOR_TYPES = ("BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int", "Long", "Short")
 
 
-def _device(kind: Any = "cpu", index: Any = None) -> str:
-    """torch.device("cuda", 0) as its type name; anything but a string would cost a ``str()`` of whatever
-    the pickle hands it (a nested list of 2**40 leaves)."""
+def _device(kind: Any, index: Any = None) -> str:
+    """torch.device("cuda", 0) as its type name; a name is required, as torch requires it.  Anything but a
+    string would cost a ``str()`` of whatever the pickle hands it (a nested list of 2**40 leaves)."""
     if not isinstance(kind, str) or not (index is None or is_index(index)):
         raise MalformedTensor("torch.device of something other than a device name and index")
     return kind
