@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import dtypes
+from ..bounded_json import shown
 from ..naming import map_keys
 from ..training_state import group_hyperparameters, is_position
 from .model import Check, Verdict
@@ -171,7 +172,8 @@ def _groups(session: Session):
 
 
 def _shown(value: Any) -> str:
-    return repr(value)[:60] if isinstance(value, (int, float, str, list, tuple, type(None))) else f"a {type(value).__name__}"
+    """A plain value quoted as every input value is (bounded_json.shown); any other object by its type only."""
+    return shown(value) if isinstance(value, (int, float, str, list, tuple, type(None))) else f"a {type(value).__name__}"
 
 
 def _step(session: Session):
